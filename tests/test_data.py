@@ -1,0 +1,488 @@
+"""Tests for data.py: steps 1 and 2 of the chapter's pipeline (labelled text, tokenization)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import http.server
+import tempfile
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import data
+
+SEEDS = st.integers(min_value=0, max_value=2**32)
+
+
+def labelled(class_sizes: list[int]) -> data.LabelledTexts:
+    """A data set with unique texts "class-index", so an example can be followed by its text."""
+    texts, labels = [], []
+    for label, size in enumerate(class_sizes):
+        texts += [f"{label}-{i}" for i in range(size)]
+        labels += [label] * size
+    return data.LabelledTexts(texts, labels, [f"class{label}" for label in range(len(class_sizes))])
+
+
+def parts(splits: data.Splits) -> list[data.LabelledTexts]:
+    return [splits.train, splits.validation, splits.test]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.get_tokenizer()
+
+
+# --------------------------------------------------------------------------- balance and split
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    class_sizes=st.lists(st.integers(min_value=1, max_value=40), min_size=2, max_size=5),
+    seed=SEEDS,
+    stratify=st.booleans(),
+)
+def test_split_is_a_seeded_partition_with_the_chapters_sizes(class_sizes, seed, stratify):
+    dataset = labelled(class_sizes)
+    splits = data.split(dataset, seed, stratify=stratify)
+
+    # Disjoint and covering: every example lands in exactly one split, with its own label.
+    texts = [text for part in parts(splits) for text in part.texts]
+    assert sorted(texts) == sorted(dataset.texts)
+    label_of = dict(zip(dataset.texts, dataset.labels))
+    for part in parts(splits):
+        assert [label_of[text] for text in part.texts] == part.labels
+        assert part.label_names == dataset.label_names
+    assert splits.label_names == dataset.label_names
+
+    n = len(dataset)
+    if stratify:
+        # Every class is cut by the same fractions, each part within one example of its share.
+        for label, size in enumerate(class_sizes):
+            for part, fraction in zip(parts(splits), (0.7, 0.1, 0.2)):
+                assert abs(part.labels.count(label) - fraction * size) <= 1 + 1e-9
+    else:
+        # The chapter's cut: int(0.7 N), int(0.1 N), the rest (exact integer arithmetic here).
+        assert [len(part) for part in parts(splits)] == [7 * n // 10, n // 10, n - 7 * n // 10 - n // 10]
+
+    # Deterministic: the same seed gives the same splits, in the same order.
+    assert data.split(dataset, seed, stratify=stratify) == splits
+
+
+def test_split_depends_on_the_seed_and_mixes_the_classes():
+    dataset = labelled([50, 50])
+    first, second = data.split(dataset, 1), data.split(dataset, 2)
+    assert first.train.texts != second.train.texts
+    # Stratified parts are shuffled after the per-class cut, not all class 0 then all class 1.
+    assert first.train.labels != sorted(first.train.labels)
+
+
+def test_split_rejects_fractions_that_do_not_add_up():
+    with pytest.raises(ValueError, match="summing to 1"):
+        data.split(labelled([5, 5]), 0, fractions=(0.7, 0.2, 0.2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(class_sizes=st.lists(st.integers(min_value=1, max_value=30), min_size=2, max_size=4), seed=SEEDS)
+def test_balance_keeps_every_minority_example(class_sizes, seed):
+    dataset = labelled(class_sizes)
+    balanced = data.balance(dataset, seed)
+    smallest = min(class_sizes)
+    assert balanced.class_counts() == [smallest] * len(class_sizes)
+    assert len(set(balanced.texts)) == len(balanced.texts) and set(balanced.texts) <= set(dataset.texts)
+    for label, size in enumerate(class_sizes):
+        if size == smallest:
+            assert {f"{label}-{i}" for i in range(size)} <= set(balanced.texts)
+    assert data.balance(dataset, seed) == balanced
+
+
+def test_balance_refuses_a_class_without_examples():
+    dataset = data.LabelledTexts(["a", "b"], [0, 0], ["ham", "spam"])
+    with pytest.raises(ValueError, match="'spam' has no examples"):
+        data.balance(dataset, 0)
+
+
+# --------------------------------------------------------------------------- the real SMS file
+
+
+def test_the_sms_spam_collection_has_4827_ham_and_747_spam(sms_spam_file):
+    dataset = data.read_sms_spam(sms_spam_file)
+    assert dataset.label_names == ["ham", "spam"]
+    assert dataset.class_counts() == [4827, 747]
+    assert dataset.texts[0].startswith("Go until jurong point")
+
+
+def test_the_chapters_splits_are_1045_149_300_and_balanced(sms_spam_file, tokenizer):
+    dataset = data.read_sms_spam(sms_spam_file)
+    splits = data.chapter_splits(dataset, seed=123)
+    assert [len(part) for part in parts(splits)] == [1045, 149, 300]
+    # Balanced: all 747 spam and 747 of the ham, spread over the splits (pinned for seed 123).
+    assert [part.class_counts() for part in parts(splits)] == [[530, 515], [76, 73], [141, 159]]
+    spam = {text for text, label in zip(dataset.texts, dataset.labels) if label == 1}
+    assert {text for part in parts(splits) for text, label in zip(part.texts, part.labels) if label == 1} == spam
+    # A fixed seed gives identical splits on every call, and load_splits is the same preparation.
+    assert data.chapter_splits(dataset, seed=123) == splits
+    assert data.load_splits(sms_spam_file, seed=123) == splits
+    assert data.chapter_splits(dataset, seed=124) != splits
+    # Seed 123's training set: longest text 120 tokens (the chapter's number too), mean about 30.5.
+    lengths = data.ClassificationDataset.from_texts(splits.train, tokenizer, None).lengths
+    assert max(lengths) == 120
+    assert 30 < sum(lengths) / len(lengths) < 31
+
+
+def test_the_unbalanced_split_is_stratified(sms_spam_file):
+    splits = data.load_splits(sms_spam_file, seed=123, balanced=False)
+    assert sum(len(part) for part in parts(splits)) == 5574
+    for part, fraction in zip(parts(splits), (0.7, 0.1, 0.2)):
+        ham, spam = part.class_counts()
+        assert abs(ham - fraction * 4827) <= 1 and abs(spam - fraction * 747) <= 1
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+SMS_ERRORS = [
+    (b"ham\thello\nspam no tab here\n", ["line 2", "no tab"]),
+    (b"ham\thello\nspam\t   \n", ["line 2", "empty"]),
+    (b"ham\thello\nspam\tok\neggs\tbuy now\n", ["line 3", "unknown label 'eggs'", "ham, spam"]),
+    (b"", ["empty"]),
+    (b"\n \n", ["empty"]),
+    (b"ham\thello\nspam\tcaf\xe9\n", ["line 2", "not UTF-8"]),
+    (b"ham\thello\nham\tagain\n", ["two classes"]),
+]
+
+
+@pytest.mark.parametrize("content, expected", SMS_ERRORS)
+def test_bad_sms_files_raise_errors_naming_file_and_line(tmp_path, content, expected):
+    path = tmp_path / "SMSSpamCollection"
+    path.write_bytes(content)
+    for read in (data.read_sms_spam, lambda p: data.load_splits(p)):
+        with pytest.raises(ValueError) as error:
+            read(path)
+        message = str(error.value)
+        assert str(path) in message
+        for text in expected:
+            assert text in message
+
+
+def test_a_missing_file_is_a_value_error_naming_it(tmp_path):
+    for read in (data.read_sms_spam, data.read_table, data.load_splits):
+        with pytest.raises(ValueError, match="nowhere.csv: no such file"):
+            read(tmp_path / "nowhere.csv")
+
+
+def test_sms_format_accepts_crlf_a_bom_and_blank_lines(tmp_path):
+    path = tmp_path / "messages.txt"
+    path.write_bytes("\ufeffham\tOi, tudo bem?\r\n\r\nspam\tGanhe já!\r\n".encode())
+    dataset = data.read_sms_spam(path)
+    assert dataset.texts == ["Oi, tudo bem?", "Ganhe já!"] and dataset.labels == [0, 1]
+
+
+TABLE_ERRORS = [
+    ("text,category\nhello,a\nbye,b\n", {}, ["line 1", "no column 'label'", "['text', 'category']"]),
+    ('text,label\n"two\nlines",a\n,b\n', {}, ["line 4", "'text' field is empty"]),
+    ("text,label\nhello,\n", {}, ["line 2", "'label' field is empty"]),
+    ("text,label\nhello, world,a\n", {}, ["line 2", "3 fields", "quote"]),
+    ("text,label\nhello,a\nbye,c\n", {"label_names": ["a", "b"]}, ["line 3", "unknown label 'c'"]),
+    ("text,label\nhello,a\nbye,a\n", {}, ["two classes"]),
+    ("text,label\n", {}, ["no examples"]),
+]
+
+
+@pytest.mark.parametrize("content, options, expected", TABLE_ERRORS)
+def test_bad_tables_raise_errors_naming_file_and_line(tmp_path, content, options, expected):
+    path = tmp_path / "data.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        data.read_table(path, **options)
+    message = str(error.value)
+    assert str(path) in message
+    for text in expected:
+        assert text in message
+
+
+# --------------------------------------------------------------------------- your own CSV / TSV
+
+
+def test_real_world_csv_quotes_commas_newlines_bom_crlf(tmp_path):
+    path = tmp_path / "reviews.csv"
+    content = (
+        "\ufeffid,text,label\r\n"
+        '1,"Great, really great",pos\r\n'
+        '2,"Line one\r\nline two ""quoted""",neg\r\n'
+        "3,plain,neutral\r\n"
+    )
+    path.write_bytes(content.encode("utf-8"))
+    dataset = data.read_table(path)
+    assert dataset.texts == ["Great, really great", 'Line one\r\nline two "quoted"', "plain"]
+    assert dataset.label_names == ["neg", "neutral", "pos"]  # sorted: a stable order
+    assert [dataset.label_names[y] for y in dataset.labels] == ["pos", "neg", "neutral"]
+
+
+def test_tsv_custom_columns_fixed_label_names_and_a_sniffed_delimiter(tmp_path):
+    tsv = tmp_path / "data.tsv"
+    tsv.write_text("message\tclass\tsource\nhello, there\tz\tweb\nbye\ta\tsms\n", encoding="utf-8")
+    dataset = data.read_table(tsv, text_column="message", label_column="class", label_names=["z", "a"])
+    assert dataset.texts == ["hello, there", "bye"]
+    assert dataset.label_names == ["z", "a"] and dataset.labels == [0, 1]
+
+    semicolons = tmp_path / "data.txt"
+    semicolons.write_text("text;label\nbom dia;a\nboa noite;b\nola;c\n", encoding="utf-8")
+    assert data.read_table(semicolons).texts == ["bom dia", "boa noite", "ola"]
+
+
+LABEL_TEXT = st.text(min_size=1, max_size=12).filter(lambda s: s == s.strip())
+BODY_TEXT = st.text(min_size=1, max_size=30).filter(lambda s: s.strip())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    names=st.lists(LABEL_TEXT, min_size=2, max_size=4, unique=True),
+    rows=st.lists(st.tuples(BODY_TEXT, st.integers(min_value=0, max_value=3)), max_size=10),
+)
+def test_label_names_round_trip_through_a_csv_file(names, rows):
+    rows = [(f"text {i}", i) for i in range(len(names))] + [(text, k % len(names)) for text, k in rows]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "data.csv"
+        with path.open("w", encoding="utf-8", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["label", "text"])
+            writer.writerows([names[k], text] for text, k in rows)
+        dataset = data.read_table(path)
+    assert dataset.label_names == sorted(names)
+    assert dataset.texts == [text for text, _ in rows]
+    assert [dataset.label_names[y] for y in dataset.labels] == [names[k] for _, k in rows]
+
+
+def test_a_three_class_csv_goes_all_the_way_to_batches(tmp_path, tokenizer):
+    path = tmp_path / "topics.csv"
+    rows = [(f"message number {i} about {topic}", topic) for i in range(30) for topic in ("sport", "art", "news")]
+    with path.open("w", encoding="utf-8", newline="") as file:
+        csv.writer(file).writerows([("text", "label"), *rows])
+    for balanced in (True, False):
+        splits = data.load_splits(path, seed=0, balanced=balanced)
+        assert splits.label_names == ["art", "news", "sport"]
+        assert [len(part) for part in parts(splits)] == [63, 9, 18]
+    assert [part.class_counts() for part in parts(splits)] == [[21] * 3, [3] * 3, [6] * 3]  # stratified
+    dataset = data.ClassificationDataset.from_texts(splits.train, tokenizer, None)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=data.BucketBatchSampler(dataset.lengths, 8, seed=0), collate_fn=data.collate
+    )
+    batches = list(loader)
+    assert sum(len(batch.labels) for batch in batches) == 63
+    assert sorted(torch.cat([batch.labels for batch in batches]).tolist()) == sorted(splits.train.labels)
+
+
+def test_separate_files_are_used_as_given(tmp_path):
+    files = {}
+    for name, count in (("train", 12), ("validation", 3), ("test", 4)):
+        files[name] = tmp_path / f"{name}.tsv"
+        lines = [f"{name} {i}\t{'b' if i % 3 == 0 else 'a'}" for i in range(count)]
+        files[name].write_text("text\tlabel\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    splits = data.load_splits(files["train"], validation_path=files["validation"], test_path=files["test"])
+    assert splits.train.class_counts() == [4, 4]  # balanced=True undersamples the training file only
+    assert len(splits.validation) == 3 and len(splits.test) == 4
+    assert splits.test.texts == [f"test {i}" for i in range(4)]
+    unbalanced = data.load_splits(
+        files["train"], balanced=False, validation_path=files["validation"], test_path=files["test"]
+    )
+    assert len(unbalanced.train) == 12
+    with pytest.raises(ValueError, match="both validation_path and test_path"):
+        data.load_splits(files["train"], validation_path=files["validation"])
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def test_endoftext_inside_a_text_is_ordinary_text(tokenizer):
+    text = "free prize <|endoftext|> reply now"
+    with pytest.raises(ValueError):
+        tokenizer.encode(text)  # tiktoken's default refuses special-token text
+    token_ids = data.encode(tokenizer, text)
+    assert data.PAD_TOKEN_ID not in token_ids
+    assert tokenizer.decode(token_ids) == text
+
+
+def test_an_offline_tokenizer_error_says_how_to_fix_it(monkeypatch):
+    def offline(name):
+        raise ConnectionError("Max retries exceeded with url:\nopenaipublic.blob.core.windows.net")
+
+    monkeypatch.setattr(data.tiktoken, "get_encoding", offline)
+    with pytest.raises(ValueError) as error:
+        data.get_tokenizer("gpt2")
+    message = str(error.value)
+    assert "could not fetch its BPE files" in message and "TIKTOKEN_CACHE_DIR" in message
+    assert "\n" not in message
+    with pytest.raises(ValueError, match="unknown tokenizer 'gpt5'"):
+        data.get_tokenizer("gpt5")
+
+
+def test_the_dataset_truncates_and_counts_what_it_cut(tokenizer):
+    texts = data.LabelledTexts(["hi", "a somewhat longer message here", "ok then"], [0, 1, 0], ["ham", "spam"])
+    full_lengths = [len(data.encode(tokenizer, text)) for text in texts.texts]
+
+    whole = data.ClassificationDataset.from_texts(texts, tokenizer, None)
+    assert whole.lengths == full_lengths and whole.num_truncated == 0
+
+    cut = data.ClassificationDataset.from_texts(texts, tokenizer, 2)
+    assert cut.lengths == [min(n, 2) for n in full_lengths]
+    assert cut.num_truncated == sum(n > 2 for n in full_lengths) > 0
+    token_ids, label = cut[1]
+    assert token_ids == data.encode(tokenizer, texts.texts[1])[:2] and label == 1
+    assert isinstance(token_ids, list) and isinstance(label, int) and len(cut) == 3
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    sequences=st.lists(
+        st.lists(st.integers(min_value=0, max_value=50255), min_size=1, max_size=20), min_size=1, max_size=8
+    ),
+    extra=st.integers(min_value=0, max_value=5),
+    fixed=st.booleans(),
+)
+def test_collate_pads_to_the_longest_and_keeps_real_lengths(sequences, extra, fixed):
+    examples = [(ids, i % 3) for i, ids in enumerate(sequences)]
+    longest = max(len(ids) for ids in sequences)
+    pad_to = longest + extra if fixed else None
+    batch = data.collate(examples, pad_to=pad_to)
+
+    assert batch.token_ids.shape == (len(sequences), pad_to or longest)
+    assert batch.token_ids.dtype == batch.lengths.dtype == batch.labels.dtype == torch.long
+    assert batch.lengths.tolist() == [len(ids) for ids in sequences]
+    assert batch.labels.tolist() == [i % 3 for i in range(len(sequences))]
+    for row, ids in zip(batch.token_ids, sequences):
+        assert row[: len(ids)].tolist() == ids
+        assert (row[len(ids) :] == data.PAD_TOKEN_ID).all()
+
+
+def test_collate_errors_and_batch_to():
+    with pytest.raises(ValueError, match="pad_to 2 is shorter than the batch's longest text \\(3 tokens\\)"):
+        data.collate([([1, 2, 3], 0)], pad_to=2)
+    with pytest.raises(ValueError, match="empty"):
+        data.collate([])
+    batch = data.collate([([5], 1), ([6, 7], 0)], pad_id=0)
+    assert batch.token_ids.tolist() == [[5, 0], [6, 7]]
+    moved = batch.to("meta")
+    assert moved.token_ids.device.type == moved.lengths.device.type == moved.labels.device.type == "meta"
+
+
+# --------------------------------------------------------------------------- length bucketing
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=200), max_size=300),
+    batch_size=st.integers(min_value=1, max_value=16),
+    window=st.integers(min_value=1, max_value=5),
+    seed=SEEDS,
+    epoch=st.integers(min_value=0, max_value=10),
+)
+def test_bucketing_visits_every_example_exactly_once_per_epoch(lengths, batch_size, window, seed, epoch):
+    sampler = data.BucketBatchSampler(lengths, batch_size, seed, window=window)
+    sampler.set_epoch(epoch)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert all(1 <= len(batch) <= batch_size for batch in batches)
+    assert sum(len(batch) < batch_size for batch in batches) <= 1
+    assert list(sampler) == batches  # deterministic per (seed, epoch)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=50), max_size=100),
+    batch_size=st.integers(min_value=1, max_value=8),
+    seed=SEEDS,
+)
+def test_one_window_holding_everything_gives_the_sorted_batches(lengths, batch_size, seed):
+    evaluation = data.BucketBatchSampler(lengths, batch_size, seed, shuffle=False)
+    in_order = [lengths[i] for batch in evaluation for i in batch]
+    assert in_order == sorted(lengths)
+    training = data.BucketBatchSampler(lengths, batch_size, seed, window=len(lengths) + 1)
+    as_lengths = lambda sampler: sorted(tuple(sorted(lengths[i] for i in batch)) for batch in sampler)  # noqa: E731
+    assert as_lengths(training) == as_lengths(evaluation)
+
+
+def test_bucketing_reshuffles_every_epoch_and_saves_padding():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 120, (1000,), generator=generator).tolist()
+    sampler = data.BucketBatchSampler(lengths, 8, seed=123, window=10)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch0 != epoch1 and sorted(map(sorted, epoch0)) != sorted(map(sorted, epoch1))
+    assert list(data.BucketBatchSampler(lengths, 8, seed=124, window=10)) != epoch0
+
+    def pad_tokens(batches):
+        return sum(max(lengths[i] for i in batch) * len(batch) - sum(lengths[i] for i in batch) for batch in batches)
+
+    unbucketed = [list(range(start, start + 8)) for start in range(0, 1000, 8)]  # random lengths, no sorting
+    assert pad_tokens(epoch0) < 0.2 * pad_tokens(unbucketed)
+
+    full = data.BucketBatchSampler(lengths, 8, seed=0, drop_last=True)
+    assert len(list(full)) == len(full) == 125 and all(len(batch) == 8 for batch in full)
+
+
+# --------------------------------------------------------------------------- download
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web_folder(tmp_path):
+    """A folder served over http://127.0.0.1 for the duration of a test."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=folder))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_extracts_verifies_and_caches_the_collection(sms_spam_file, web_folder, tmp_path):
+    folder, base_url = web_folder
+    with zipfile.ZipFile(folder / "sms.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(sms_spam_file, "SMSSpamCollection")
+        archive.writestr("readme", "SMS Spam Collection v.1")
+    cache = tmp_path / "cache"
+    path = data.download_sms_spam(cache, url=f"{base_url}/sms.zip")
+    assert path == cache / "sms_spam" / "SMSSpamCollection"
+    assert path.read_bytes() == sms_spam_file.read_bytes()
+    assert [p.name for p in path.parent.iterdir()] == ["SMSSpamCollection"]  # the archive is gone
+
+    # Once cached, no network: an unreachable URL still returns the file.
+    (folder / "sms.zip").unlink()
+    assert data.download_sms_spam(cache, url="http://127.0.0.1:9/unreachable.zip") == path
+    assert [len(part) for part in parts(data.load_splits(cache_dir=cache))] == [1045, 149, 300]
+
+
+@pytest.mark.parametrize(
+    "member, content, expected",
+    [
+        ("SMSSpamCollection", b"ham\thello\nspam\twin\n", "sha256"),
+        ("OtherFile", b"ham\thello\n", "no SMSSpamCollection"),
+        (None, b"not a zip at all", "not a valid zip"),
+    ],
+)
+def test_a_wrong_archive_is_an_error_and_nothing_is_cached(web_folder, tmp_path, member, content, expected):
+    folder, base_url = web_folder
+    if member is None:
+        (folder / "sms.zip").write_bytes(content)
+    else:
+        with zipfile.ZipFile(folder / "sms.zip", "w") as archive:
+            archive.writestr(member, content)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=expected):
+        data.download_sms_spam(cache, url=f"{base_url}/sms.zip")
+    assert not (cache / "sms_spam" / "SMSSpamCollection").exists()
+    assert list((cache / "sms_spam").iterdir()) == []
