@@ -10,8 +10,12 @@ It depends on torch alone, so it can be copied into another project on its own.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -194,3 +198,202 @@ class GPTModel(nn.Module):
         """Choose between the fused SDPA kernel (True) and the explicit math (False)."""
         for block in self.h:
             block.attn.use_sdpa = enabled
+
+
+# --------------------------------------------------------------------------- safetensors files
+#
+# A .safetensors file is: 8 bytes (little-endian header length N), N bytes of JSON
+# {"name": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ..., "__metadata__": {..}},
+# then the raw little-endian bytes of every tensor, back to back. Reading it takes a few
+# lines; most of what follows checks that a damaged file can never become a wrong tensor.
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the official library's limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One header entry: where a tensor's bytes lie in the data region that follows the header."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json.loads hook: a name given twice would silently keep only its last entry."""
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
+
+
+def _tensor_info(where: str, entry: object, data_size: int) -> TensorInfo:
+    """Validate one header entry; `where` is "<file>: tensor <name>" for the error messages."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise ValueError(f"{where}: entry must be an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_int(size) and size >= 0 for size in shape):
+        raise ValueError(f"{where}: shape {shape!r} is not a list of sizes >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        raise ValueError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise ValueError(f"{where}: data_offsets {offsets} fall outside the {data_size}-byte data region")
+    needed = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if end - begin != needed:
+        raise ValueError(
+            f"{where}: data_offsets {offsets} hold {end - begin} bytes, "
+            f"but shape {shape} of {dtype} needs {needed}"
+        )
+    return TensorInfo(dtype, tuple(shape), begin, end)
+
+
+def _read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate a safetensors header: (tensor infos, metadata, offset of the data)."""
+    path = Path(path)
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            header_size = int.from_bytes(prefix, "little")
+            if len(prefix) < 8 or header_size > file_size - 8:
+                raise ValueError(
+                    f"{path}: truncated or not a safetensors file ({file_size} bytes, "
+                    f"header length {header_size if len(prefix) == 8 else '?'})"
+                )
+            if header_size > MAX_HEADER_BYTES:
+                raise ValueError(f"{path}: header of {header_size} bytes is larger than {MAX_HEADER_BYTES}")
+            raw_header = file.read(header_size)
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the file ({error.strerror or error})") from None
+    try:
+        header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (ValueError, RecursionError) as error:  # JSON and UTF-8 errors are ValueErrors
+        raise ValueError(f"{path}: header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: __metadata__ must map strings to strings")
+    data_size = file_size - 8 - header_size
+    infos = {name: _tensor_info(f"{path}: tensor {name!r}", entry, data_size) for name, entry in header.items()}
+
+    # The tensors must tile the data region exactly: no overlap, no gap, nothing left over.
+    position, previous = 0, None
+    for name, info in sorted(infos.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin < position:
+            raise ValueError(f"{path}: tensor {name!r} overlaps tensor {previous!r}")
+        if info.begin > position:
+            raise ValueError(f"{path}: tensor {name!r} starts at byte {info.begin}, leaving a gap at {position}")
+        position, previous = info.end, name
+    if position != data_size:
+        raise ValueError(f"{path}: the tensors cover {position} bytes of a {data_size}-byte data region")
+    return infos, metadata, 8 + header_size
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read every tensor of a .safetensors file, bytes straight from disk into each tensor.
+
+    Peak memory is one copy of the tensors (no second buffer), and any damage to the file
+    raises ValueError naming the file and the tensor.
+    """
+    infos, _, data_start = _read_header(path)
+    tensors = {}
+    try:
+        with open(path, "rb") as file:
+            for name, info in infos.items():
+                dtype = SAFETENSORS_DTYPES[info.dtype]
+                if info.begin == info.end:  # empty tensor: nothing to read
+                    tensors[name] = torch.empty(info.shape, dtype=dtype)
+                    continue
+                buffer = bytearray(info.end - info.begin)
+                file.seek(data_start + info.begin)
+                if file.readinto(buffer) != len(buffer):
+                    raise ValueError(f"{path}: tensor {name!r}: the file ended early (changed while reading?)")
+                tensors[name] = torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)  # shares buffer
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the file ({error.strerror or error})") from None
+    return tensors
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The file's `__metadata__` block (an empty dict when it has none)."""
+    return _read_header(path)[1]
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytearray:
+    """The tensor's elements as contiguous little-endian bytes (the machine's order on every
+    platform PyTorch supports)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)  # (numel,): 0-d becomes (1,)
+    buffer = bytearray(flat.numel() * flat.element_size())
+    if buffer:
+        torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat.view(torch.uint8))
+    return buffer
+
+
+def write_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write tensors (and optional string metadata) as a .safetensors file, atomically.
+
+    Tensors that share storage, like GPT-2's tied embedding and output head, are each
+    written in full, as the format has no notion of sharing. The file appears under its
+    name only once completely written: a crash leaves either the old file or none.
+    """
+    path = Path(path)
+    header: dict[str, object] = {}
+    if metadata is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError(f"{path}: metadata must map strings to strings, got {metadata!r}")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise ValueError(f"{path}: invalid tensor name {name!r}")
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in DTYPE_NAMES:
+            kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{path}: tensor {name!r}: cannot store {kind} (supported: {', '.join(SAFETENSORS_DTYPES)})")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
+
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # same folder: rename is atomic
+    try:
+        with open(temporary, "xb") as file:
+            file.write(len(header_bytes).to_bytes(8, "little"))
+            file.write(header_bytes)
+            for tensor in tensors.values():
+                file.write(_tensor_bytes(tensor))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
