@@ -1,0 +1,270 @@
+"""The main job end to end: train.py fine-tunes a tiny random GPT on a slice of the SMS data.
+
+In-process `train.main([...])` runs, seconds each: the run writes a classifier that classify.py
+loads, its metrics agree with its confusion matrices, one seed gives one result, the
+frozen-prefix cache changes nothing, bad input is one line and exit code 2, and a run that
+fails leaves no folder behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+import classify
+import data
+import gpt
+import train
+from conftest import SMS_SPAM_FILE
+
+TINY_GPT = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128, "vocab_size": 50257}
+SMS_LINES = 200  # 33 spam among them: a balanced split of 46 / 6 / 14 texts
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A folder with a tiny GPT-2 config (Hugging Face style) and the first SMS lines."""
+    if not SMS_SPAM_FILE.is_file():
+        pytest.skip(f"the SMS Spam Collection is not at {SMS_SPAM_FILE} (set SMS_SPAM_FILE)")
+    root = tmp_path_factory.mktemp("train")
+    (root / "tiny-gpt").mkdir()
+    (root / "tiny-gpt" / "config.json").write_text(json.dumps(TINY_GPT))
+    lines = SMS_SPAM_FILE.read_text(encoding="utf-8").splitlines()[:SMS_LINES]
+    (root / "sms.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def tiny_args(workspace: Path, *extra: str) -> list[str]:
+    return ["--data", str(workspace / "sms.txt"), "--model", str(workspace / "tiny-gpt"), "--init", "random",
+            "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", *extra]
+
+
+def run_in(folder: Path, args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """train.main(args) with `folder` as the working directory; returns (exit code, stdout, stderr)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(folder)
+    code = train.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def without_timing(document: dict) -> dict:
+    return {key: value for key, value in document.items() if key != "timing"}
+
+
+@pytest.fixture(scope="module")
+def base_run(workspace: Path) -> tuple[Path, str]:
+    """One run of the main job (cached prefix, last-block), shared by several tests."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        folder = workspace / "first"
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            code = train.main(tiny_args(workspace, "--out", "run", "--eval-every", "3"))
+    assert code == 0
+    return folder / "run", stdout.getvalue()
+
+
+def load_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+# --------------------------------------------------------------------------- the main job
+
+
+def test_defaults_are_the_chapters_experiment():
+    cfg = train.config_from_args(train.build_parser().parse_args([]))
+    assert cfg == train.TrainConfig()
+    assert (cfg.model, cfg.init, cfg.strategy, cfg.pooling) == ("gpt2-small", "pretrained", "last-block", "last")
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed) == (5, 8, 5e-5, 0.1, 123)
+    assert cfg.balanced and cfg.data is None and cfg.use_prefix_cache
+
+
+def test_run_writes_the_three_files_and_reports_each_step(base_run):
+    run_dir, stdout = base_run
+    assert sorted(p.name for p in run_dir.iterdir()) == ["classifier.safetensors", "config.json", "metrics.json"]
+    for step in ("1. labelled text", "2. tokenization", "3. GPT", "4. representation", "5. classification head",
+                 "6. supervised loss", "7. weight update"):
+        assert step in stdout
+    assert "examples/s" in stdout and "time left" in stdout and "validation loss" in stdout
+    assert "frozen-prefix cache:" in stdout  # last-block freezes the embeddings and block 0
+    assert "confusion matrix" in stdout  # metrics.format_report for each split
+
+
+def test_metrics_agree_with_their_confusion_matrices(base_run):
+    run_dir, _ = base_run
+    document = load_metrics(run_dir)
+    sizes = {"train": 46, "validation": 6, "test": 14}
+    for split, size in sizes.items():
+        report = document[split]
+        matrix = [[report["confusion_matrix"][true][pred] for pred in ("ham", "spam")] for true in ("ham", "spam")]
+        total = sum(map(sum, matrix))
+        assert total == size == document["data"][split]["examples"]
+        assert report["accuracy"] == pytest.approx((matrix[0][0] + matrix[1][1]) / total)
+        assert set(report["per_class"]) == {"ham", "spam"}
+    assert [record["epoch"] for record in document["history"]] == [1, 2]
+    assert document["seed"] == 123 and document["strategy"] == "last-block"
+    assert document["validation_checks"], "--eval-every 3 records validation losses between epochs"
+    assert 0 < document["trainable_parameters"]["trainable"] < document["trainable_parameters"]["total"]
+
+
+def test_the_saved_weights_are_those_of_the_best_epoch(base_run):
+    document = load_metrics(base_run[0])
+    accuracies = [record["validation_accuracy"] for record in document["history"]]
+    best = document["best_epoch"]
+    assert accuracies[best - 1] == max(accuracies)
+    assert document["validation"]["accuracy"] == accuracies[best - 1]
+    assert document["validation"]["loss"] == pytest.approx(document["history"][best - 1]["validation_loss"], rel=1e-5)
+
+
+def test_classify_loads_the_run_and_predicts(base_run):
+    model, config = classify.load_classifier(base_run[0])
+    assert config.label_names == ["ham", "spam"]
+    predictions = classify.predict(model, config, ["Free entry! Text WIN to 80086 now", "see you at lunch"])
+    assert [p.text for p in predictions] == ["Free entry! Text WIN to 80086 now", "see you at lunch"]
+    for prediction in predictions:
+        assert prediction.label in ("ham", "spam")
+        assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_one_seed_gives_identical_metrics(workspace, base_run, monkeypatch, capsys):
+    code, _, _ = run_in(workspace / "second", tiny_args(workspace, "--out", "run", "--eval-every", "3"),
+                        monkeypatch, capsys)
+    assert code == 0
+    first, second = load_metrics(base_run[0]), load_metrics(workspace / "second" / "run")
+    assert without_timing(first) == without_timing(second)
+
+
+def test_the_prefix_cache_changes_no_result(workspace, base_run, monkeypatch, capsys):
+    code, stdout, _ = run_in(workspace / "uncached", tiny_args(workspace, "--out", "run", "--eval-every", "3",
+                                                               "--no-cache"), monkeypatch, capsys)
+    assert code == 0 and "frozen-prefix cache off (--no-cache)" in stdout
+    cached, uncached = load_metrics(base_run[0]), load_metrics(workspace / "uncached" / "run")
+    assert cached["prefix_cache"]["used"] and not uncached["prefix_cache"]["used"]
+    assert cached["best_epoch"] == uncached["best_epoch"]
+    for split in ("train", "validation", "test"):
+        assert cached[split]["confusion_matrix"] == uncached[split]["confusion_matrix"]
+        assert cached[split]["loss"] == pytest.approx(uncached[split]["loss"], rel=1e-4)
+    for a, b in zip(cached["history"], uncached["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["validation_accuracy"] == b["validation_accuracy"]
+
+
+def test_compare_trains_each_strategy_and_prints_one_table(workspace, monkeypatch, capsys):
+    code, stdout, _ = run_in(workspace / "compare", tiny_args(workspace, "--out", "run", "--compare", "head,gradual"),
+                             monkeypatch, capsys)
+    assert code == 0
+    run_dir = workspace / "compare" / "run"
+    rows = json.loads((run_dir / "compare.json").read_text())["rows"]
+    assert [row["strategy"] for row in rows] == ["head", "gradual"]
+    assert rows[0]["trainable_parameters"] < rows[1]["trainable_parameters"]
+    table = stdout[stdout.index("strategy  "):]
+    assert "test F1 (spam)" in table and "\nhead " in table and "\ngradual " in table
+    for strategy in ("head", "gradual"):
+        assert sorted(p.name for p in (run_dir / strategy).iterdir()) == [
+            "classifier.safetensors", "config.json", "metrics.json"]
+    gradual = load_metrics(run_dir / "gradual")
+    schedule = [record["trainable"] for record in gradual["history"]]
+    assert schedule[0] != schedule[1], "gradual unfreezes more of the model in its second epoch"
+
+
+# --------------------------------------------------------------------------- bad input: one line, exit code 2
+
+
+def write_one_class_file(workspace: Path) -> Path:
+    path = workspace / "only-ham.txt"
+    path.write_text("ham\tsee you soon\nham\tok lunch then\nham\tcall me later\n", encoding="utf-8")
+    return path
+
+
+def refuse_network(*args, **kwargs):
+    raise ConnectionError("https://huggingface.co/gpt2/resolve/main/model.safetensors: network unreachable")
+
+
+BAD_INPUTS = {
+    "unknown strategy": (["--strategy", "everything"], "last-block"),
+    "unknown pooling": (["--pooling", "middle"], "pooling"),
+    "unknown compared strategy": (["--compare", "head,most"], "last-block"),
+    "unknown model": (["--model", "gpt2-tiny"], "gpt2-small"),
+    "missing data file": (["--data", "no/such/file.txt"], "no such file"),
+    "max-length beyond the context": (["--max-length", "129"], "context length"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_arguments_give_one_line_and_exit_code_2(case, workspace, monkeypatch, capsys):
+    extra, message = BAD_INPUTS[case]
+    code, _, stderr = run_in(workspace / "bad", tiny_args(workspace, "--out", "run", *extra), monkeypatch, capsys)
+    assert code == 2
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1 and message in stderr
+    assert not (workspace / "bad" / "run").exists()
+
+
+def test_one_class_data_is_refused(workspace, monkeypatch, capsys):
+    args = tiny_args(workspace, "--out", "run") + ["--data", str(write_one_class_file(workspace))]
+    code, _, stderr = run_in(workspace / "one-class", args, monkeypatch, capsys)
+    assert code == 2 and "class" in stderr and stderr.count("\n") == 1
+    assert list((workspace / "one-class").iterdir()) == []
+
+
+def test_no_network_names_the_offline_options(workspace, monkeypatch, capsys):
+    monkeypatch.setattr(gpt, "load_gpt2", refuse_network)
+    args = ["--data", str(workspace / "sms.txt"), "--model", "gpt2-small", "--out", "run", "--device", "cpu"]
+    code, _, stderr = run_in(workspace / "offline", args, monkeypatch, capsys)
+    assert code == 2 and stderr.count("\n") == 1
+    for option in ("network unreachable", "--data PATH", "--model PATH", "--init random"):
+        assert option in stderr
+    assert list((workspace / "offline").iterdir()) == []
+
+
+def test_missing_tokenizer_files_give_one_line(workspace, monkeypatch, capsys):
+    def no_tokenizer(name="gpt2"):
+        raise ValueError("tiktoken could not fetch its BPE files for 'gpt2'; offline, set TIKTOKEN_CACHE_DIR")
+
+    monkeypatch.setattr(data, "get_tokenizer", no_tokenizer)
+    code, _, stderr = run_in(workspace / "no-bpe", tiny_args(workspace, "--out", "run"), monkeypatch, capsys)
+    assert code == 2 and "TIKTOKEN_CACHE_DIR" in stderr and stderr.count("\n") == 1
+    assert list((workspace / "no-bpe").iterdir()) == []
+
+
+def test_unwritable_out_is_refused_before_training(workspace, monkeypatch, capsys):
+    (workspace / "a-file").write_text("not a folder")
+    args = tiny_args(workspace, "--out", str(workspace / "a-file" / "run"))
+    code, stdout, stderr = run_in(workspace / "unwritable", args, monkeypatch, capsys)
+    assert code == 2 and "--out" in stderr and stderr.count("\n") == 1
+    assert "1. labelled text" not in stdout  # refused before any work
+
+
+# --------------------------------------------------------------------------- nothing half-written
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("failure", [Boom, KeyboardInterrupt])
+def test_a_failure_mid_training_leaves_no_run_folder(failure, workspace, monkeypatch, capsys):
+    calls = []
+    real_loss = train.supervised_loss
+
+    def failing_loss(logits, labels):
+        calls.append(1)
+        if len(calls) == 3:
+            raise failure("stopped mid-training")
+        return real_loss(logits, labels)
+
+    monkeypatch.setattr(train, "supervised_loss", failing_loss)
+    folder = workspace / f"failing-{failure.__name__}"
+    args = tiny_args(workspace, "--out", "runs/nested/run")
+    if failure is Boom:
+        with pytest.raises(Boom):  # a bug is a traceback, but still leaves nothing behind
+            run_in(folder, args, monkeypatch, capsys)
+    else:
+        assert run_in(folder, args, monkeypatch, capsys)[0] == 130
+    assert len(calls) == 3
+    assert list(folder.iterdir()) == [], "no run folder, no partial folder, not even the parents made for it"
