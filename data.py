@@ -1,9 +1,11 @@
 """Labelled text in, batches of token ids out: steps 1 and 2 of chapter 06's pipeline.
 
+The chapter's section "Pipeline de treinamento para classificação" starts here.
+
 Step 1, "Texto rotulado": the SMS Spam Collection (UCI dataset 228; Almeida & Hidalgo, 2011;
-CC BY 4.0), or a CSV/TSV of your own, read into `LabelledTexts`; the chapter's preparation
-(section "Preparando o conjunto de dados"): balance by undersampling `ham`, shuffle with a
-seed, split 70/10/20 into 1,045 / 149 / 300 messages.
+CC BY 4.0), or a CSV/TSV of your own, read into `LabelledTexts`; then the chapter's
+preparation: balance by undersampling `ham`, shuffle with a seed, split 70/10/20 into
+1,045 / 149 / 300 messages (or, for unbalanced data, a stratified split).
 
 Step 2, "Tokenização": GPT-2's BPE (tiktoken), a `Dataset` of (token ids, label), and a
 `collate` function that pads each batch only to its own longest text and keeps the real
@@ -204,7 +206,9 @@ def _read_text(path: Path) -> str:
 def _require_two_classes(data: LabelledTexts, path: Path) -> None:
     present = [name for name, count in zip(data.label_names, data.class_counts()) if count]
     if len(present) < 2:
-        raise ValueError(f"{path}: every example has the label {present}; a classifier needs two classes or more")
+        raise ValueError(
+            f"{path}: every example has the label {present[0]!r}; a classifier needs two classes or more"
+        )
 
 
 # --------------------------------------------------------------------------- your own data
@@ -253,22 +257,22 @@ def read_table(
         if not label:
             raise ValueError(f"{path}, line {reader.line_num}: the {label_column!r} field is empty")
         if label_names is not None and label not in label_names:
-            raise ValueError(f"{path}, line {reader.line_num}: unknown label {label!r}; the labels are {label_names}")
+            raise ValueError(
+                f"{path}, line {reader.line_num}: unknown label {label!r}; the labels are {label_names}"
+            )
         texts.append(text)
         label_strings.append(label)
     if not texts:
         raise ValueError(f"{path}: the file has a header but no examples")
 
-    if label_names is None:
-        label_names = sorted(set(label_strings))
-        if len(label_names) < 2:
-            raise ValueError(
-                f"{path}: every example has the label {label_names[0]!r}; a classifier needs two classes or more"
-            )
-    elif len(set(label_names)) != len(label_names) or len(label_names) < 2:
+    if label_names is not None and (len(set(label_names)) != len(label_names) or len(label_names) < 2):
         raise ValueError(f"label_names {label_names}: need two or more distinct names")
-    index = {name: i for i, name in enumerate(label_names)}
-    return LabelledTexts(texts, [index[label] for label in label_strings], list(label_names))
+    names = sorted(set(label_strings)) if label_names is None else list(label_names)
+    index = {name: i for i, name in enumerate(names)}
+    data = LabelledTexts(texts, [index[label] for label in label_strings], names)
+    if label_names is None:
+        _require_two_classes(data, path)  # (given names: a small test file may lack a class)
+    return data
 
 
 def _delimiter(path: Path, text: str) -> str:
@@ -347,7 +351,9 @@ def split(
     the realistic setting for unbalanced data, where accuracy alone misleads.
     """
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"fractions {fractions}: need three non-negative numbers (train, validation, test) summing to 1")
+        raise ValueError(
+            f"fractions {fractions}: need three non-negative numbers (train, validation, test) summing to 1"
+        )
     generator = torch.Generator().manual_seed(seed)
     if not stratify:
         order = torch.randperm(len(data), generator=generator).tolist()
