@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -316,29 +318,30 @@ def _read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str
     return infos, metadata, 8 + header_size
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read every tensor of a .safetensors file, bytes straight from disk into each tensor.
-
-    Peak memory is one copy of the tensors (no second buffer), and any damage to the file
-    raises ValueError naming the file and the tensor.
-    """
+def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for each tensor of a .safetensors file, bytes straight from disk
+    into the tensor. The whole header is checked before the first tensor is read."""
     infos, _, data_start = _read_header(path)
-    tensors = {}
     try:
         with open(path, "rb") as file:
             for name, info in infos.items():
                 dtype = SAFETENSORS_DTYPES[info.dtype]
                 if info.begin == info.end:  # empty tensor: nothing to read
-                    tensors[name] = torch.empty(info.shape, dtype=dtype)
+                    yield name, torch.empty(info.shape, dtype=dtype)
                     continue
                 buffer = bytearray(info.end - info.begin)
                 file.seek(data_start + info.begin)
                 if file.readinto(buffer) != len(buffer):
                     raise ValueError(f"{path}: tensor {name!r}: the file ended early (changed while reading?)")
-                tensors[name] = torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)  # shares buffer
+                yield name, torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)  # shares buffer
     except OSError as error:
         raise ValueError(f"{path}: cannot read the file ({error.strerror or error})") from None
-    return tensors
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file. Peak memory is one copy of the tensors, and any
+    damage to the file raises ValueError naming the file and the tensor."""
+    return dict(iter_safetensors(path))
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
@@ -397,3 +400,208 @@ def write_safetensors(
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+# --------------------------------------------------------------------------- loading GPT-2 weights
+#
+# Our module names are the checkpoint's, so loading is a rename table: strip the `transformer.`
+# prefix save_pretrained adds, skip the causal-mask buffers, and transpose GPT-2's Conv1D weights,
+# which it stores as (in, out) where nn.Linear keeps (out, in).
+
+HF_IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers, not weights
+HF_CONV1D_WEIGHTS = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+LOADABLE_DTYPES = {"F32", "F16", "BF16"}
+HF_HEAD_DIM = 64  # every GPT-2 size uses 64-wide attention heads
+
+
+def gpt2_name(hf_name: str) -> str | None:
+    """GPTModel's name for a Hugging Face GPT-2 tensor; None for a buffer to skip.
+
+    Both key styles work: the hub's (`wte.weight`, `h.0.attn.c_attn.weight`, ...) and
+    save_pretrained's (`transformer.wte.weight`, ..., maybe `lm_head.weight`).
+    """
+    name = hf_name.removeprefix("transformer.")
+    return None if HF_IGNORED.fullmatch(name) else name
+
+
+def expected_file_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a GPT-2 file must hold for `cfg`, with the shape it has in the file."""
+    with torch.device("meta"):  # shapes only: no memory, no initialization
+        model = GPTModel(cfg)
+    shapes = {}
+    for name, param in model.named_parameters():  # lm_head.weight is wte.weight: listed once
+        shape = tuple(param.shape)
+        shapes[name] = shape[::-1] if HF_CONV1D_WEIGHTS.fullmatch(name) else shape
+    return shapes
+
+
+def check_checkpoint(entries: dict[str, TensorInfo], cfg: GPTConfig, source: object) -> None:
+    """Strict, before any weight is read: every tensor present, none unknown, each shape
+    right, a float dtype. `entries` maps GPTModel names to the file's header entries."""
+    expected = expected_file_shapes(cfg)
+    expected["lm_head.weight"] = expected["wte.weight"]  # optional: tied to wte when present
+    for name, want in expected.items():
+        if name not in entries and name != "lm_head.weight":
+            raise ValueError(f"{source}: tensor {name} (shape {want}) is missing from the file")
+    for name, info in entries.items():
+        if name not in expected:
+            raise ValueError(f"{source}: unknown tensor {name} (shape {info.shape}): GPTModel has no such weight")
+        if info.shape != expected[name]:
+            raise ValueError(f"{source}: tensor {name}: shape {info.shape} in file, model expects {expected[name]}")
+        if info.dtype not in LOADABLE_DTYPES:
+            raise ValueError(f"{source}: tensor {name} is {info.dtype}; GPT-2 weights load from {sorted(LOADABLE_DTYPES)}")
+
+
+def as_parameter(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A checkpoint tensor as GPTModel holds it: float32, Conv1D weights transposed."""
+    tensor = tensor.float()  # F16/BF16 files load into float32; F32 is not copied
+    if HF_CONV1D_WEIGHTS.fullmatch(name):
+        tensor = tensor.t().contiguous()  # Conv1D (in, out) -> nn.Linear (out, in)
+    return tensor
+
+
+def load_checkpoint(path: Path, cfg: GPTConfig) -> GPTModel:
+    """A float32 GPTModel whose parameters are exactly the tensors of a GPT-2 .safetensors file.
+
+    Tensors are read one at a time and become the parameters of a model made on the meta
+    device, so loading holds one copy of the weights, not two.
+    """
+    infos, _, _ = _read_header(path)
+    check_checkpoint({gpt2_name(n): info for n, info in infos.items() if gpt2_name(n)}, cfg, path)
+    state, lm_head = {}, None
+    for hf_name, tensor in iter_safetensors(path):
+        name = gpt2_name(hf_name)
+        if name == "lm_head.weight":
+            lm_head = tensor
+        elif name is not None:
+            state[name] = as_parameter(name, tensor)
+    if lm_head is not None and not torch.equal(lm_head.float(), state["wte.weight"]):
+        raise ValueError(
+            f"{path}: lm_head.weight differs from wte.weight, but GPTModel ties its output head "
+            "to the token embedding (as GPT-2 does); this checkpoint cannot load into it"
+        )
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    model.load_state_dict(state, strict=False, assign=True)  # check_checkpoint was the strict check
+    model.lm_head.weight = model.wte.weight  # assign replaced wte's Parameter: tie the head again
+    return model.eval()
+
+
+def config_from_shapes(
+    shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], source: object
+) -> GPTConfig:
+    """Infer a GPT-2 config from a checkpoint's tensor shapes.
+
+    Sizes are in the shapes; the head count is not, so it comes from the metadata
+    (`n_head`, Hugging Face's name, or `n_heads`) or else from GPT-2's 64-wide heads.
+    """
+    shapes = {name.removeprefix("transformer."): shape for name, shape in shapes.items()}
+    if len(shapes.get("wte.weight", ())) != 2 or len(shapes.get("wpe.weight", ())) != 2:
+        raise ValueError(f"{source}: no 2-d wte.weight and wpe.weight: not a GPT-2 checkpoint")
+    vocab_size, emb_dim = shapes["wte.weight"]
+    layers = {int(match.group(1)) for name in shapes if (match := re.match(r"h\.(\d+)\.", name))}
+    heads = metadata.get("n_head", metadata.get("n_heads"))
+    if heads is None and emb_dim % HF_HEAD_DIM:
+        raise ValueError(
+            f"{source}: cannot infer the number of heads of a {emb_dim}-wide model; "
+            "pass config=GPTConfig(...) or add n_head to the file's metadata"
+        )
+    try:
+        n_heads = int(heads) if heads is not None else emb_dim // HF_HEAD_DIM
+        return GPTConfig(
+            vocab_size=vocab_size,
+            context_length=shapes["wpe.weight"][0],
+            emb_dim=emb_dim,
+            n_layers=len(layers),
+            n_heads=n_heads,
+            qkv_bias="h.0.attn.c_attn.bias" in shapes or not layers,
+        )
+    except (ValueError, ZeroDivisionError) as error:
+        raise ValueError(f"{source}: inconsistent GPT-2 shapes or metadata ({error})") from None
+
+
+def config_from_hf_json(path: Path) -> GPTConfig:
+    """GPTConfig from a Hugging Face GPT-2 config.json."""
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: a config.json must hold a JSON object")
+    sizes = {
+        "vocab_size": hf.get("vocab_size"),
+        "context_length": hf.get("n_positions", hf.get("n_ctx")),  # older configs say n_ctx
+        "emb_dim": hf.get("n_embd"),
+        "n_layers": hf.get("n_layer"),
+        "n_heads": hf.get("n_head"),
+    }
+    wrong = {name: value for name, value in sizes.items() if not (_is_int(value) and value > 0)}
+    if wrong:
+        raise ValueError(
+            f"{path}: vocab_size, n_positions, n_embd, n_layer and n_head must be positive integers; "
+            f"got {wrong} (in GPTConfig's names)"
+        )
+    try:
+        cfg = GPTConfig(**sizes)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    # Variants GPTModel does not implement must not load silently into the wrong architecture.
+    unsupported = {
+        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
+        "n_inner": (hf.get("n_inner"), (None, 4 * cfg.emb_dim)),
+        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
+        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+    }
+    for key, (value, allowed) in unsupported.items():
+        if value not in allowed:
+            raise ValueError(f"{path}: {key}={value!r} is not GPT-2's ({allowed[0]!r}); GPTModel cannot load it")
+    return cfg
+
+
+def _unknown_source(source: object) -> ValueError:
+    return ValueError(
+        f"{source!r} is neither a preset ({', '.join(PRESETS)}), a Hugging Face model directory "
+        "(config.json + model.safetensors) nor a .safetensors file"
+    )
+
+
+def load_config(source: str | Path) -> GPTConfig:
+    """The config of a preset name, a Hugging Face directory, or a .safetensors file (header only)."""
+    if isinstance(source, str) and source in PRESETS:
+        return PRESETS[source]
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json: {_unknown_source(source)}")
+        return config_from_hf_json(path / "config.json")
+    if path.is_file() and path.suffix == ".safetensors":
+        infos, metadata, _ = _read_header(path)
+        return config_from_shapes({name: info.shape for name, info in infos.items()}, metadata, path)
+    raise _unknown_source(source)
+
+
+def load_gpt2(
+    source: str | Path,
+    cache_dir: Path | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    *,
+    config: GPTConfig | None = None,
+) -> GPTModel:
+    """Pretrained GPT-2 in eval mode, from a preset name (downloaded once into the cache),
+    a Hugging Face directory (config.json + model.safetensors), or a .safetensors file.
+
+    `config` overrides the architecture read or inferred from the source (a file's shapes
+    give every size but the head count). F32, F16 and BF16 files load into float32.
+    """
+    cfg = config if config is not None else load_config(source)
+    if isinstance(source, str) and source in PRESETS:
+        path = download_preset(source, cache_dir, progress)
+    elif Path(source).is_dir():
+        path = Path(source) / "model.safetensors"
+        if not path.is_file():
+            raise ValueError(f"{source} has no model.safetensors (save with safe_serialization=True)")
+    elif Path(source).is_file() and Path(source).suffix == ".safetensors":
+        path = Path(source)
+    else:
+        raise _unknown_source(source)
+    return load_checkpoint(path, cfg)

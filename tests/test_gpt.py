@@ -241,3 +241,154 @@ def test_damaged_files_give_a_value_error_or_exactly_what_the_header_says(tmp_pa
         assert list(tensor.shape) == header[name]["shape"]
         assert tensor.dtype == gpt.SAFETENSORS_DTYPES[header[name]["dtype"]]
         assert math.prod(tensor.shape) * tensor.element_size() == header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+
+
+# --------------------------------------------------------------------------- Hugging Face weights
+
+
+TINY = GPTConfig(vocab_size=1000, context_length=64, emb_dim=64, n_layers=2, n_heads=4)  # the fixture's
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    """input_ids (2, 6) and the logits transformers' GPT2LMHeadModel gave for them."""
+    return gpt.read_safetensors(FIXTURES / "hf_tiny_logits.safetensors")
+
+
+def assert_matches_transformers(model: GPTModel, reference: dict[str, torch.Tensor]) -> None:
+    assert model.lm_head.weight is model.wte.weight
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    for fast in (True, False):
+        model.set_fast_attention(fast)
+        with torch.no_grad():
+            torch.testing.assert_close(model(reference["input_ids"]), reference["logits"], rtol=0, atol=1e-5)
+
+
+def hub_style_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
+    """A model's weights laid out like the hub's GPT-2 files: Conv1D weights stored (in, out)."""
+    return {
+        name: param.detach().t() if gpt.HF_CONV1D_WEIGHTS.fullmatch(name) else param.detach()
+        for name, param in model.named_parameters()
+    }
+
+
+def test_save_pretrained_directory_gives_transformers_logits(reference):
+    assert gpt.load_config(FIXTURES / "hf_tiny") == TINY
+    assert_matches_transformers(gpt.load_gpt2(FIXTURES / "hf_tiny"), reference)
+
+
+def test_hub_style_file_gives_transformers_logits(reference):
+    assert_matches_transformers(gpt.load_gpt2(FIXTURES / "hf_tiny_hub.safetensors", config=TINY), reference)
+
+
+def test_a_file_alone_gives_every_size_and_assumes_64_wide_heads():
+    inferred = gpt.load_config(FIXTURES / "hf_tiny_hub.safetensors")
+    assert inferred == GPTConfig(vocab_size=1000, context_length=64, emb_dim=64, n_layers=2, n_heads=1)
+
+
+def test_the_head_count_comes_from_the_metadata_when_present(tmp_path, reference):
+    path = tmp_path / "with_heads.safetensors"
+    gpt.write_safetensors(path, gpt.read_safetensors(FIXTURES / "hf_tiny_hub.safetensors"), {"n_head": "4"})
+    assert gpt.load_config(path) == TINY
+    assert_matches_transformers(gpt.load_gpt2(path), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_files_load_into_float32(tmp_path, dtype):
+    tensors = gpt.read_safetensors(FIXTURES / "hf_tiny" / "model.safetensors")
+    path = tmp_path / "half.safetensors"
+    gpt.write_safetensors(path, {name: tensor.to(dtype) for name, tensor in tensors.items()})
+    model = gpt.load_gpt2(path, config=TINY)
+    expected = gpt.load_gpt2(FIXTURES / "hf_tiny")
+    with torch.no_grad():
+        for param in expected.parameters():
+            param.copy_(param.to(dtype).float())  # the same rounding the file went through
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    ids = torch.arange(10).view(1, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected(ids), rtol=0, atol=1e-6)
+
+
+def test_a_present_tied_lm_head_loads_and_an_untied_one_is_refused(tmp_path, reference):
+    tensors = gpt.read_safetensors(FIXTURES / "hf_tiny" / "model.safetensors")
+    directory = tmp_path / "tied"
+    directory.mkdir()
+    (directory / "config.json").write_bytes((FIXTURES / "hf_tiny" / "config.json").read_bytes())
+    wte = tensors["transformer.wte.weight"]
+    gpt.write_safetensors(directory / "model.safetensors", {**tensors, "lm_head.weight": wte})
+    assert_matches_transformers(gpt.load_gpt2(directory), reference)
+    gpt.write_safetensors(directory / "model.safetensors", {**tensors, "lm_head.weight": wte + 1})
+    with pytest.raises(ValueError, match="lm_head.weight differs"):
+        gpt.load_gpt2(directory)
+
+
+def edited_hub_file(tmp_path: Path, edit) -> Path:
+    tensors = gpt.read_safetensors(FIXTURES / "hf_tiny_hub.safetensors")
+    edit(tensors)
+    path = tmp_path / "edited.safetensors"
+    gpt.write_safetensors(path, tensors)
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.pop("h.1.mlp.c_fc.weight"), r"tensor h\.1\.mlp\.c_fc\.weight \(shape \(64, 256\)\) is missing"),
+        (lambda t: t.update({"h.0.attn.c_attn.scale": torch.ones(3)}), r"unknown tensor h\.0\.attn\.c_attn\.scale \(shape \(3,\)\)"),
+        (lambda t: t.update({"h.2.ln_1.weight": torch.ones(64)}), r"unknown tensor h\.2\.ln_1\.weight"),
+        (lambda t: t.update({"h.0.attn.c_attn.weight": t["h.0.attn.c_attn.weight"].t()}), r"h\.0\.attn\.c_attn\.weight: shape \(192, 64\) in file, model expects \(64, 192\)"),
+        (lambda t: t.update({"ln_f.bias": torch.zeros(64, 1)}), r"ln_f\.bias: shape \(64, 1\) in file, model expects \(64,\)"),
+        (lambda t: t.update({"ln_f.bias": torch.zeros(64, dtype=torch.int32)}), r"ln_f\.bias is I32"),
+    ],
+    ids=["missing", "unknown", "extra layer", "not transposed", "wrong shape", "integer dtype"],
+)
+def test_loading_is_strict(tmp_path, edit, message):
+    path = edited_hub_file(tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        gpt.load_gpt2(path, config=TINY)
+
+
+@FAST
+@given(tiny_configs(), st.integers(0, 2**16))
+def test_any_config_round_trips_through_a_hub_style_file(tmp_path_factory, cfg, seed):
+    torch.manual_seed(seed)
+    original = GPTModel(cfg).eval()
+    path = tmp_path_factory.mktemp("hub") / "model.safetensors"
+    gpt.write_safetensors(path, hub_style_tensors(original), {"n_head": str(cfg.n_heads)})
+    if cfg.n_layers:  # with no blocks the file cannot tell whether q/k/v had a bias
+        assert gpt.load_config(path) == cfg
+    loaded = gpt.load_gpt2(path, config=cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.context_length))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), original(ids), rtol=0, atol=0)
+
+
+def test_unknown_sources_are_value_errors_listing_the_presets(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    (tmp_path / "empty_dir").mkdir()
+    for source in ("gpt2-tiny", tmp_path / "missing.safetensors", tmp_path / "weights.bin"):
+        for load in (gpt.load_config, gpt.load_gpt2):
+            with pytest.raises(ValueError, match="gpt2-small, gpt2-medium, gpt2-large, gpt2-xl"):
+                load(source)
+    with pytest.raises(ValueError, match="no config.json"):
+        gpt.load_gpt2(tmp_path / "empty_dir")
+    (tmp_path / "empty_dir" / "config.json").write_bytes((FIXTURES / "hf_tiny" / "config.json").read_bytes())
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        gpt.load_gpt2(tmp_path / "empty_dir")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"n_inner": 100}, "n_inner"), ({"activation_function": "relu"}, "activation_function"), ({"n_head": 5}, "divisible"), ({"n_embd": None}, "positive integers")],
+)
+def test_config_json_that_gpt_model_cannot_follow_is_refused(tmp_path, change, message):
+    config = json.loads((FIXTURES / "hf_tiny" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=message):
+        gpt.load_config(tmp_path)
+
+
+def test_presets_are_the_four_gpt2_sizes():
+    with torch.device("meta"):  # shapes only
+        sizes = {name: sum(p.numel() for p in GPTModel(cfg).parameters()) for name, cfg in gpt.PRESETS.items()}
+    assert sizes == {"gpt2-small": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
