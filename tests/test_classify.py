@@ -1,0 +1,565 @@
+"""classify.py: the chapter's claims about the classifier, its fine-tuning strategies, the fast
+paths, save/load, predict and the command line, on tiny random GPTs."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn import functional as F
+
+import classify
+import data
+from classify import GPTClassifier, PrefixCache
+from gpt import GPTConfig, GPTModel, write_safetensors
+
+PAD = data.PAD_TOKEN_ID
+VOCAB = 50257  # the real vocabulary, so the real pad id and tokenizer work; emb_dim stays tiny
+STRATEGY_NAMES = ["head", "last-block", "last-2-blocks", "all", "gradual", "lora"]
+FEW = settings(max_examples=20, deadline=None)
+
+
+def tiny_gpt(emb_dim=16, n_layers=3, n_heads=2, context_length=32, drop_rate=0.0, seed=0) -> GPTModel:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(context_length=context_length, emb_dim=emb_dim, n_layers=n_layers, n_heads=n_heads, drop_rate=drop_rate)
+    return GPTModel(cfg)
+
+
+def tiny_classifier(pooling="last", num_classes=2, seed=0, **cfg) -> GPTClassifier:
+    model = GPTClassifier(tiny_gpt(seed=seed, **cfg), num_classes, pooling)
+    with torch.no_grad():  # GPT-2's zero-initialised biases and unit LayerNorms would hide bugs
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def random_token_lists(lengths: list[int], seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+def padded(token_lists: list[list[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = data.collate([(ids, 0) for ids in token_lists], pad_to=width)
+    return batch.token_ids, batch.lengths
+
+
+def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5, name: str = "") -> None:
+    """Equal up to float32 rounding, measured against the tensor's own scale (a gradient's small
+    entries inherit the rounding error of its large ones)."""
+    error, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert error <= tol * max(1.0, scale), f"{name}: max difference {error:.3g} at scale {scale:.3g}"
+
+
+def intended_trainable(name: str, strategy: str, n_layers: int, epoch: int = 0) -> bool:
+    """What each strategy should train, written from the chapter's description, independently of
+    classify.py's code."""
+    if strategy == "all":
+        return True
+    if name.startswith("head."):
+        return True
+    if ".lora_" in name:
+        return strategy == "lora"
+    if name.startswith("gpt.ln_f."):
+        return strategy != "head"
+    block = re.match(r"gpt\.h\.(\d+)\.", name)
+    if block:
+        top = {"head": 0, "last-block": 1, "last-2-blocks": 2, "gradual": min(epoch, n_layers), "lora": 0}[strategy]
+        return int(block.group(1)) >= n_layers - top
+    return False  # token and position embeddings
+
+
+configs = st.builds(
+    lambda heads, head_dim, layers: dict(emb_dim=heads * head_dim, n_heads=heads, n_layers=layers, context_length=24),
+    st.integers(1, 3),
+    st.sampled_from([4, 8]),  # LayerNorm over 2 numbers is degenerate: (x - mean) / std is always +-1
+    st.integers(1, 3),
+)
+batch_lengths = st.lists(st.integers(1, 12), min_size=1, max_size=5)
+seeds = st.integers(0, 2**16)
+
+
+# --------------------------------------------------------------------------- the classifier
+
+
+@FEW
+@given(cfg=configs, lengths=batch_lengths, seed=seeds, pooling=st.sampled_from(classify.POOLINGS),
+       strategy=st.sampled_from(STRATEGY_NAMES[:3] + STRATEGY_NAMES[3:]), num_classes=st.integers(2, 4))
+def test_logits_have_one_row_per_text_and_one_column_per_class(cfg, lengths, seed, pooling, strategy, num_classes):
+    if strategy == "last-2-blocks" and cfg["n_layers"] < 2:
+        strategy = "last-block"
+    model = tiny_classifier(pooling, num_classes, seed, **cfg)
+    classify.apply_strategy(model, strategy, epoch=1)
+    logits = model(*padded(random_token_lists(lengths, seed)))
+    assert logits.shape == (len(lengths), num_classes)
+    assert torch.isfinite(logits).all()
+
+
+def test_vocabulary_head_is_never_computed():
+    model = tiny_classifier()
+    model.gpt.lm_head.register_forward_hook(lambda *_: pytest.fail("lm_head ran"))
+    model(*padded(random_token_lists([5, 3], seed=0)))
+
+
+@FEW
+@given(lengths=batch_lengths, extra=st.integers(1, 6), seed=seeds, pooling=st.sampled_from(classify.POOLINGS),
+       fast=st.booleans())
+def test_appending_pad_tokens_never_changes_the_logits(lengths, extra, seed, pooling, fast):
+    model = tiny_classifier(pooling, seed=seed)
+    model.last_position_only = fast
+    token_lists = random_token_lists(lengths, seed)
+    token_ids, lens = padded(token_lists)
+    more_padding, _ = padded(token_lists, width=token_ids.shape[1] + extra)
+    torch.testing.assert_close(model(more_padding, lens), model(token_ids, lens), rtol=1e-5, atol=1e-5)
+
+
+@FEW
+@given(lengths=st.lists(st.integers(1, 12), min_size=2, max_size=5), seed=seeds, pooling=st.sampled_from(classify.POOLINGS))
+def test_a_text_gets_the_same_logits_alone_or_in_a_batch(lengths, seed, pooling):
+    model = tiny_classifier(pooling, seed=seed)
+    token_lists = random_token_lists(lengths, seed)
+    together = model(*padded(token_lists))
+    alone = torch.cat([model(*padded([ids])) for ids in token_lists])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_first_pooling_reads_only_the_first_token():
+    model = tiny_classifier("first")
+    token_ids, lengths = padded(random_token_lists([6, 4], seed=1))
+    changed = token_ids.clone()
+    changed[:, 1:] = (changed[:, 1:] + 1) % VOCAB
+    torch.testing.assert_close(model(changed, lengths), model(token_ids, lengths), rtol=0, atol=0)
+
+
+def test_last_pooling_reads_the_last_real_token():
+    model = tiny_classifier("last")
+    token_ids, lengths = padded(random_token_lists([6], seed=2))
+    changed = token_ids.clone()
+    changed[0, 5] = (changed[0, 5] + 1) % VOCAB
+    assert not torch.allclose(model(changed, lengths), model(token_ids, lengths))
+
+
+def test_unknown_pooling_is_rejected():
+    with pytest.raises(ValueError, match="last, mean, first"):
+        GPTClassifier(tiny_gpt(), 2, pooling="max")
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def test_strategy_names():
+    one, also_one = classify.parse_strategy("last-block"), classify.parse_strategy("last-1-blocks")
+    assert (one.kind, one.num_blocks) == (also_one.kind, also_one.num_blocks) == ("last-blocks", 1)
+    assert classify.parse_strategy("last-3-blocks").num_blocks == 3
+    for bad in ["last-0-blocks", "last-x-blocks", "everything", "Head", ""]:
+        with pytest.raises(ValueError, match="head, last-block, last-N-blocks, all, gradual, lora"):
+            classify.parse_strategy(bad)
+
+
+def test_last_n_blocks_beyond_the_models_depth_is_a_clear_error():
+    model = tiny_classifier(n_layers=3)
+    classify.apply_strategy(model, "last-3-blocks")
+    with pytest.raises(ValueError, match=r"only 3 blocks; choose N in 1\.\.3"):
+        classify.apply_strategy(model, "last-4-blocks")
+
+
+CASES = [(s, 0) for s in STRATEGY_NAMES if s != "gradual"] + [("gradual", e) for e in range(5)]
+
+
+@pytest.mark.parametrize("pooling", classify.POOLINGS)
+@pytest.mark.parametrize(("strategy", "epoch"), CASES)
+def test_only_the_intended_parameters_get_gradients_and_move(strategy, epoch, pooling):
+    model = tiny_classifier(pooling, n_layers=3)
+    classify.apply_strategy(model, strategy, epoch=epoch)
+    names = dict(model.named_parameters())
+    intended = {name for name in names if intended_trainable(name, strategy, 3, epoch)}
+    assert {name for name, p in names.items() if p.requires_grad} == intended
+    assert {id(p) for p in classify.trainable_parameters(model)} == {id(names[n]) for n in intended}
+    trainable, total = classify.count_parameters(model)
+    assert trainable == sum(names[n].numel() for n in intended) and total == sum(p.numel() for p in names.values())
+
+    token_ids, lengths = padded(random_token_lists([7, 3, 5], seed=3))
+    F.cross_entropy(model(token_ids, lengths), torch.tensor([0, 1, 1])).backward()
+    with_gradient = {name for name, p in names.items() if p.grad is not None and p.grad.abs().sum() > 0}
+    if strategy == "lora":  # B starts at zero, so A's first gradient (through B) is exactly zero
+        assert with_gradient == {n for n in intended if not n.endswith("lora_A")}
+    else:
+        assert with_gradient == intended
+
+    before = {name: p.detach().clone() for name, p in names.items()}
+    torch.optim.AdamW(classify.trainable_parameters(model), lr=1e-2, weight_decay=0.1).step()
+    changed = {name for name, p in names.items() if not torch.equal(p, before[name])}
+    assert changed == intended  # frozen parameters are bit-identical
+
+
+def test_gradual_unfreezes_one_more_block_per_epoch_from_the_top():
+    model = tiny_classifier(n_layers=4)
+    for epoch in range(7):
+        classify.apply_strategy(model, "gradual", epoch=epoch)
+        training = [i for i, block in enumerate(model.gpt.h) if any(p.requires_grad for p in block.parameters())]
+        assert training == list(range(4 - min(epoch, 4), 4))
+        assert model.gpt.ln_f.weight.requires_grad and not model.gpt.wte.weight.requires_grad
+        assert classify.frozen_prefix_length(model) == (4 - epoch if epoch < 4 else None)
+
+
+def test_frozen_prefix_length_per_strategy():
+    expected = {"head": 3, "last-block": 2, "last-2-blocks": 1, "last-3-blocks": None, "all": None, "lora": None}
+    for strategy, k in expected.items():
+        model = tiny_classifier(n_layers=3)
+        classify.apply_strategy(model, strategy)
+        assert classify.frozen_prefix_length(model) == k, strategy
+    with_dropout = GPTClassifier(tiny_gpt(n_layers=3, drop_rate=0.1), 2)
+    classify.apply_strategy(with_dropout, "head")
+    assert classify.frozen_prefix_length(with_dropout) is None
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def test_lora_at_initialisation_equals_the_base_model():
+    model = tiny_classifier()
+    token_ids, lengths = padded(random_token_lists([9, 4, 1], seed=4))
+    base = model(token_ids, lengths)
+    classify.apply_strategy(model, "lora", lora_rank=4, lora_alpha=8)
+    assert sum(isinstance(m, classify.LoRALinear) for m in model.modules()) == 4 * 3
+    assert torch.equal(model(token_ids, lengths), base)
+
+
+def test_lora_trains_rank_r_adapters_and_merged_weights_give_the_same_outputs():
+    rank, emb_dim, n_layers = 4, 16, 3
+    model = tiny_classifier(emb_dim=emb_dim, n_layers=n_layers)
+    classify.apply_strategy(model, "lora", lora_rank=rank, lora_alpha=8)
+    adapters = n_layers * rank * ((emb_dim + 3 * emb_dim) + (emb_dim + emb_dim) + (emb_dim + 4 * emb_dim) + (4 * emb_dim + emb_dim))
+    assert classify.count_parameters(model)[0] == adapters + (emb_dim * 2 + 2) + 2 * emb_dim  # + head + ln_f
+    pretrained = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" not in name}
+
+    token_ids, lengths = padded(random_token_lists([9, 4, 6, 2], seed=5))
+    labels = torch.tensor([0, 1, 1, 0])
+    optimizer = torch.optim.AdamW(classify.trainable_parameters(model), lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        optimizer.zero_grad()
+        F.cross_entropy(model(token_ids, lengths), labels).backward()
+        optimizer.step()
+    for name, p in model.named_parameters():
+        if name in pretrained and not name.startswith(("head.", "gpt.ln_f.")):
+            assert torch.equal(p, pretrained[name]), f"{name}: a frozen pretrained weight moved"
+    assert all(m.lora_B.abs().sum() > 0 for m in model.modules() if isinstance(m, classify.LoRALinear))
+
+    plain = GPTClassifier(tiny_gpt(emb_dim=emb_dim, n_layers=n_layers), 2)
+    missing, unexpected = plain.load_state_dict(classify.classifier_tensors(model), strict=False)
+    assert missing == ["gpt.lm_head.weight"] and unexpected == []  # lm_head is tied to wte, which loaded
+    torch.testing.assert_close(plain(token_ids, lengths), model(token_ids, lengths), rtol=1e-5, atol=1e-5)
+
+
+def test_another_strategy_on_a_lora_model_is_refused():
+    model = tiny_classifier()
+    classify.apply_strategy(model, "lora")
+    classify.apply_strategy(model, "lora")  # again: keeps the adapters
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        classify.apply_strategy(model, "last-block")
+
+
+# --------------------------------------------------------------------------- fast path: the last position only
+
+
+@FEW
+@given(cfg=configs, lengths=batch_lengths, extra=st.integers(0, 4), seed=seeds, sdpa=st.booleans(), lora=st.booleans())
+def test_last_position_block_equals_the_full_block(cfg, lengths, extra, seed, sdpa, lora):
+    model = tiny_classifier("last", seed=seed, **cfg)
+    model.gpt.set_fast_attention(sdpa)
+    classify.apply_strategy(model, "lora" if lora else "all", lora_rank=2)
+    if lora:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, classify.LoRALinear):
+                    m.lora_B.normal_(std=0.1, generator=torch.Generator().manual_seed(seed))
+    token_lists = random_token_lists(lengths, seed)
+    token_ids, lens = padded(token_lists, width=max(lengths) + extra)
+    labels = torch.arange(len(lengths)) % 2
+
+    results = []
+    for fast in (True, False):
+        model.last_position_only = fast
+        model.zero_grad()
+        logits = model(token_ids, lens)
+        F.cross_entropy(logits, labels).backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (fast_logits, fast_grads), (full_logits, full_grads) = results
+    torch.testing.assert_close(fast_logits, full_logits, rtol=1e-5, atol=1e-5)
+    assert fast_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        assert_close_to_scale(fast_grads[name], full_grads[name], name=name)
+
+
+# --------------------------------------------------------------------------- fast path: the frozen-prefix cache
+
+
+def loss_and_gradients(model, logits, labels):
+    model.zero_grad()
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+CACHED_CASES = [("head", 0), ("last-block", 0), ("last-2-blocks", 0), ("gradual", 0), ("gradual", 1), ("gradual", 2)]
+
+
+@pytest.mark.parametrize("pooling", classify.POOLINGS)
+@pytest.mark.parametrize(("strategy", "epoch"), CACHED_CASES)
+def test_cached_prefix_gives_the_same_loss_and_gradients(strategy, epoch, pooling):
+    model = tiny_classifier(pooling, n_layers=3)
+    classify.apply_strategy(model, strategy, epoch=epoch)
+    k = classify.frozen_prefix_length(model)
+    lengths = [5, 1, 9, 3, 7, 2, 6]
+    token_lists = random_token_lists(lengths, seed=6)
+    cache = PrefixCache.build(model, token_lists, k, "cpu", batch_size=3)
+    assert cache.start_block == k and cache.dtype == torch.float32 and len(cache) == len(lengths)
+    one_position = pooling == "first" or (pooling == "last" and k == 3)
+    assert cache.nbytes == (len(lengths) if one_position else sum(lengths)) * 16 * 4
+
+    indices = [2, 0, 5, 4]
+    labels = torch.tensor([1, 0, 1, 0])
+    hidden, cached_lengths = cache.batch(indices)
+    assert hidden.dtype == torch.float32 and hidden.shape[0] == 4 and hidden.shape[2] == 16
+    cached = loss_and_gradients(model, model.forward_from(hidden, cached_lengths, k), labels)
+    plain = loss_and_gradients(model, model(*padded([token_lists[i] for i in indices])), labels)
+    torch.testing.assert_close(cached[0], plain[0], rtol=1e-5, atol=1e-6)
+    assert cached[1].keys() == plain[1].keys() and cached[1]
+    for name in plain[1]:
+        assert_close_to_scale(cached[1][name], plain[1][name], name=name)
+
+
+def test_cache_falls_back_to_float16_then_to_none_when_memory_is_short():
+    model = tiny_classifier("mean", n_layers=3)
+    classify.apply_strategy(model, "last-block")
+    lengths = [5, 8, 2, 6]
+    token_lists = random_token_lists(lengths, seed=7)
+    fp32_bytes = sum(lengths) * 16 * 4
+    half = PrefixCache.build(model, token_lists, 2, "cpu", memory_budget_bytes=fp32_bytes - 1)
+    assert half is not None and half.dtype == torch.float16 and half.nbytes == fp32_bytes // 2
+    hidden, lens = half.batch([0, 1, 2, 3])
+    assert hidden.dtype == torch.float32
+    torch.testing.assert_close(model.forward_from(hidden, lens, 2), model(*padded(token_lists)), rtol=1e-2, atol=1e-2)
+    assert PrefixCache.build(model, token_lists, 2, "cpu", memory_budget_bytes=fp32_bytes // 2 - 1) is None
+
+
+def test_cache_refuses_a_prefix_that_trains():
+    model = tiny_classifier(n_layers=3)
+    classify.apply_strategy(model, "last-2-blocks")
+    with pytest.raises(ValueError, match="must be frozen"):
+        PrefixCache.build(model, random_token_lists([3], seed=0), 2, "cpu")
+
+
+def test_gradual_moves_the_cache_boundary_every_epoch():
+    model = tiny_classifier(n_layers=3)
+    token_lists = random_token_lists([4, 2, 6], seed=8)
+    boundaries = []
+    for epoch in range(3):
+        classify.apply_strategy(model, "gradual", epoch=epoch)
+        boundaries.append(classify.frozen_prefix_length(model))
+        cache = PrefixCache.build(model, token_lists, boundaries[-1], "cpu")
+        logits = model.forward_from(*cache.batch([0, 1, 2]), cache.start_block)
+        torch.testing.assert_close(logits, model(*padded(token_lists)), rtol=1e-5, atol=1e-5)
+    assert boundaries == [3, 2, 1]
+
+
+# --------------------------------------------------------------------------- save, load, predict
+
+TEXTS = ["Free entry in 2 a wkly comp to win FA Cup final tkts", "ok see you later", "", "Hi! " * 40]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    model = tiny_classifier(emb_dim=16, n_layers=2, context_length=32)
+    run_dir = tmp_path_factory.mktemp("run")
+    classify.save_classifier(model, run_dir, ["ham", "spam"], max_length=20)
+    return model, run_dir
+
+
+def test_save_then_load_gives_identical_predictions(saved_run):
+    model, run_dir = saved_run
+    loaded, config = classify.load_classifier(run_dir)
+    assert config.label_names == ["ham", "spam"] and config.max_length == 20 and config.gpt == model.gpt.cfg
+    assert sorted(p.name for p in run_dir.iterdir()) == ["classifier.safetensors", "config.json"]  # no temp files
+    assert not loaded.training
+    assert loaded.gpt.lm_head.weight is loaded.gpt.wte.weight
+    assert predict_all(loaded, config) == predict_all(model, config)
+
+
+def predict_all(model, config, **kwargs):
+    return [(p.label, p.probabilities) for p in classify.predict(model, config, TEXTS, **kwargs)]
+
+
+def test_a_saved_lora_run_loads_as_a_plain_classifier(tmp_path):
+    model = tiny_classifier(n_layers=2)
+    classify.apply_strategy(model, "lora", lora_rank=2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, classify.LoRALinear):
+                m.lora_B.normal_()
+    classify.save_classifier(model, tmp_path, ["ham", "spam"], max_length=20)
+    loaded, config = classify.load_classifier(tmp_path)
+    assert not any(isinstance(m, classify.LoRALinear) for m in loaded.modules())
+    for (label, got), (want_label, want) in zip(predict_all(loaded, config), predict_all(model, config)):
+        assert label == want_label and got == pytest.approx(want, abs=1e-5)
+
+
+def test_saving_over_a_run_replaces_it(saved_run, tmp_path):
+    model, _ = saved_run
+    classify.save_classifier(tiny_classifier(n_layers=1), tmp_path, ["a", "b"], max_length=None)
+    classify.save_classifier(model, tmp_path, ["ham", "spam"], max_length=20)
+    loaded, config = classify.load_classifier(tmp_path)
+    assert config.label_names == ["ham", "spam"] and len(loaded.gpt.h) == 2
+
+
+def test_save_rejects_label_names_that_do_not_match_the_head(tmp_path):
+    with pytest.raises(ValueError, match="3 label names"):
+        classify.save_classifier(tiny_classifier(), tmp_path, ["a", "b", "c"], max_length=10)
+
+
+def damage(run_dir, how):
+    config_path, weights_path = run_dir / "config.json", run_dir / "classifier.safetensors"
+    if how == "no config":
+        config_path.unlink()
+    elif how == "no weights":
+        weights_path.unlink()
+    elif how == "corrupt json":
+        config_path.write_text('{"format": "gpt2-classifier", ')
+    elif how == "not a classifier config":
+        config_path.write_text(json.dumps({"n_embd": 768}))
+    elif how == "wider model in config":
+        fields = json.loads(config_path.read_text())
+        fields["gpt"]["emb_dim"] = 32
+        config_path.write_text(json.dumps(fields))
+    elif how == "deeper model in config":
+        fields = json.loads(config_path.read_text())
+        fields["gpt"]["n_layers"] = 3
+        config_path.write_text(json.dumps(fields))
+    elif how == "three labels":
+        fields = json.loads(config_path.read_text())
+        fields["label_names"], fields["num_classes"] = ["a", "b", "c"], 3
+        config_path.write_text(json.dumps(fields))
+    elif how == "truncated weights":
+        weights_path.write_bytes(weights_path.read_bytes()[:1000])
+    elif how == "a tensor missing":
+        write_safetensors(weights_path, {"head.weight": torch.zeros(2, 16)})
+
+
+DAMAGES = ["no config", "no weights", "corrupt json", "not a classifier config", "wider model in config",
+           "deeper model in config", "three labels", "truncated weights", "a tensor missing"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_or_mismatched_run_raises_one_clear_value_error(saved_run, tmp_path, how):
+    model, _ = saved_run
+    classify.save_classifier(model, tmp_path, ["ham", "spam"], max_length=20)
+    damage(tmp_path, how)
+    with pytest.raises(ValueError) as error:
+        classify.load_classifier(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_run_folder_raises_value_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        classify.load_classifier(tmp_path / "nowhere")
+
+
+def test_predict_keeps_the_input_order_and_matches_one_by_one(saved_run):
+    model, run_dir = saved_run
+    _, config = classify.load_classifier(run_dir)
+    texts = TEXTS + ["short", "a somewhat longer message than the others here"]
+    together = classify.predict(model, config, texts, batch_size=3)
+    assert [p.text for p in together] == texts
+    for p in together:
+        (alone,) = classify.predict(model, config, [p.text])
+        assert alone.label == p.label and alone.probabilities == pytest.approx(p.probabilities, abs=1e-5)
+        assert sum(p.probabilities.values()) == pytest.approx(1.0)
+        assert p.label == max(p.probabilities, key=p.probabilities.get)
+
+
+def test_empty_and_too_long_texts_have_defined_predictions(saved_run):
+    model, run_dir = saved_run
+    _, config = classify.load_classifier(run_dir)
+    tokenizer = data.get_tokenizer()
+    assert classify.prepare_tokens(tokenizer, "", config.max_length) == [PAD]
+    long_text = "Hi! " * 40
+    ids = data.encode(tokenizer, long_text)
+    assert len(ids) > config.max_length and classify.prepare_tokens(tokenizer, long_text, 20) == ids[:20]
+    prefix = tokenizer.decode(ids[:20])
+    assert data.encode(tokenizer, prefix) == ids[:20]
+    (long_prediction, prefix_prediction, empty) = classify.predict(model, config, [long_text, prefix, ""])
+    assert long_prediction.probabilities == pytest.approx(prefix_prediction.probabilities, abs=1e-6)
+    assert empty.label in ("ham", "spam")
+
+
+def test_predict_restores_training_mode(saved_run):
+    model, run_dir = saved_run
+    _, config = classify.load_classifier(run_dir)
+    model.train()
+    classify.predict(model, config, ["hello"])
+    assert model.training
+    assert classify.predict(model, config, []) == []
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_cli_prints_a_label_and_probabilities_per_text(saved_run, capsys):
+    _, run_dir = saved_run
+    assert classify.main(["--model", str(run_dir), "WINNER!! claim your prize", "see you at 8"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert all(re.fullmatch(r"(ham|spam)\tham=\d\.\d{3} spam=\d\.\d{3}\t.*", line) for line in lines)
+    assert lines[0].endswith("WINNER!! claim your prize") and "messages/s" in err
+
+
+def test_cli_json_output(saved_run, capsys):
+    model, run_dir = saved_run
+    assert classify.main(["--model", str(run_dir), "--json", *TEXTS]) == 0
+    output = json.loads(capsys.readouterr().out)
+    assert [item["text"] for item in output] == TEXTS
+    _, config = classify.load_classifier(run_dir)
+    for item, (label, probabilities) in zip(output, predict_all(model, config)):
+        assert item["label"] == label and item["probabilities"] == pytest.approx(probabilities)
+
+
+def test_cli_reads_one_text_per_line_from_a_file_or_stdin(saved_run, tmp_path, capsys, monkeypatch):
+    _, run_dir = saved_run
+    texts_file = tmp_path / "texts.txt"
+    texts_file.write_text("first message\r\n\nthird message\n", encoding="utf-8")
+    assert classify.main(["--model", str(run_dir), "--json", "--file", str(texts_file)]) == 0
+    assert [item["text"] for item in json.loads(capsys.readouterr().out)] == ["first message", "", "third message"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\nand another"))
+    assert classify.main(["--model", str(run_dir), "--json", "--file", "-"]) == 0
+    assert [item["text"] for item in json.loads(capsys.readouterr().out)] == ["from stdin", "and another"]
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--model", "{missing}", "text"],
+        ["--model", "{empty}", "text"],
+        ["--model", "{run}", "--file", "{missing}"],
+        ["--model", "{run}"],
+        ["--model", "{run}", "--batch-size", "0", "text"],
+    ],
+    ids=["missing run", "not a run", "missing file", "no text", "bad batch size"],
+)
+def test_cli_errors_are_one_line_and_exit_code_2(saved_run, tmp_path, capsys, arguments):
+    _, run_dir = saved_run
+    places = {"missing": tmp_path / "nowhere", "empty": tmp_path, "run": run_dir}
+    argv = [argument.format(**places) for argument in arguments]
+    assert classify.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("classify.py: error: ")
+
+
+def test_cli_help_documents_empty_and_long_texts(capsys):
+    assert classify.main(["--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "empty text" in help_text and "max_length" in help_text
