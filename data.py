@@ -99,15 +99,17 @@ class Splits:
 def download_sms_spam(
     cache_dir: str | Path | None = None,
     progress: Callable[[int, int | None], None] | None = None,
-    url: str = SMS_SPAM_URL,
+    url: str | None = None,
 ) -> Path:
     """The SMS Spam Collection file, downloaded from UCI once and cached.
 
     Downloads the archive, extracts `SMSSpamCollection`, checks its size and sha256, and writes
     it atomically to `<cache_dir>/sms_spam/SMSSpamCollection`. Once that file exists this
-    returns at once, without the network. ConnectionError when the download fails; ValueError
-    (and nothing cached) when the archive does not hold the expected file.
+    returns at once, without the network. `url` (default SMS_SPAM_URL) may point at a mirror.
+    ConnectionError when the download fails; ValueError (and nothing cached) when the archive
+    does not hold the expected file.
     """
+    url = url or SMS_SPAM_URL
     cache_dir = Path(cache_dir) if cache_dir is not None else gpt.default_cache_dir()
     target = cache_dir / "sms_spam" / SMS_SPAM_MEMBER
     if target.is_file():

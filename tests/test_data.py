@@ -455,10 +455,12 @@ def test_download_extracts_verifies_and_caches_the_collection(sms_spam_file, web
         archive.write(sms_spam_file, "SMSSpamCollection")
         archive.writestr("readme", "SMS Spam Collection v.1")
     cache = tmp_path / "cache"
-    path = data.download_sms_spam(cache, url=f"{base_url}/sms.zip")
+    reports = []
+    path = data.download_sms_spam(cache, progress=lambda done, total: reports.append(done), url=f"{base_url}/sms.zip")
     assert path == cache / "sms_spam" / "SMSSpamCollection"
     assert path.read_bytes() == sms_spam_file.read_bytes()
     assert [p.name for p in path.parent.iterdir()] == ["SMSSpamCollection"]  # the archive is gone
+    assert reports and reports[-1] == (folder / "sms.zip").stat().st_size
 
     # Once cached, no network: an unreachable URL still returns the file.
     (folder / "sms.zip").unlink()
@@ -486,3 +488,20 @@ def test_a_wrong_archive_is_an_error_and_nothing_is_cached(web_folder, tmp_path,
         data.download_sms_spam(cache, url=f"{base_url}/sms.zip")
     assert not (cache / "sms_spam" / "SMSSpamCollection").exists()
     assert list((cache / "sms_spam").iterdir()) == []
+
+
+def test_an_unreachable_server_is_a_connection_error_and_nothing_is_cached(tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(ConnectionError, match="127.0.0.1:9"):
+        data.download_sms_spam(cache, url="http://127.0.0.1:9/sms.zip")
+    assert not (cache / "sms_spam" / "SMSSpamCollection").exists()
+
+
+def test_the_default_cache_is_used_without_the_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_CLASSIFICATION_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "SMS_SPAM_URL", "http://127.0.0.1:9/unreachable.zip")
+    cached = tmp_path / "sms_spam" / "SMSSpamCollection"
+    cached.parent.mkdir()
+    cached.write_text("ham\toi\nspam\tpromo\n" * 10, encoding="utf-8")
+    assert data.download_sms_spam() == cached
+    assert len(data.load_splits(balanced=False).train) == 14
