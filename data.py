@@ -162,8 +162,12 @@ def read_sms_spam(path: str | Path) -> LabelledTexts:
     the file and line, never a silent drop.
     """
     path = Path(path)
+    return _parse_sms_spam(path, _read_text(path))
+
+
+def _parse_sms_spam(path: Path, content: str) -> LabelledTexts:
     texts, labels = [], []
-    for line_number, line in enumerate(_read_text(path).split("\n"), start=1):
+    for line_number, line in enumerate(content.split("\n"), start=1):
         line = line.removesuffix("\r")  # a file saved with CRLF line endings
         if not line.strip():
             continue
@@ -230,8 +234,15 @@ def read_table(
     the order is stable, and it is saved with the model.
     """
     path = Path(path)
-    text = _read_text(path)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(path, text))
+    return _parse_table(path, _read_text(path), text_column, label_column, label_names)
+
+
+def _parse_table(
+    path: Path, content: str, text_column: str, label_column: str, label_names: list[str] | None
+) -> LabelledTexts:
+    if label_names is not None and (len(set(label_names)) != len(label_names) or len(label_names) < 2):
+        raise ValueError(f"label_names {label_names}: need two or more distinct names")
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter=_delimiter(path, content))
     header = [name.strip() for name in next(reader)]
     columns = []
     for column in (text_column, label_column):
@@ -266,9 +277,6 @@ def read_table(
         label_strings.append(label)
     if not texts:
         raise ValueError(f"{path}: the file has a header but no examples")
-
-    if label_names is not None and (len(set(label_names)) != len(label_names) or len(label_names) < 2):
-        raise ValueError(f"label_names {label_names}: need two or more distinct names")
     names = sorted(set(label_strings)) if label_names is None else list(label_names)
     index = {name: i for i, name in enumerate(names)}
     data = LabelledTexts(texts, [index[label] for label in label_strings], names)
@@ -277,7 +285,7 @@ def read_table(
     return data
 
 
-def _delimiter(path: Path, text: str) -> str:
+def _delimiter(path: Path, content: str) -> str:
     """Tab for .tsv, comma for .csv, otherwise guessed from the first lines."""
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".tab"):
@@ -285,16 +293,16 @@ def _delimiter(path: Path, text: str) -> str:
     if suffix == ".csv":
         return ","
     try:
-        return csv.Sniffer().sniff(text[:65536], delimiters=",\t;|").delimiter
+        return csv.Sniffer().sniff(content[:65536], delimiters=",\t;|").delimiter
     except csv.Error:
         raise ValueError(f"{path}: cannot tell the delimiter; name the file .csv or .tsv") from None
 
 
-def _is_sms_format(path: Path) -> bool:
+def _is_sms_format(path: Path, content: str) -> bool:
     """True for a headerless `ham|spam<TAB>text` file like the UCI original (not .csv/.tsv)."""
     if path.suffix.lower() in (".csv", ".tsv", ".tab"):
         return False
-    first_line = next((line for line in _read_text(path).split("\n") if line.strip()), "")
+    first_line = next(line for line in content.split("\n") if line.strip())  # content is not blank
     return first_line.partition("\t")[0] in SMS_SPAM_LABELS
 
 
@@ -306,12 +314,13 @@ def read_labelled(
 ) -> LabelledTexts:
     """Either format: the SMS Spam Collection's `label<TAB>text`, or a CSV/TSV with a header."""
     path = Path(path)
-    if _is_sms_format(path):
-        data = read_sms_spam(path)
-        if label_names is not None and label_names != data.label_names:
-            raise ValueError(f"{path}: the labels are {data.label_names}, expected {label_names}")
-        return data
-    return read_table(path, text_column, label_column, label_names)
+    content = _read_text(path)
+    if not _is_sms_format(path, content):
+        return _parse_table(path, content, text_column, label_column, label_names)
+    data = _parse_sms_spam(path, content)
+    if label_names is not None and label_names != data.label_names:
+        raise ValueError(f"{path}: the labels are {data.label_names}, expected {label_names}")
+    return data
 
 
 # --------------------------------------------------------------------------- balance and split

@@ -294,6 +294,10 @@ def test_separate_files_are_used_as_given(tmp_path):
     assert len(unbalanced.train) == 12
     with pytest.raises(ValueError, match="both validation_path and test_path"):
         data.load_splits(files["train"], validation_path=files["validation"])
+    sms = tmp_path / "validation"
+    sms.write_text("ham\toi\nspam\tpromo\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="the labels are \\['ham', 'spam'\\], expected \\['a', 'b'\\]"):
+        data.load_splits(files["train"], validation_path=sms, test_path=files["test"])
 
 
 # --------------------------------------------------------------------------- tokenization
