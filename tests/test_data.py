@@ -421,6 +421,9 @@ def test_bucketing_reshuffles_every_epoch_and_saves_padding():
     epoch1 = list(sampler)
     assert epoch0 != epoch1 and sorted(map(sorted, epoch0)) != sorted(map(sorted, epoch1))
     assert list(data.BucketBatchSampler(lengths, 8, seed=124, window=10)) != epoch0
+    # The batches themselves are shuffled: with one window, their order is not the length order.
+    longest = [max(lengths[i] for i in batch) for batch in data.BucketBatchSampler(lengths, 8, 0, window=1000)]
+    assert longest != sorted(longest)
 
     def pad_tokens(batches):
         return sum(max(lengths[i] for i in batch) * len(batch) - sum(lengths[i] for i in batch) for batch in batches)
