@@ -10,10 +10,16 @@ It depends on torch alone, so it can be copied into another project on its own.
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import math
 import os
 import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -605,3 +611,191 @@ def load_gpt2(
     else:
         raise _unknown_source(source)
     return load_checkpoint(path, cfg)
+
+
+# --------------------------------------------------------------------------- downloading pretrained weights
+#
+# The presets come from the Hugging Face hub. A download streams into `<dest>.part`, resumes
+# it with an HTTP Range request after an interruption, checks the sha256 the hub publishes,
+# and only then renames it into place: a file under its final name is always complete.
+
+HF_HUB_URL = "https://huggingface.co"  # the environment variable GPT2_HUB_URL overrides it
+PRESET_REPOS = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+USER_AGENT = "gpt2-classification/0.1 (urllib)"
+CHUNK_BYTES = 1 << 20
+NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+Progress = Callable[[int, "int | None"], None]  # (bytes done, total bytes or None when unknown)
+
+
+def default_cache_dir() -> Path:
+    """Where downloads are kept: $GPT2_CLASSIFICATION_CACHE, else $XDG_CACHE_HOME or ~/.cache,
+    then gpt2-classification."""
+    if os.environ.get("GPT2_CLASSIFICATION_CACHE"):
+        return Path(os.environ["GPT2_CLASSIFICATION_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-classification"
+
+
+def print_progress(done: int, total: int | None) -> None:
+    """A progress callback for CLIs: one line on stderr, rewritten in place."""
+    if total:
+        line = f"\rdownloading: {done / 1e6:9.1f} of {total / 1e6:.1f} MB ({100 * done / total:3.0f}%)"
+    else:
+        line = f"\rdownloading: {done / 1e6:9.1f} MB"
+    sys.stderr.write(line + ("\n" if total and done >= total else ""))
+    sys.stderr.flush()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK_BYTES):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _fetch(url: str, partial: Path, progress: Progress | None, timeout: float) -> str | None:
+    """Append the rest of `url` to `partial` (all of it when the server ignores Range).
+
+    Returns the sha256 of the whole partial file, or None when the server says (HTTP 416)
+    that `partial` already holds every byte, or more: the caller must then check it.
+    """
+    hasher, done = hashlib.sha256(), 0
+    if partial.exists():  # resuming: hash the bytes we already have
+        with open(partial, "rb") as file:
+            while chunk := file.read(CHUNK_BYTES):
+                hasher.update(chunk)
+                done += len(chunk)
+    headers = {"User-Agent": USER_AGENT}
+    if done:
+        headers["Range"] = f"bytes={done}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and done:  # "range not satisfiable": nothing left after byte `done`
+            return None
+        raise
+    with response:
+        if done and response.status != 206:  # the server ignored Range and sends it all: restart
+            hasher, done = hashlib.sha256(), 0
+        elif done and not response.headers.get("Content-Range", "").startswith(f"bytes {done}-"):
+            raise ConnectionError(f"asked for bytes {done}- but got {response.headers.get('Content-Range')!r}")
+        length = response.headers.get("Content-Length")
+        total = done + int(length) if length and length.isdigit() else None
+        with open(partial, "ab" if done else "wb") as file:
+            if progress:
+                progress(done, total)
+            while chunk := response.read(CHUNK_BYTES):
+                file.write(chunk)
+                hasher.update(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+    if total is not None and done < total:
+        raise ConnectionError(f"the connection closed after {done} of {total} bytes")
+    return hasher.hexdigest()
+
+
+def download(
+    url: str,
+    dest: str | Path,
+    sha256: str | None = None,
+    progress: Progress | None = None,
+    *,
+    timeout: float = 60.0,
+) -> Path:
+    """Download `url` to `dest`, resumably and atomically; returns `dest`.
+
+    Returns at once, with no request, when `dest` exists. Bytes go to `<dest>.part` first; an
+    interrupted download resumes from there on the next call. With `sha256`, a mismatch
+    deletes the partial file and raises ValueError, leaving nothing at `dest`. Network
+    failures raise ConnectionError naming the URL and the reason.
+    """
+    dest = Path(dest)
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".part")
+    try:
+        digest = _fetch(url, partial, progress, timeout)
+        if digest is None:  # the partial file already held everything the server has
+            if sha256 is None:  # nothing to check it against: fetch it again from scratch
+                partial.unlink()
+                digest = _fetch(url, partial, progress, timeout)
+            else:
+                digest = file_sha256(partial)
+    except urllib.error.HTTPError as error:
+        raise ConnectionError(f"could not download {url}: HTTP {error.code} {error.reason}") from None
+    except NETWORK_ERRORS as error:
+        kept = f"; the {partial.stat().st_size} bytes so far stay in {partial} for the next try" if partial.exists() else ""
+        raise ConnectionError(f"could not download {url}: {getattr(error, 'reason', None) or error!r}{kept}") from None
+    if sha256 is not None and digest != sha256.lower():
+        partial.unlink()
+        raise ValueError(
+            f"{url}: the download's sha256 is {digest}, expected {sha256.lower()}; "
+            "the corrupt file was deleted, run again to download it afresh"
+        )
+    os.replace(partial, dest)
+    return dest
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs) -> None:
+        return None  # hand back the 3xx answer itself: its headers are what we came for
+
+
+def hub_sha256(url: str, timeout: float = 60.0) -> str:
+    """The sha256 the Hugging Face hub publishes for a file stored with Git LFS.
+
+    The hub answers a HEAD request for a resolve URL with a redirect to its CDN that carries
+    `X-Linked-Etag: "<sha256>"` (and `X-Linked-Size`); the redirect is not followed, except
+    when it stays on the hub (a renamed repository).
+    """
+    opener = urllib.request.build_opener(_NoRedirect)
+    for _ in range(5):
+        request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": USER_AGENT})
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                status, headers = response.status, response.headers
+        except urllib.error.HTTPError as error:  # a 3xx lands here with _NoRedirect
+            if not 300 <= error.code < 400:
+                raise ConnectionError(f"could not reach {url}: HTTP {error.code} {error.reason}") from None
+            status, headers = error.code, error.headers
+        except NETWORK_ERRORS as error:
+            raise ConnectionError(f"could not reach {url}: {getattr(error, 'reason', None) or error!r}") from None
+        etag = headers.get("X-Linked-Etag", "").removeprefix("W/").strip('"').lower()
+        if re.fullmatch(r"[0-9a-f]{64}", etag):
+            return etag
+        location = headers.get("Location", "")
+        if not (300 <= status < 400 and location.startswith("/")):
+            break
+        url = urllib.parse.urljoin(url, location)  # a redirect within the hub: ask there
+    raise ValueError(
+        f"{url}: the hub published no sha256 (X-Linked-Etag header) for this file, "
+        "so it cannot be verified; refusing to download it"
+    )
+
+
+def preset_url(name: str) -> str:
+    hub = os.environ.get("GPT2_HUB_URL") or HF_HUB_URL
+    return f"{hub.rstrip('/')}/{PRESET_REPOS[name]}/resolve/main/model.safetensors"
+
+
+def download_preset(
+    name: str, cache_dir: str | Path | None = None, progress: Progress | None = None
+) -> Path:
+    """The preset's model.safetensors in `<cache>/<preset>/`, downloaded and verified once;
+    later calls make no request at all."""
+    if name not in PRESET_REPOS:
+        raise _unknown_source(name)
+    dest = Path(cache_dir if cache_dir is not None else default_cache_dir()) / name / "model.safetensors"
+    if dest.is_file():
+        return dest
+    url = preset_url(name)
+    return download(url, dest, sha256=hub_sha256(url), progress=progress)
