@@ -10,6 +10,7 @@ It depends on torch alone, so it can be copied into another project on its own.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import http.client
 import json
@@ -799,3 +800,89 @@ def download_preset(
         return dest
     url = preset_url(name)
     return download(url, dest, sha256=hub_sha256(url), progress=progress)
+
+
+# --------------------------------------------------------------------------- generation: a sanity check of loaded weights
+
+
+@torch.no_grad()
+def generate(
+    model: GPTModel,
+    token_ids: torch.Tensor,
+    max_new_tokens: int,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Extend token_ids (B, T) by max_new_tokens tokens: (B, T + max_new_tokens).
+
+    Greedy (the most likely next token) when top_k is None or temperature is 0; otherwise
+    samples among the top_k most likely tokens, their logits divided by temperature.
+    Call model.eval() first if the model has dropout.
+    """
+    if max_new_tokens < 0 or (top_k is not None and top_k < 1) or temperature < 0:
+        raise ValueError(f"need max_new_tokens >= 0, top_k >= 1, temperature >= 0; got {max_new_tokens}, {top_k}, {temperature}")
+    for _ in range(max_new_tokens):
+        context = token_ids[:, -model.cfg.context_length :]  # (B, <= context_length)
+        logits = model(context)[:, -1, :]  # (B, V): only the last position predicts the next token
+        if top_k is None or temperature == 0:
+            next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            top_logits, top_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (B, k)
+            probabilities = torch.softmax(top_logits / temperature, dim=-1)  # (B, k)
+            choice = torch.multinomial(probabilities, num_samples=1, generator=generator)  # (B, 1)
+            next_token = top_ids.gather(-1, choice)  # (B, 1)
+        token_ids = torch.cat([token_ids, next_token], dim=1)  # (B, T + 1)
+    return token_ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python gpt.py "Every effort moves"`: load GPT-2 and print a continuation."""
+    parser = argparse.ArgumentParser(
+        description="Continue a text with pretrained GPT-2 (a check that the weights loaded right).",
+        epilog="With the real gpt2-small weights, greedy decoding of 'Every effort moves' "
+        "starts 'Every effort moves forward, but it's not enough.'",
+    )
+    parser.add_argument("prompt", help="text to continue")
+    parser.add_argument("--model", default="gpt2-small", help=f"preset ({', '.join(PRESETS)}), Hugging Face directory or .safetensors file (default: gpt2-small)")
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="tokens to add (default: 20)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: greedy)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --top-k (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=123, help="random seed for sampling (default: 123)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help=f"download folder (default: {default_cache_dir()})")
+    args = parser.parse_args(argv)
+
+    try:
+        cfg = load_config(args.model)  # a bad --model fails here, before any download
+        import tiktoken  # the CLI's dependency only: the library above needs torch alone
+
+        try:
+            tokenizer = tiktoken.get_encoding("gpt2")
+        except Exception as error:  # offline with no cached BPE files; tiktoken raises its download's error
+            raise ValueError(
+                f"cannot load the GPT-2 tokenizer ({type(error).__name__}); "
+                "offline, set TIKTOKEN_CACHE_DIR to a folder holding its files"
+            ) from None
+        prompt_ids = tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if cfg.vocab_size < tokenizer.n_vocab:
+            raise ValueError(f"--model {args.model} has {cfg.vocab_size} tokens, fewer than GPT-2's tokenizer")
+        model = load_gpt2(args.model, cache_dir=args.cache_dir, progress=print_progress)
+        output = generate(
+            model,
+            torch.tensor([prompt_ids]),  # (1, T)
+            args.max_new_tokens,
+            top_k=args.top_k,
+            temperature=args.temperature,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+    except (ValueError, OSError) as error:  # OSError covers ConnectionError and unwritable caches
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(tokenizer.decode(output[0].tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

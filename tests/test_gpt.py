@@ -9,6 +9,8 @@ import json
 import math
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -579,3 +581,52 @@ def test_print_progress_rewrites_one_line_and_ends_it(capsys):
     gpt.print_progress(5_000_000, None)
     err = capsys.readouterr().err
     assert err.count("\r") == 3 and err.count("\n") == 1 and "100%" in err
+
+
+# --------------------------------------------------------------------------- generation and the CLI
+
+
+@FAST
+@given(model_and_tokens(), st.integers(0, 5))
+def test_greedy_generation_appends_the_most_likely_token_each_step(case, max_new_tokens):
+    model, token_ids = case
+    output = gpt.generate(model, token_ids, max_new_tokens)
+    assert output.shape == (token_ids.shape[0], token_ids.shape[1] + max_new_tokens)
+    assert torch.equal(output[:, : token_ids.shape[1]], token_ids)
+    for step in range(token_ids.shape[1], output.shape[1]):
+        context = output[:, max(0, step - model.cfg.context_length) : step]  # cropped to the context
+        with torch.no_grad():
+            assert torch.equal(output[:, step], model(context)[:, -1].argmax(-1))
+
+
+@FAST
+@given(model_and_tokens(), st.integers(1, 5), st.integers(0, 2**16))
+def test_top_k_sampling_only_picks_among_the_k_most_likely(case, top_k, seed):
+    model, token_ids = case
+    generator = torch.Generator().manual_seed(seed)
+    output = gpt.generate(model, token_ids, 1, top_k=top_k, temperature=2.0, generator=generator)
+    with torch.no_grad():
+        logits = model(token_ids[:, -model.cfg.context_length :])[:, -1]  # (B, V)
+    kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1]  # (B,)
+    assert (logits.gather(-1, output[:, -1:]).squeeze(-1) >= kth_best).all()
+    assert torch.equal(gpt.generate(model, token_ids, 3, top_k=top_k, temperature=0), gpt.generate(model, token_ids, 3))
+
+
+def test_gpt_py_help_works_offline():
+    result = subprocess.run([sys.executable, "gpt.py", "--help"], cwd=Path(gpt.__file__).parent, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "--max-new-tokens" in result.stdout and "--model" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "gpt2-huge", "Hello"], "gpt2-small, gpt2-medium"),
+        (["--model", str(FIXTURES / "hf_tiny"), "Hello"], "fewer than GPT-2's tokenizer"),
+    ],
+)
+def test_a_bad_model_is_one_line_on_stderr_and_exit_code_2(capsys, argv, message):
+    assert gpt.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and message in captured.err and captured.err.count("\n") == 1
