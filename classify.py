@@ -322,10 +322,13 @@ def _has_dropout(model: nn.Module) -> bool:
     return any(rate > 0 for rate in drop_rates)
 
 
+def _trains(module: nn.Module) -> bool:
+    return any(param.requires_grad for param in module.parameters())
+
+
 def _prefix_is_frozen(model: GPTClassifier, num_blocks: int) -> bool:
     """True when the embeddings and blocks[:num_blocks] have no trainable parameter."""
-    frozen = [model.gpt.wte, model.gpt.wpe, *list(model.gpt.h)[:num_blocks]]
-    return not any(param.requires_grad for module in frozen for param in module.parameters())
+    return not any(_trains(module) for module in [model.gpt.wte, model.gpt.wpe, *list(model.gpt.h)[:num_blocks]])
 
 
 def frozen_prefix_length(model: GPTClassifier) -> int | None:
@@ -336,14 +339,12 @@ def frozen_prefix_length(model: GPTClassifier) -> int | None:
     the first block already trains (including "lora", whose adapters sit in every block: only
     the embedding lookup would be saved).
     """
-    if _has_dropout(model):
+    if _has_dropout(model) or not _prefix_is_frozen(model, 0):
         return None
     k = 0
-    while k < len(model.gpt.h) and _prefix_is_frozen(model, k + 1):
+    while k < len(model.gpt.h) and not _trains(model.gpt.h[k]):
         k += 1
-    if k == 0:
-        return None
-    return k
+    return k or None
 
 
 class PrefixCache:
@@ -355,7 +356,8 @@ class PrefixCache:
     trainable top reads are stored, with no padding:
     - every real position, in general (the trainable blocks need all keys and values);
     - only the last real position for "last" pooling when every block is frozen (start_block
-      == n_layers: only ln_f, which acts per position, and the head remain);
+      == n_layers: only ln_f, which acts per position, and the head remain; the last block
+      itself then runs only there, `last_position_block`);
     - only position 0 for "first" pooling.
     Storage is float32 when it fits `memory_budget_bytes`, else float16 (if that fits and
     every value is finite); `build` returns None when neither fits, and the caller trains
@@ -406,8 +408,8 @@ class PrefixCache:
         empty = [i for i, ids in enumerate(token_ids) if not ids]
         if empty:
             raise ValueError(f"example {empty[0]} has no tokens; every text needs at least one")
-        spans = [_stored_span(len(ids), model.pooling, start_block, n_layers) for ids in token_ids]
-        lengths = torch.tensor([stop - start for start, stop in spans], dtype=torch.long)  # (N,)
+        stored = [_stored_length(len(ids), model.pooling, start_block, n_layers) for ids in token_ids]
+        lengths = torch.tensor(stored, dtype=torch.long)  # (N,)
         offsets = torch.cumsum(lengths, dim=0) - lengths  # (N,)
         num_rows, emb_dim = int(lengths.sum()), model.gpt.cfg.emb_dim
         dtype = next(
@@ -423,15 +425,10 @@ class PrefixCache:
             for chunk_start in range(0, len(order), batch_size):
                 chunk = order[chunk_start : chunk_start + batch_size]
                 batch = data.collate([(token_ids[i], 0) for i in chunk])
-                hidden = model.gpt.embed(batch.token_ids.to(model_device))  # (b, T, C)
-                if model.pooling == "first":
-                    hidden = hidden[:, :1]  # (b, 1, C)
-                for block in list(model.gpt.h)[:start_block]:
-                    hidden = block(hidden)  # (b, T, C)
+                hidden = _prefix_output(model, batch.token_ids.to(model_device), batch.lengths.to(model_device), start_block)
                 for row, i in enumerate(chunk):
-                    start, stop = spans[i]
-                    offset = int(offsets[i])
-                    states[offset : offset + stop - start] = hidden[row, start:stop].to(device, dtype)
+                    offset, length = int(offsets[i]), int(lengths[i])
+                    states[offset : offset + length] = hidden[row, :length].to(device, dtype)
         if dtype == torch.float16 and not bool(torch.isfinite(states).all()):
             return None  # a value beyond float16's range: caching would change the results
         return cls(states, offsets, lengths, start_block)
@@ -450,13 +447,27 @@ class PrefixCache:
         return hidden, lengths.to(device)
 
 
-def _stored_span(length: int, pooling: str, start_block: int, n_layers: int) -> tuple[int, int]:
-    """The positions [start, stop) of one example that the classifier's trainable top reads."""
-    if pooling == "first":
-        return 0, 1
-    if pooling == "last" and start_block == n_layers:
-        return length - 1, length
-    return 0, length
+def _stored_length(length: int, pooling: str, start_block: int, n_layers: int) -> int:
+    """How many positions of one example the classifier's trainable top reads: one for "first"
+    pooling, and for "last" pooling once every block is frozen; else all of them."""
+    one_position = pooling == "first" or (pooling == "last" and start_block == n_layers)
+    return 1 if one_position else length
+
+
+def _prefix_output(model: GPTClassifier, token_ids: torch.Tensor, lengths: torch.Tensor, start_block: int) -> torch.Tensor:
+    """The output of the embeddings and blocks[:start_block] at the stored positions: (B, T, C),
+    or (B, 1, C) where `_stored_length` keeps one position."""
+    hidden = model.gpt.embed(token_ids)  # (B, T, C)
+    blocks = list(model.gpt.h)[:start_block]
+    if model.pooling == "first":
+        hidden = hidden[:, :1]  # (B, 1, C)
+    if model.pooling == "last" and blocks and start_block == len(model.gpt.h):  # every block frozen
+        for block in blocks[:-1]:
+            hidden = block(hidden)  # (B, T, C)
+        return last_position_block(blocks[-1], hidden, lengths)[:, None]  # (B, 1, C)
+    for block in blocks:
+        hidden = block(hidden)  # (B, T, C)
+    return hidden
 
 
 # --------------------------------------------------------------------------- 4. save and load
@@ -502,6 +513,8 @@ class ClassifierConfig:
             raise ValueError(
                 f"format_version {fields.get('format_version')!r}; this classify.py reads version {FORMAT_VERSION}"
             )
+        if not isinstance(fields.get("label_names"), list):
+            raise ValueError(f"label_names {fields.get('label_names')!r}: expected a list of class names")
         try:
             config = cls(
                 gpt=GPTConfig(**fields["gpt"]),
@@ -514,8 +527,11 @@ class ClassifierConfig:
             raise ValueError(f"field {error} is missing") from error
         except TypeError as error:
             raise ValueError(f"bad field: {error}") from error
-        if fields.get("num_classes", config.num_classes) != config.num_classes or config.num_classes < 2:
-            raise ValueError(f"num_classes {fields.get('num_classes')} does not match label_names {config.label_names}")
+        if config.num_classes < 2 or fields.get("num_classes") != config.num_classes:
+            raise ValueError(
+                f"num_classes {fields.get('num_classes')!r} and label_names {config.label_names}: "
+                f"need one name per class, and at least 2 classes"
+            )
         if config.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {config.pooling!r}; expected one of {', '.join(POOLINGS)}")
         if not 1 <= config.max_length <= config.gpt.context_length:

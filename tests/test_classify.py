@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -563,3 +567,17 @@ def test_cli_help_documents_empty_and_long_texts(capsys):
     assert classify.main(["--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "empty text" in help_text and "max_length" in help_text
+
+
+def test_running_the_script_classifies_and_exits_2_on_a_missing_run(saved_run, tmp_path):
+    _, run_dir = saved_run
+    script = Path(classify.__file__)
+    quiet = {**os.environ, "PYTHONWARNINGS": "ignore:Failed to initialize NumPy"}  # torch's warning without numpy
+
+    def run(*argv):
+        return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, env=quiet)
+
+    ok = run("--model", str(run_dir), "hello")
+    assert ok.returncode == 0 and re.match(r"(ham|spam)\t", ok.stdout)
+    missing = run("--model", str(tmp_path / "x"), "hello")
+    assert missing.returncode == 2 and missing.stdout == "" and len(missing.stderr.splitlines()) == 1
