@@ -3,9 +3,14 @@
 Step 3 of the chapter's pipeline ("GPT"): token ids in, one hidden vector per token out.
 The file reads in the order data flows: configuration, attention, feed-forward, block,
 model. Module names are the GPT-2 checkpoint's own (`wte`, `h.0.attn.c_attn`, `ln_f`, ...),
-so loading pretrained weights is a rename table, not a wall of assignments.
+so loading pretrained weights is a rename table, not a wall of assignments. Then come the
+pretrained weights: safetensors files, loading them (`load_gpt2`), downloading them from the
+Hugging Face hub; and last `generate` with a small CLI, a sanity check of loaded weights:
 
-It depends on torch alone, so it can be copied into another project on its own.
+    python gpt.py "Every effort moves"
+
+The library depends on torch alone, so it can be copied into another project on its own
+(the CLI also imports tiktoken).
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -310,7 +315,9 @@ def _read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{path}: __metadata__ must map strings to strings")
     data_size = file_size - 8 - header_size
-    infos = {name: _tensor_info(f"{path}: tensor {name!r}", entry, data_size) for name, entry in header.items()}
+    infos = {
+        name: _tensor_info(f"{path}: tensor {name!r}", entry, data_size) for name, entry in header.items()
+    }
 
     # The tensors must tile the data region exactly: no overlap, no gap, nothing left over.
     position, previous = 0, None
@@ -318,7 +325,9 @@ def _read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str
         if info.begin < position:
             raise ValueError(f"{path}: tensor {name!r} overlaps tensor {previous!r}")
         if info.begin > position:
-            raise ValueError(f"{path}: tensor {name!r} starts at byte {info.begin}, leaving a gap at {position}")
+            raise ValueError(
+                f"{path}: tensor {name!r} starts at byte {info.begin}, leaving a gap at {position}"
+            )
         position, previous = info.end, name
     if position != data_size:
         raise ValueError(f"{path}: the tensors cover {position} bytes of a {data_size}-byte data region")
@@ -339,7 +348,9 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 buffer = bytearray(info.end - info.begin)
                 file.seek(data_start + info.begin)
                 if file.readinto(buffer) != len(buffer):
-                    raise ValueError(f"{path}: tensor {name!r}: the file ended early (changed while reading?)")
+                    raise ValueError(
+                        f"{path}: tensor {name!r}: the file ended early (changed while reading?)"
+                    )
                 yield name, torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)  # shares buffer
     except OSError as error:
         raise ValueError(f"{path}: cannot read the file ({error.strerror or error})") from None
@@ -387,9 +398,15 @@ def write_safetensors(
             raise ValueError(f"{path}: invalid tensor name {name!r}")
         if not isinstance(tensor, torch.Tensor) or tensor.dtype not in DTYPE_NAMES:
             kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"{path}: tensor {name!r}: cannot store {kind} (supported: {', '.join(SAFETENSORS_DTYPES)})")
+            raise ValueError(
+                f"{path}: tensor {name!r}: cannot store {kind} (supported: {', '.join(SAFETENSORS_DTYPES)})"
+            )
         size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
@@ -452,11 +469,17 @@ def check_checkpoint(entries: dict[str, TensorInfo], cfg: GPTConfig, source: obj
             raise ValueError(f"{source}: tensor {name} (shape {want}) is missing from the file")
     for name, info in entries.items():
         if name not in expected:
-            raise ValueError(f"{source}: unknown tensor {name} (shape {info.shape}): GPTModel has no such weight")
+            raise ValueError(
+                f"{source}: unknown tensor {name} (shape {info.shape}): GPTModel has no such weight"
+            )
         if info.shape != expected[name]:
-            raise ValueError(f"{source}: tensor {name}: shape {info.shape} in file, model expects {expected[name]}")
+            raise ValueError(
+                f"{source}: tensor {name}: shape {info.shape} in file, model expects {expected[name]}"
+            )
         if info.dtype not in LOADABLE_DTYPES:
-            raise ValueError(f"{source}: tensor {name} is {info.dtype}; GPT-2 weights load from {sorted(LOADABLE_DTYPES)}")
+            raise ValueError(
+                f"{source}: tensor {name} is {info.dtype}; GPT-2 weights load from {sorted(LOADABLE_DTYPES)}"
+            )
 
 
 def as_parameter(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -561,7 +584,9 @@ def config_from_hf_json(path: Path) -> GPTConfig:
     }
     for key, (value, allowed) in unsupported.items():
         if value not in allowed:
-            raise ValueError(f"{path}: {key}={value!r} is not GPT-2's ({allowed[0]!r}); GPTModel cannot load it")
+            raise ValueError(
+                f"{path}: {key}={value!r} is not GPT-2's ({allowed[0]!r}); GPTModel cannot load it"
+            )
     return cfg
 
 
@@ -589,8 +614,8 @@ def load_config(source: str | Path) -> GPTConfig:
 
 def load_gpt2(
     source: str | Path,
-    cache_dir: Path | None = None,
-    progress: Callable[[int, int | None], None] | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
     *,
     config: GPTConfig | None = None,
 ) -> GPTModel:
@@ -614,7 +639,7 @@ def load_gpt2(
     return load_checkpoint(path, cfg)
 
 
-# --------------------------------------------------------------------------- downloading pretrained weights
+# --------------------------------------------------------------------------- downloading the weights
 #
 # The presets come from the Hugging Face hub. A download streams into `<dest>.part`, resumes
 # it with an HTTP Range request after an interruption, checks the sha256 the hub publishes,
@@ -631,7 +656,7 @@ USER_AGENT = "gpt2-classification/0.1 (urllib)"
 CHUNK_BYTES = 1 << 20
 NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
 
-Progress = Callable[[int, "int | None"], None]  # (bytes done, total bytes or None when unknown)
+Progress = Callable[[int, int | None], None]  # (bytes done, total bytes or None when unknown)
 
 
 def default_cache_dir() -> Path:
@@ -686,7 +711,9 @@ def _fetch(url: str, partial: Path, progress: Progress | None, timeout: float) -
         if done and response.status != 206:  # the server ignored Range and sends it all: restart
             hasher, done = hashlib.sha256(), 0
         elif done and not response.headers.get("Content-Range", "").startswith(f"bytes {done}-"):
-            raise ConnectionError(f"asked for bytes {done}- but got {response.headers.get('Content-Range')!r}")
+            raise ConnectionError(
+                f"asked for bytes {done}- but got {response.headers.get('Content-Range')!r}"
+            )
         length = response.headers.get("Content-Length")
         total = done + int(length) if length and length.isdigit() else None
         with open(partial, "ab" if done else "wb") as file:
@@ -734,8 +761,14 @@ def download(
     except urllib.error.HTTPError as error:
         raise ConnectionError(f"could not download {url}: HTTP {error.code} {error.reason}") from None
     except NETWORK_ERRORS as error:
-        kept = f"; the {partial.stat().st_size} bytes so far stay in {partial} for the next try" if partial.exists() else ""
-        raise ConnectionError(f"could not download {url}: {getattr(error, 'reason', None) or error!r}{kept}") from None
+        kept = (
+            f"; the {partial.stat().st_size} bytes so far stay in {partial} for the next try"
+            if partial.exists()
+            else ""
+        )
+        raise ConnectionError(
+            f"could not download {url}: {getattr(error, 'reason', None) or error!r}{kept}"
+        ) from None
     if sha256 is not None and digest != sha256.lower():
         partial.unlink()
         raise ValueError(
@@ -769,7 +802,9 @@ def hub_sha256(url: str, timeout: float = 60.0) -> str:
                 raise ConnectionError(f"could not reach {url}: HTTP {error.code} {error.reason}") from None
             status, headers = error.code, error.headers
         except NETWORK_ERRORS as error:
-            raise ConnectionError(f"could not reach {url}: {getattr(error, 'reason', None) or error!r}") from None
+            raise ConnectionError(
+                f"could not reach {url}: {getattr(error, 'reason', None) or error!r}"
+            ) from None
         etag = headers.get("X-Linked-Etag", "").removeprefix("W/").strip('"').lower()
         if re.fullmatch(r"[0-9a-f]{64}", etag):
             return etag
@@ -788,9 +823,7 @@ def preset_url(name: str) -> str:
     return f"{hub.rstrip('/')}/{PRESET_REPOS[name]}/resolve/main/model.safetensors"
 
 
-def download_preset(
-    name: str, cache_dir: str | Path | None = None, progress: Progress | None = None
-) -> Path:
+def download_preset(name: str, cache_dir: str | Path | None = None, progress: Progress | None = None) -> Path:
     """The preset's model.safetensors in `<cache>/<preset>/`, downloaded and verified once;
     later calls make no request at all."""
     if name not in PRESET_REPOS:
@@ -802,7 +835,7 @@ def download_preset(
     return download(url, dest, sha256=hub_sha256(url), progress=progress)
 
 
-# --------------------------------------------------------------------------- generation: a sanity check of loaded weights
+# --------------------------------------------------------------------------- generation and the CLI
 
 
 @torch.no_grad()
@@ -821,7 +854,9 @@ def generate(
     Call model.eval() first if the model has dropout.
     """
     if max_new_tokens < 0 or (top_k is not None and top_k < 1) or temperature < 0:
-        raise ValueError(f"need max_new_tokens >= 0, top_k >= 1, temperature >= 0; got {max_new_tokens}, {top_k}, {temperature}")
+        raise ValueError(
+            f"need max_new_tokens >= 0, top_k >= 1, temperature >= 0; got {max_new_tokens}, {top_k}, {temperature}"
+        )
     for _ in range(max_new_tokens):
         context = token_ids[:, -model.cfg.context_length :]  # (B, <= context_length)
         logits = model(context)[:, -1, :]  # (B, V): only the last position predicts the next token
@@ -844,12 +879,22 @@ def main(argv: list[str] | None = None) -> int:
         "starts 'Every effort moves forward, but it's not enough.'",
     )
     parser.add_argument("prompt", help="text to continue")
-    parser.add_argument("--model", default="gpt2-small", help=f"preset ({', '.join(PRESETS)}), Hugging Face directory or .safetensors file (default: gpt2-small)")
+    parser.add_argument(
+        "--model",
+        default="gpt2-small",
+        help=f"preset ({', '.join(PRESETS)}), Hugging Face directory or .safetensors file (default: gpt2-small)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=20, help="tokens to add (default: 20)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: greedy)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --top-k (default: 1.0)")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="sample among the k most likely tokens (default: greedy)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature with --top-k (default: 1.0)"
+    )
     parser.add_argument("--seed", type=int, default=123, help="random seed for sampling (default: 123)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help=f"download folder (default: {default_cache_dir()})")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help=f"download folder (default: {default_cache_dir()})"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -867,7 +912,9 @@ def main(argv: list[str] | None = None) -> int:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if cfg.vocab_size < tokenizer.n_vocab:
-            raise ValueError(f"--model {args.model} has {cfg.vocab_size} tokens, fewer than GPT-2's tokenizer")
+            raise ValueError(
+                f"--model {args.model} has {cfg.vocab_size} tokens, fewer than GPT-2's tokenizer"
+            )
         model = load_gpt2(args.model, cache_dir=args.cache_dir, progress=print_progress)
         output = generate(
             model,

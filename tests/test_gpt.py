@@ -111,7 +111,9 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torc
     if dtype.is_floating_point:
         return (torch.randn(shape, generator=generator) * 100).to(dtype)
     info = torch.iinfo(dtype)
-    return torch.randint(max(info.min, -(2**62)), min(info.max, 2**62), shape, generator=generator, dtype=torch.int64).to(dtype)
+    return torch.randint(
+        max(info.min, -(2**62)), min(info.max, 2**62), shape, generator=generator, dtype=torch.int64
+    ).to(dtype)
 
 
 tensor_dicts = st.dictionaries(
@@ -195,7 +197,14 @@ CORRUPT_FILES = {
     "overlapping tensors": raw_file({"a": f32_entry([2], 0, 8), "b": f32_entry([1], 4, 8)}, b"\0" * 8),
     "gap between tensors": raw_file({"a": f32_entry([1], 0, 4), "b": f32_entry([1], 8, 12)}, b"\0" * 12),
     "bytes after the last tensor": raw_file({"a": f32_entry([1], 0, 4)}, b"\0" * 8),
-    "duplicate tensor name": raw_file(b'{"a":' + json.dumps(f32_entry([1], 0, 4)).encode() + b',"a":' + json.dumps(f32_entry([1], 0, 4)).encode() + b"}", b"\0" * 4),
+    "duplicate tensor name": raw_file(
+        b'{"a":'
+        + json.dumps(f32_entry([1], 0, 4)).encode()
+        + b',"a":'
+        + json.dumps(f32_entry([1], 0, 4)).encode()
+        + b"}",
+        b"\0" * 4,
+    ),
     "metadata not strings": raw_file({"__metadata__": {"n": 1}}),
     "truncated data": raw_file({"a": f32_entry([4], 0, 16)}, b"\0" * 10),
 }
@@ -228,7 +237,10 @@ def test_a_missing_file_or_a_folder_is_a_value_error(tmp_path):
 @given(st.data())
 def test_damaged_files_give_a_value_error_or_exactly_what_the_header_says(tmp_path_factory, data):
     """Cut or overwrite bytes anywhere in a valid file: never a crash, never a wrong tensor."""
-    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int16)}
+    tensors = {
+        "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "b": torch.tensor([1, 2], dtype=torch.int16),
+    }
     path = tmp_path_factory.mktemp("st") / "damaged.safetensors"
     gpt.write_safetensors(path, tensors)
     raw = bytearray(path.read_bytes())
@@ -246,7 +258,10 @@ def test_damaged_files_give_a_value_error_or_exactly_what_the_header_says(tmp_pa
     for name, tensor in loaded.items():
         assert list(tensor.shape) == header[name]["shape"]
         assert tensor.dtype == gpt.SAFETENSORS_DTYPES[header[name]["dtype"]]
-        assert math.prod(tensor.shape) * tensor.element_size() == header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+        assert (
+            math.prod(tensor.shape) * tensor.element_size()
+            == header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+        )
 
 
 # --------------------------------------------------------------------------- Hugging Face weights
@@ -339,11 +354,23 @@ def edited_hub_file(tmp_path: Path, edit) -> Path:
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda t: t.pop("h.1.mlp.c_fc.weight"), r"tensor h\.1\.mlp\.c_fc\.weight \(shape \(64, 256\)\) is missing"),
-        (lambda t: t.update({"h.0.attn.c_attn.scale": torch.ones(3)}), r"unknown tensor h\.0\.attn\.c_attn\.scale \(shape \(3,\)\)"),
+        (
+            lambda t: t.pop("h.1.mlp.c_fc.weight"),
+            r"tensor h\.1\.mlp\.c_fc\.weight \(shape \(64, 256\)\) is missing",
+        ),
+        (
+            lambda t: t.update({"h.0.attn.c_attn.scale": torch.ones(3)}),
+            r"unknown tensor h\.0\.attn\.c_attn\.scale \(shape \(3,\)\)",
+        ),
         (lambda t: t.update({"h.2.ln_1.weight": torch.ones(64)}), r"unknown tensor h\.2\.ln_1\.weight"),
-        (lambda t: t.update({"h.0.attn.c_attn.weight": t["h.0.attn.c_attn.weight"].t()}), r"h\.0\.attn\.c_attn\.weight: shape \(192, 64\) in file, model expects \(64, 192\)"),
-        (lambda t: t.update({"ln_f.bias": torch.zeros(64, 1)}), r"ln_f\.bias: shape \(64, 1\) in file, model expects \(64,\)"),
+        (
+            lambda t: t.update({"h.0.attn.c_attn.weight": t["h.0.attn.c_attn.weight"].t()}),
+            r"h\.0\.attn\.c_attn\.weight: shape \(192, 64\) in file, model expects \(64, 192\)",
+        ),
+        (
+            lambda t: t.update({"ln_f.bias": torch.zeros(64, 1)}),
+            r"ln_f\.bias: shape \(64, 1\) in file, model expects \(64,\)",
+        ),
         (lambda t: t.update({"ln_f.bias": torch.zeros(64, dtype=torch.int32)}), r"ln_f\.bias is I32"),
     ],
     ids=["missing", "unknown", "extra layer", "not transposed", "wrong shape", "integer dtype"],
@@ -385,7 +412,12 @@ def test_unknown_sources_are_value_errors_listing_the_presets(tmp_path):
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"n_inner": 100}, "n_inner"), ({"activation_function": "relu"}, "activation_function"), ({"n_head": 5}, "divisible"), ({"n_embd": None}, "positive integers")],
+    [
+        ({"n_inner": 100}, "n_inner"),
+        ({"activation_function": "relu"}, "activation_function"),
+        ({"n_head": 5}, "divisible"),
+        ({"n_embd": None}, "positive integers"),
+    ],
 )
 def test_config_json_that_gpt_model_cannot_follow_is_refused(tmp_path, change, message):
     config = json.loads((FIXTURES / "hf_tiny" / "config.json").read_text())
@@ -396,8 +428,15 @@ def test_config_json_that_gpt_model_cannot_follow_is_refused(tmp_path, change, m
 
 def test_presets_are_the_four_gpt2_sizes():
     with torch.device("meta"):  # shapes only
-        sizes = {name: sum(p.numel() for p in GPTModel(cfg).parameters()) for name, cfg in gpt.PRESETS.items()}
-    assert sizes == {"gpt2-small": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+        sizes = {
+            name: sum(p.numel() for p in GPTModel(cfg).parameters()) for name, cfg in gpt.PRESETS.items()
+        }
+    assert sizes == {
+        "gpt2-small": 124_439_808,
+        "gpt2-medium": 354_823_168,
+        "gpt2-large": 774_030_080,
+        "gpt2-xl": 1_557_611_200,
+    }
 
 
 # --------------------------------------------------------------------------- downloads
@@ -470,7 +509,10 @@ def test_fresh_download_is_verified_and_reports_progress(server, tmp_path):
     server.files["/data.bin"] = CONTENT
     calls = []
     dest = gpt.download(
-        f"{server.url}/data.bin", tmp_path / "sub" / "data.bin", CONTENT_SHA256, lambda d, t: calls.append((d, t))
+        f"{server.url}/data.bin",
+        tmp_path / "sub" / "data.bin",
+        CONTENT_SHA256,
+        lambda d, t: calls.append((d, t)),
     )
     assert dest.read_bytes() == CONTENT
     assert calls[0] == (0, len(CONTENT)) and calls[-1] == (len(CONTENT), len(CONTENT))
@@ -549,16 +591,26 @@ def test_a_preset_downloads_once_verified_by_the_hubs_sha256(server, tmp_path, m
     monkeypatch.setenv("GPT2_HUB_URL", server.url)
     body = serve_tiny_preset(server, f'"{gpt.file_sha256(TINY_HUB_FILE)}"')  # quoted, as the hub sends it
     progress = []
-    model = gpt.load_gpt2("gpt2-small", cache_dir=tmp_path, progress=lambda d, t: progress.append((d, t)), config=TINY)
+    model = gpt.load_gpt2(
+        "gpt2-small", cache_dir=tmp_path, progress=lambda d, t: progress.append((d, t)), config=TINY
+    )
     assert_matches_transformers(model, reference)
     assert (tmp_path / "gpt2-small" / "model.safetensors").read_bytes() == body
     assert progress[-1] == (len(body), len(body))
-    assert [(method, path) for method, path, _ in server.requests] == [("HEAD", HUB_PATH), ("GET", HUB_PATH), ("GET", "/cdn/model.safetensors")]
+    assert [(method, path) for method, path, _ in server.requests] == [
+        ("HEAD", HUB_PATH),
+        ("GET", HUB_PATH),
+        ("GET", "/cdn/model.safetensors"),
+    ]
     gpt.load_gpt2("gpt2-small", cache_dir=tmp_path, config=TINY)
     assert len(server.requests) == 3  # the cached file: no request at all
 
 
-@pytest.mark.parametrize("etag, message", [(None, "X-Linked-Etag"), ('"' + "ab" * 32 + '"', "sha256")], ids=["no sha256", "wrong sha256"])
+@pytest.mark.parametrize(
+    "etag, message",
+    [(None, "X-Linked-Etag"), ('"' + "ab" * 32 + '"', "sha256")],
+    ids=["no sha256", "wrong sha256"],
+)
 def test_a_preset_that_cannot_be_verified_is_refused(server, tmp_path, monkeypatch, etag, message):
     monkeypatch.setenv("GPT2_HUB_URL", server.url)
     serve_tiny_preset(server, etag)
@@ -609,11 +661,19 @@ def test_top_k_sampling_only_picks_among_the_k_most_likely(case, top_k, seed):
         logits = model(token_ids[:, -model.cfg.context_length :])[:, -1]  # (B, V)
     kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1]  # (B,)
     assert (logits.gather(-1, output[:, -1:]).squeeze(-1) >= kth_best).all()
-    assert torch.equal(gpt.generate(model, token_ids, 3, top_k=top_k, temperature=0), gpt.generate(model, token_ids, 3))
+    assert torch.equal(
+        gpt.generate(model, token_ids, 3, top_k=top_k, temperature=0), gpt.generate(model, token_ids, 3)
+    )
 
 
 def test_gpt_py_help_works_offline():
-    result = subprocess.run([sys.executable, "gpt.py", "--help"], cwd=Path(gpt.__file__).parent, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "gpt.py", "--help"],
+        cwd=Path(gpt.__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0
     assert "--max-new-tokens" in result.stdout and "--model" in result.stdout
 
