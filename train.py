@@ -361,8 +361,16 @@ class CacheStatus:
             return f"frozen-prefix cache off ({self.reason})"
         return (
             f"frozen-prefix cache: outputs of the embeddings and blocks 0-{self.start_block - 1} computed once, "
-            f"{self.nbytes / 2**20:.1f} MiB ({self.dtype}), built in {self.seconds:.1f} s"
+            f"{format_bytes(self.nbytes)} ({self.dtype}), built in {self.seconds:.1f} s"
         )
+
+
+def format_bytes(size: int) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"
 
 
 def refresh_prefix_caches(
@@ -484,7 +492,8 @@ class TrainingResult:
     best_epoch: int
     best_state: dict[str, torch.Tensor]
     epoch_seconds: list[float]
-    cache: CacheStatus
+    cache: CacheStatus  # as in the last epoch
+    cache_seconds: float  # building it, all epochs together
 
 
 def add_unfrozen_parameters(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
@@ -537,6 +546,8 @@ def train_classifier(
     best: tuple[float, float] | None = None  # (validation accuracy, -validation loss)
     best_epoch, best_state = 0, trainable_state(model)
     cache = refresh_prefix_caches(model, inputs, cfg.use_prefix_cache, runtime)
+    log(cache.describe())
+    cache_seconds = cache.seconds
     step, examples_seen, train_started = 0, 0, time.perf_counter()
 
     for epoch in range(cfg.epochs):
@@ -547,6 +558,7 @@ def train_classifier(
                 best_state.setdefault(name, value)  # still its value at the best epoch: it was frozen
             if add_unfrozen_parameters(optimizer, model):
                 cache = refresh_prefix_caches(model, inputs, cfg.use_prefix_cache, runtime)
+                cache_seconds += cache.seconds
                 log(f"epoch {epoch + 1}: unfrozen, now training {describe_trainable(model)}; {cache.describe()}")
         trainable = describe_trainable(model)
         sampler.set_epoch(epoch)
@@ -591,7 +603,7 @@ def train_classifier(
             f"validation loss {record.validation_loss:.4f} accuracy {record.validation_accuracy:.2%}"
             + ("  (best so far)" if best_epoch == epoch + 1 else "")
         )
-    return TrainingResult(history, step_checks, best_epoch, best_state, epoch_seconds, cache)
+    return TrainingResult(history, step_checks, best_epoch, best_state, epoch_seconds, cache, cache_seconds)
 
 
 # --------------------------------------------------------------------------- one run: the pipeline end to end
@@ -628,11 +640,12 @@ def run_strategy(
         f"strategy {strategy}: training {describe_trainable(model)}: {parameters['trainable']:,} of "
         f"{parameters['total']:,} parameters ({parameters['share']:.2%})"
     )
+    if strategy == "gradual":
+        log("gradual schedule: " + gradual_schedule(model, cfg.epochs))
     inputs = {name: SplitInputs.of(dataset) for name, dataset in tokens.items()}
     started = time.perf_counter()
     training = train_classifier(model, inputs, cfg, strategy, runtime, log)
     training_seconds = time.perf_counter() - started
-    log(training.cache.describe())
 
     restore_state(model, training.best_state)
     log(f"kept the weights of epoch {training.best_epoch} (best validation accuracy)")
@@ -643,6 +656,14 @@ def run_strategy(
         reports[name] = metrics.classification_report(evaluation.y_true, evaluation.y_pred, label_names)
         losses[name] = evaluation.loss
     return model, RunResult(strategy, reports, losses, parameters, training, training_seconds)
+
+
+def gradual_schedule(model: classify.GPTClassifier, epochs: int) -> str:
+    """The chapter's "liberar gradualmente", epoch by epoch: how many top blocks train."""
+    n_layers = len(model.gpt.h)
+    counts = [classify.trainable_blocks("gradual", n_layers, epoch) for epoch in range(epochs)]
+    return "; ".join(f"epoch {epoch + 1}: head + final LayerNorm" + (f" + top {n} block{'s' if n > 1 else ''}" if n else "")
+                     for epoch, n in enumerate(counts))
 
 
 def compile_blocks(model: classify.GPTClassifier, runtime: Runtime, log: Log) -> None:
@@ -681,11 +702,11 @@ def metrics_document(
     document["arguments"] = {"argv": argv, "config": asdict(cfg)}
     examples = len(tokens.train) * len(training.history)
     document["timing"] = {
-        "total_seconds": total_seconds,
-        "training_seconds": result.training_seconds,
-        "epoch_seconds": training.epoch_seconds,
-        "training_examples_per_second": examples / result.training_seconds,
-        "prefix_cache_seconds": training.cache.seconds,
+        "total_seconds": total_seconds,  # from the start of the run to this strategy's metrics
+        "training_seconds": result.training_seconds,  # prefix cache + epochs
+        "prefix_cache_seconds": training.cache_seconds,  # every (re)build
+        "epoch_seconds": training.epoch_seconds,  # each with its validation pass
+        "training_examples_per_second": examples / sum(training.epoch_seconds),
     }
     return document
 
@@ -884,6 +905,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run(config_from_args(args), argv, log)
+    except BrokenPipeError:  # the output went to a pipe that closed (`| head`): stop quietly
+        return 1
     except ConnectionError as error:
         print(f"error: {one_line(error)}; {OFFLINE_HINT}", file=sys.stderr)
     except (ValueError, OSError) as error:
