@@ -371,6 +371,23 @@ def test_gradual_moves_the_cache_boundary_every_epoch():
     assert boundaries == [3, 2, 1]
 
 
+@pytest.mark.parametrize("pooling", classify.POOLINGS)
+def test_fast_paths_run_under_bfloat16_autocast_as_on_a_gpu(pooling):
+    model = tiny_classifier(pooling)
+    classify.apply_strategy(model, "last-block")
+    token_lists = random_token_lists([5, 9, 2], seed=9)
+    reference = model(*padded(token_lists))
+    cache = PrefixCache.build(model, token_lists, classify.frozen_prefix_length(model), "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        uncached = model(*padded(token_lists))
+        cached = model.forward_from(*cache.batch([0, 1, 2]), cache.start_block)
+        F.cross_entropy(cached.float(), torch.tensor([0, 1, 1])).backward()
+    for logits in (uncached, cached):
+        assert logits.dtype == torch.bfloat16
+        torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.05)  # bfloat16 keeps ~3 digits
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in classify.trainable_parameters(model))
+
+
 # --------------------------------------------------------------------------- save, load, predict
 
 TEXTS = ["Free entry in 2 a wkly comp to win FA Cup final tkts", "ok see you later", "", "Hi! " * 40]
