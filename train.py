@@ -103,7 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Fine-tune GPT-2 for text classification (chapter 06 of 'Fazendo um LLM do Zero'). "
         "With no arguments: the chapter's experiment (pretrained gpt2-small, SMS spam, last block, 5 epochs).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = TrainConfig()
     group = parser.add_argument_group("1. labelled text")
@@ -113,45 +112,56 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--validation-data", default=None, metavar="PATH",
                        help="a separate validation file (with --test-data); default: split --data 70/10/20")
     group.add_argument("--test-data", default=None, metavar="PATH", help="a separate test file (with --validation-data)")
-    group.add_argument("--text-column", default=defaults.text_column, help="CSV/TSV column holding the text")
-    group.add_argument("--label-column", default=defaults.label_column, help="CSV/TSV column holding the class")
+    group.add_argument("--text-column", default=defaults.text_column, metavar="NAME",
+                       help="CSV/TSV column holding the text (default: %(default)s)")
+    group.add_argument("--label-column", default=defaults.label_column, metavar="NAME",
+                       help="CSV/TSV column holding the class (default: %(default)s)")
     group.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=defaults.balanced,
-                       help="undersample every class to the smallest one, as the chapter does (1,045/149/300 SMS); "
-                       "--no-balanced keeps all the data and splits it stratified")
+                       help="undersample every class to the smallest one, as the chapter does (SMS: 1,045/149/300; "
+                       "the default); --no-balanced keeps all the data and splits it stratified")
     group = parser.add_argument_group("2. tokenization")
-    group.add_argument("--max-length", type=int, default=None,
+    group.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
                        help="cut texts to this many tokens; default: the longest training text, "
                        "at most the model's context length")
     group = parser.add_argument_group("3. GPT")
-    group.add_argument("--model", default=defaults.model,
-                       help=f"a preset ({', '.join(gpt.PRESETS)}), a Hugging Face folder or a .safetensors file")
+    group.add_argument("--model", default=defaults.model, metavar="NAME_OR_PATH",
+                       help=f"a preset ({', '.join(gpt.PRESETS)}), a Hugging Face folder or a .safetensors file "
+                       "(default: %(default)s)")
     group.add_argument("--init", default=defaults.init, choices=("pretrained", "random"),
-                       help="'random': same architecture with random weights (what does pretraining buy? "
-                       "also runs offline)")
+                       help="'random': the same architecture with random weights (what does pretraining buy? "
+                       "also runs offline; default: %(default)s)")
     group.add_argument("--cache-dir", default=None, metavar="DIR",
                        help="where downloads are kept (default: $GPT2_CLASSIFICATION_CACHE or ~/.cache/gpt2-classification)")
     group = parser.add_argument_group("4-5. representation and classification head")
-    group.add_argument("--pooling", default=defaults.pooling,
-                       help=f"which vector represents the text: {', '.join(classify.POOLINGS)} "
-                       "('last': the last real token, the only one that has seen the whole text)")
-    group.add_argument("--strategy", default=defaults.strategy,
+    group.add_argument("--pooling", default=defaults.pooling, metavar="{" + ",".join(classify.POOLINGS) + "}",
+                       help="which vector represents the text ('last': the last real token, the only one that "
+                       "has seen the whole text; default: %(default)s)")
+    group.add_argument("--strategy", default=defaults.strategy, metavar="NAME",
                        help="what is trained: head, last-block, last-N-blocks (e.g. last-2-blocks), all, "
-                       "gradual (unfreeze one more block per epoch), lora")
-    group.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="rank of the LoRA adapters")
-    group.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA scale numerator")
+                       "gradual (one more block unfrozen per epoch), lora (default: %(default)s)")
+    group.add_argument("--lora-rank", type=int, default=defaults.lora_rank, metavar="R",
+                       help="rank of the LoRA adapters (default: %(default)s)")
+    group.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, metavar="ALPHA",
+                       help="the LoRA update is scaled by alpha / rank (default: %(default)s)")
     group = parser.add_argument_group("6-7. supervised loss and weight update")
-    group.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training data")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="texts per weight update")
-    group.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
-    group.add_argument("--seed", type=int, default=defaults.seed, help="one seed for splits, weights and batches")
+    group.add_argument("--epochs", type=int, default=defaults.epochs, metavar="N",
+                       help="passes over the training data (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
+                       help="texts per weight update (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=defaults.lr, metavar="RATE",
+                       help="AdamW learning rate (default: %(default)s)")
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, metavar="W",
+                       help="AdamW weight decay (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=defaults.seed, metavar="N",
+                       help="one seed for the splits, the new weights and the batch order (default: %(default)s)")
     group.add_argument("--eval-every", type=int, default=defaults.eval_every, metavar="STEPS",
-                       help="also print the validation loss every this many steps (0: only after each epoch)")
+                       help="also print the validation loss every this many steps (default 0: only after each epoch)")
     group = parser.add_argument_group("running and output")
-    group.add_argument("--device", default=defaults.device, help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    group.add_argument("--device", default=defaults.device, metavar="NAME",
+                       help="auto (the default: cuda, then mps, then cpu), cuda, mps or cpu")
     group.add_argument("--out", default=None, metavar="DIR",
                        help="where the run is written (classifier.safetensors, config.json, metrics.json); "
-                       "default runs/<timestamp>")
+                       "default: runs/<timestamp>")
     group.add_argument("--plot", action="store_true",
                        help="also write loss/accuracy curves and confusion matrices as PNG (needs matplotlib)")
     group.add_argument("--compare", default="", metavar="STRATEGY,STRATEGY,...",
@@ -180,12 +190,12 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
             raise ValueError(f"{flag} {value}: must be at least 1")
     if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.eval_every < 0:
         raise ValueError("--lr must be > 0, --weight-decay and --eval-every >= 0")
+    if (cfg.validation_data is None) != (cfg.test_data is None):
+        raise ValueError("give both --validation-data and --test-data, or neither (to split --data 70/10/20)")
     for flag, path in (("--data", cfg.data), ("--validation-data", cfg.validation_data),
                        ("--test-data", cfg.test_data)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{flag} {path}: no such file")
-    if (cfg.validation_data is None) != (cfg.test_data is None):
-        raise ValueError("give both --validation-data and --test-data, or neither (to split --data 70/10/20)")
     model_shape = gpt.load_config(cfg.model)  # ValueError on an unknown name or bad path
     if cfg.max_length is not None and not 1 <= cfg.max_length <= model_shape.context_length:
         raise ValueError(

@@ -142,8 +142,9 @@ def test_one_seed_gives_identical_metrics(workspace, base_run, monkeypatch, caps
 
 def test_the_prefix_cache_changes_no_result(workspace, base_run, monkeypatch, capsys):
     code, stdout, _ = run_in(workspace / "uncached", tiny_args(workspace, "--out", "run", "--eval-every", "3",
-                                                               "--no-cache"), monkeypatch, capsys)
+                                                               "--no-cache", "--compile"), monkeypatch, capsys)
     assert code == 0 and "frozen-prefix cache off (--no-cache)" in stdout
+    assert "--compile: only used on CUDA" in stdout
     cached, uncached = load_metrics(base_run[0]), load_metrics(workspace / "uncached" / "run")
     assert cached["prefix_cache"]["used"] and not uncached["prefix_cache"]["used"]
     assert cached["best_epoch"] == uncached["best_epoch"]
@@ -156,9 +157,15 @@ def test_the_prefix_cache_changes_no_result(workspace, base_run, monkeypatch, ca
 
 
 def test_compare_trains_each_strategy_and_prints_one_table(workspace, monkeypatch, capsys):
-    code, stdout, _ = run_in(workspace / "compare", tiny_args(workspace, "--out", "run", "--compare", "head,gradual"),
-                             monkeypatch, capsys)
+    args = tiny_args(workspace, "--out", "run", "--compare", "head,gradual", "--plot")
+    code, stdout, _ = run_in(workspace / "compare", args, monkeypatch, capsys)
     assert code == 0
+    try:
+        import matplotlib  # noqa: F401
+
+        assert (workspace / "compare" / "run" / "head" / "confusion_matrix_test.png").is_file()
+    except ImportError:
+        assert "pip install matplotlib" in stdout  # optional: a note, not an error
     run_dir = workspace / "compare" / "run"
     rows = json.loads((run_dir / "compare.json").read_text())["rows"]
     assert [row["strategy"] for row in rows] == ["head", "gradual"]
@@ -166,11 +173,37 @@ def test_compare_trains_each_strategy_and_prints_one_table(workspace, monkeypatc
     table = stdout[stdout.index("strategy  "):]
     assert "test F1 (spam)" in table and "\nhead " in table and "\ngradual " in table
     for strategy in ("head", "gradual"):
-        assert sorted(p.name for p in (run_dir / strategy).iterdir()) == [
-            "classifier.safetensors", "config.json", "metrics.json"]
+        assert {"classifier.safetensors", "config.json", "metrics.json"} <= {p.name for p in (run_dir / strategy).iterdir()}
     gradual = load_metrics(run_dir / "gradual")
     schedule = [record["trainable"] for record in gradual["history"]]
     assert schedule[0] != schedule[1], "gradual unfreezes more of the model in its second epoch"
+
+
+def test_your_own_csv_files_with_three_classes(workspace, monkeypatch, capsys):
+    """Separate train/validation/test CSV files, named columns, more than two classes."""
+    lines = (workspace / "sms.txt").read_text(encoding="utf-8").splitlines()
+
+    def write_csv(name: str, part: list[str]) -> Path:
+        rows = ["message,kind"]
+        for line in part:
+            label, text = line.split("\t", 1)
+            kind = "spam" if label == "spam" else ("question" if "?" in text else "chat")
+            rows.append('"' + text.replace('"', '""') + '",' + kind)
+        path = workspace / name
+        path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+        return path
+
+    paths = [write_csv("train.csv", lines[:140]), write_csv("val.csv", lines[140:170]),
+             write_csv("test.csv", lines[170:])]
+    args = tiny_args(workspace, "--out", "run", "--no-balanced", "--text-column", "message", "--label-column",
+                     "kind", "--validation-data", str(paths[1]), "--test-data", str(paths[2]))
+    args[args.index("--data") + 1] = str(paths[0])
+    code, _, stderr = run_in(workspace / "csv", args, monkeypatch, capsys)
+    assert code == 0, stderr
+    document = load_metrics(workspace / "csv" / "run")
+    assert document["data"]["label_names"] == ["chat", "question", "spam"]
+    assert [document["data"][split]["examples"] for split in ("train", "validation", "test")] == [140, 30, 30]
+    assert set(document["test"]["confusion_matrix"]) == {"chat", "question", "spam"}
 
 
 # --------------------------------------------------------------------------- bad input: one line, exit code 2
@@ -193,6 +226,8 @@ BAD_INPUTS = {
     "unknown model": (["--model", "gpt2-tiny"], "gpt2-small"),
     "missing data file": (["--data", "no/such/file.txt"], "no such file"),
     "max-length beyond the context": (["--max-length", "129"], "context length"),
+    "unknown device": (["--device", "tpu"], "--device"),
+    "validation file without a test file": (["--validation-data", "no/such/val.csv"], "--test-data"),
 }
 
 
