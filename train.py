@@ -546,6 +546,71 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
+@dataclass
+class Progress:
+    """Counts steps across epochs for the progress lines: speed and estimated time left."""
+
+    total_steps: int
+    step: int = 0
+    examples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def advance(self, batch_size: int) -> None:
+        self.step += 1
+        self.examples += batch_size
+
+    def line(self, epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, loss: float) -> str:
+        elapsed = time.perf_counter() - self.started
+        time_left = elapsed / self.step * (self.total_steps - self.step)
+        return (
+            f"epoch {epoch + 1}/{epochs}  step {step_in_epoch}/{steps_per_epoch}  "
+            f"{self.examples / elapsed:,.0f} examples/s  loss {loss:.4f}  time left {format_seconds(time_left)}"
+        )
+
+
+def train_one_epoch(
+    model: classify.GPTClassifier,
+    optimizer: torch.optim.Optimizer,
+    inputs: dict[str, SplitInputs],
+    sampler: data.BucketBatchSampler,
+    epoch: int,
+    cfg: TrainConfig,
+    runtime: Runtime,
+    progress: Progress,
+    log: Log,
+) -> tuple[float, float, list[dict]]:
+    """One pass over the training batches: steps 6 and 7 for each. Returns the epoch's mean
+    training loss and accuracy (measured while training) and the --eval-every checks."""
+    sampler.set_epoch(epoch)  # a new batch order every epoch, the same for every run with this seed
+    steps_per_epoch = len(sampler)
+    log_every = max(1, steps_per_epoch // 10)  # about ten progress lines per epoch
+    loss_sum = torch.zeros((), device=runtime.device)  # summed on the device: no sync per step
+    correct = torch.zeros((), dtype=torch.long, device=runtime.device)
+    seen, checks = 0, []
+    model.train()
+    for step_in_epoch, indices in enumerate(sampler, start=1):
+        logits, labels = forward_batch(model, inputs["train"], indices, runtime)  # (B, K), (B,)
+        loss = supervised_loss(logits, labels)  # step 6
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # gradients reach the trainable parameters only
+        optimizer.step()  # step 7: AdamW moves them against their gradient
+
+        progress.advance(len(indices))
+        loss_sum += loss.detach() * len(indices)
+        correct += (logits.argmax(dim=-1) == labels).sum()
+        seen += len(indices)
+        check_now = cfg.eval_every > 0 and progress.step % cfg.eval_every == 0
+        if check_now or step_in_epoch % log_every == 0 or step_in_epoch == steps_per_epoch:
+            line = progress.line(epoch, cfg.epochs, step_in_epoch, steps_per_epoch, loss_sum.item() / seen)
+            if check_now:
+                check = evaluate(model, inputs["validation"], max(cfg.batch_size, 32), runtime)
+                model.train()
+                checks.append({"step": progress.step, "validation_loss": check.loss})
+                line += f"  validation loss {check.loss:.4f}"
+            log(line)
+    return loss_sum.item() / seen, correct.item() / seen, checks
+
+
 def train_classifier(
     model: classify.GPTClassifier,
     inputs: dict[str, SplitInputs],
@@ -554,25 +619,20 @@ def train_classifier(
     runtime: Runtime,
     log: Log,
 ) -> TrainingResult:
-    """Steps 6 and 7 in a loop: for each batch, loss, gradients, AdamW step; after each epoch,
-    validation. Keeps a copy of the weights of the epoch with the best validation accuracy."""
+    """Epoch after epoch: (for "gradual", unfreeze one more block), train, then measure on the
+    validation set. Keeps a copy of the weights of the epoch with the best validation accuracy."""
     optimizer = make_optimizer(classify.trainable_parameters(model), cfg)
     sampler = training_batches(inputs["train"].dataset.lengths, cfg)
-    steps_per_epoch = len(sampler)
-    total_steps = cfg.epochs * steps_per_epoch
-    log_every = cfg.eval_every or max(1, steps_per_epoch // 10)
-    eval_batch_size = max(cfg.batch_size, 32)
+    cache = refresh_prefix_caches(model, inputs, cfg.use_prefix_cache, runtime)
+    log(cache.describe())
+    cache_seconds = cache.seconds
 
     history: list[EpochRecord] = []
     step_checks: list[dict] = []
     epoch_seconds: list[float] = []
     best: tuple[float, float] | None = None  # (validation accuracy, -validation loss)
     best_epoch, best_state = 0, trainable_state(model)
-    cache = refresh_prefix_caches(model, inputs, cfg.use_prefix_cache, runtime)
-    log(cache.describe())
-    cache_seconds = cache.seconds
-    step, examples_seen, train_started = 0, 0, time.perf_counter()
-
+    progress = Progress(total_steps=cfg.epochs * len(sampler))
     for epoch in range(cfg.epochs):
         epoch_started = time.perf_counter()
         if strategy == "gradual" and epoch > 0:
@@ -584,37 +644,12 @@ def train_classifier(
                 cache_seconds += cache.seconds
                 log(f"epoch {epoch + 1}: unfrozen, now training {describe_trainable(model)}; {cache.describe()}")
         trainable = describe_trainable(model)
-        sampler.set_epoch(epoch)
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for step_in_epoch, indices in enumerate(sampler, start=1):
-            logits, labels = forward_batch(model, inputs["train"], indices, runtime)  # (B, K), (B,)
-            loss = supervised_loss(logits, labels)  # step 6
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # gradients reach the trainable parameters only
-            optimizer.step()  # step 7: AdamW moves them against their gradient
-
-            step += 1
-            examples_seen += len(indices)
-            loss_sum += loss.item() * len(indices)
-            correct += int((logits.argmax(dim=-1) == labels).sum())
-            seen += len(indices)
-            if step_in_epoch % log_every == 0 or step_in_epoch == steps_per_epoch:
-                elapsed = time.perf_counter() - train_started
-                line = (
-                    f"epoch {epoch + 1}/{cfg.epochs}  step {step_in_epoch}/{steps_per_epoch}  "
-                    f"{examples_seen / elapsed:,.0f} examples/s  loss {loss_sum / seen:.4f}  "
-                    f"time left {format_seconds(elapsed / step * (total_steps - step))}"
-                )
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    check = evaluate(model, inputs["validation"], eval_batch_size, runtime)
-                    model.train()
-                    step_checks.append({"step": step, "validation_loss": check.loss})
-                    line += f"  validation loss {check.loss:.4f}"
-                log(line)
-
-        validation = evaluate(model, inputs["validation"], eval_batch_size, runtime)
-        record = EpochRecord(epoch + 1, trainable, loss_sum / seen, correct / seen, validation.loss, validation.accuracy)
+        train_loss, train_accuracy, checks = train_one_epoch(
+            model, optimizer, inputs, sampler, epoch, cfg, runtime, progress, log
+        )
+        step_checks += checks
+        validation = evaluate(model, inputs["validation"], max(cfg.batch_size, 32), runtime)
+        record = EpochRecord(epoch + 1, trainable, train_loss, train_accuracy, validation.loss, validation.accuracy)
         history.append(record)
         epoch_seconds.append(time.perf_counter() - epoch_started)
         score = (validation.accuracy, -validation.loss)
@@ -693,6 +728,9 @@ def compile_blocks(model: classify.GPTClassifier, runtime: Runtime, log: Log) ->
     """torch.compile each block (CUDA only: elsewhere compile time outweighs the gain)."""
     if runtime.device.type != "cuda":
         log(f"--compile: only used on CUDA; running uncompiled on {runtime.device.type}")
+        return
+    if not hasattr(nn.Module, "compile"):
+        log("--compile: needs PyTorch 2.2 or later; running uncompiled")
         return
     for block in model.gpt.h:
         block.compile(dynamic=True)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import classify
 import data
@@ -109,7 +110,7 @@ def test_metrics_agree_with_their_confusion_matrices(base_run):
         assert set(report["per_class"]) == {"ham", "spam"}
     assert [record["epoch"] for record in document["history"]] == [1, 2]
     assert document["seed"] == 123 and document["strategy"] == "last-block"
-    assert document["validation_checks"], "--eval-every 3 records validation losses between epochs"
+    assert [check["step"] for check in document["validation_checks"]] == [3, 6, 9, 12]  # --eval-every 3
     assert 0 < document["trainable_parameters"]["trainable"] < document["trainable_parameters"]["total"]
 
 
@@ -303,3 +304,38 @@ def test_a_failure_mid_training_leaves_no_run_folder(failure, workspace, monkeyp
         assert run_in(folder, args, monkeypatch, capsys)[0] == 130
     assert len(calls) == 3
     assert list(folder.iterdir()) == [], "no run folder, no partial folder, not even the parents made for it"
+
+
+# --------------------------------------------------------------------------- the loop's bookkeeping
+
+
+def test_best_epoch_restore_undoes_blocks_unfrozen_after_it():
+    """gradual: epoch 1 trains the head only, later epochs unfreeze blocks. If epoch 1 is the best,
+    the kept weights must hold those blocks as they were then (untrained), not as training left them."""
+    torch.manual_seed(0)
+    shape = gpt.GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_layers=2, n_heads=2)
+    model = classify.GPTClassifier(gpt.GPTModel(shape), num_classes=2)
+    classify.apply_strategy(model, "gradual", epoch=0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    token_ids = [torch.randint(0, 100, (n,)).tolist() for n in (3, 5, 8, 2, 7, 4, 6, 9)]
+    dataset = data.ClassificationDataset(token_ids, [0, 1] * 4)
+    inputs = {name: train.SplitInputs.of(dataset) for name in ("train", "validation", "test")}
+    cfg = train.TrainConfig(epochs=3, batch_size=4, lr=1e-2, strategy="gradual")
+    accuracies = iter([1.0, 0.5, 0.5])  # epoch 1 is the best
+
+    def fake_evaluate(model, inputs, batch_size, runtime):
+        accuracy = next(accuracies)
+        return train.Evaluation(loss=1.0, y_true=[0, 1], y_pred=[0, 1] if accuracy == 1.0 else [1, 1])
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(train, "evaluate", fake_evaluate)
+        result = train.train_classifier(model, inputs, cfg, "gradual", train.Runtime(torch.device("cpu")), print)
+    assert result.best_epoch == 1
+    assert [record.trainable for record in result.history] == [
+        "head + final LayerNorm", "head + final LayerNorm + block 1", "head + final LayerNorm + blocks 0-1"]
+    assert not torch.equal(model.gpt.h[0].mlp.c_fc.weight, before["gpt.h.0.mlp.c_fc.weight"]), "block 0 trained"
+    train.restore_state(model, result.best_state)
+    for name, param in model.named_parameters():
+        if name.startswith("gpt.h."):
+            assert torch.equal(param, before[name]), f"{name} was frozen at the best epoch"
+    assert not torch.equal(model.head.weight, before["head.weight"]), "the head trained in epoch 1"
