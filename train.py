@@ -181,22 +181,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
     """Reject bad arguments before anything is downloaded or trained; returns the model's shape."""
+    model_shape = gpt.load_config(cfg.model)  # ValueError on an unknown name or bad path
     for name in cfg.compare or [cfg.strategy]:
-        classify.parse_strategy(name)  # ValueError listing the valid names
+        classify.trainable_blocks(name, model_shape.n_layers)  # ValueError: unknown, or more blocks than the model has
     if cfg.pooling not in classify.POOLINGS:
         raise ValueError(f"unknown pooling {cfg.pooling!r}; choose one of {', '.join(classify.POOLINGS)}")
     for flag, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
         if value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
-    if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.eval_every < 0:
-        raise ValueError("--lr must be > 0, --weight-decay and --eval-every >= 0")
+    if cfg.lr <= 0:
+        raise ValueError(f"--lr {cfg.lr}: must be greater than 0")
+    for flag, value in (("--weight-decay", cfg.weight_decay), ("--eval-every", cfg.eval_every)):
+        if value < 0:
+            raise ValueError(f"{flag} {value}: must be 0 or more")
     if (cfg.validation_data is None) != (cfg.test_data is None):
         raise ValueError("give both --validation-data and --test-data, or neither (to split --data 70/10/20)")
     for flag, path in (("--data", cfg.data), ("--validation-data", cfg.validation_data),
                        ("--test-data", cfg.test_data)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{flag} {path}: no such file")
-    model_shape = gpt.load_config(cfg.model)  # ValueError on an unknown name or bad path
     if cfg.max_length is not None and not 1 <= cfg.max_length <= model_shape.context_length:
         raise ValueError(
             f"--max-length {cfg.max_length}: must be between 1 and the model's context length "
@@ -905,7 +908,19 @@ def describe_data(splits: data.Splits, tokens: TokenizedSplits, cfg: TrainConfig
     )
 
 
+def log_reports(result: RunResult, tokens: TokenizedSplits, log: Log) -> None:
+    """The chapter's evaluation for every split, then what the training cost."""
+    for name, report in result.reports.items():
+        log(f"\n{name} ({len(getattr(tokens, name)):,} texts), loss {result.losses[name]:.4f}\n"
+            + metrics.format_report(report))
+    parameters = result.parameters
+    log(f"{result.strategy}: trained in {result.training_seconds:.1f} s; trainable parameters "
+        f"{parameters['trainable']:,} of {parameters['total']:,} ({parameters['share']:.2%})")
+
+
 def run(cfg: TrainConfig, argv: list[str], log: Log) -> int:
+    """The main job: check the arguments, then the seven steps for each strategy, evaluation,
+    and the run folder (written only when complete)."""
     started = time.perf_counter()
     model_shape = check_config(cfg)
     runtime = Runtime(pick_device(cfg.device))
@@ -931,20 +946,15 @@ def run(cfg: TrainConfig, argv: list[str], log: Log) -> int:
             run_dir.mkdir(exist_ok=True)
             model, result = run_strategy(initial, tokens, label_names, cfg, strategy, runtime, log)
             results.append(result)
-            for name, report in result.reports.items():
-                log(f"\n{name} ({len(getattr(tokens, name)):,} texts), loss {result.losses[name]:.4f}\n"
-                    + metrics.format_report(report))
+            log_reports(result, tokens, log)
             model.cpu()
             classify.save_classifier(model, run_dir, label_names, tokens.max_length)
+            del model
             document = metrics_document(result, cfg, argv, tokens, label_names, model_shape, runtime,
                                         time.perf_counter() - started)
             write_json(run_dir / "metrics.json", document)
             if cfg.plot:
                 log(write_plots(result, run_dir))
-            parameters = result.parameters
-            log(f"{strategy}: trained in {result.training_seconds:.1f} s; trainable parameters "
-                f"{parameters['trainable']:,} of {parameters['total']:,} ({parameters['share']:.2%})")
-            del model
         if cfg.compare:
             rows = comparison_rows(results)
             write_json(staging / "compare.json", {"rows": rows, "arguments": {"argv": argv, "config": asdict(cfg)}})

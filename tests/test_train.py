@@ -224,6 +224,7 @@ BAD_INPUTS = {
     "unknown strategy": (["--strategy", "everything"], "last-block"),
     "unknown pooling": (["--pooling", "middle"], "pooling"),
     "unknown compared strategy": (["--compare", "head,most"], "last-block"),
+    "more blocks than the model has": (["--strategy", "last-3-blocks"], "only 2 blocks"),
     "unknown model": (["--model", "gpt2-tiny"], "gpt2-small"),
     "missing data file": (["--data", "no/such/file.txt"], "no such file"),
     "max-length beyond the context": (["--max-length", "129"], "context length"),
