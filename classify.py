@@ -17,14 +17,19 @@ The file reads in that order:
 
 from __future__ import annotations
 
+import warnings
+
+# torch warns at import when NumPy is missing; this project does not use NumPy.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
 import argparse
 import json
 import math
 import os
 import re
 import sys
-import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -575,13 +580,13 @@ def save_classifier(
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # same folder: rename is atomic
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        with open(temporary, "x", encoding="utf-8") as file:  # default permissions, as any new file
             file.write(text)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 

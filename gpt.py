@@ -15,6 +15,11 @@ The library depends on torch alone, so it can be copied into another project on 
 
 from __future__ import annotations
 
+import warnings
+
+# torch warns at import when NumPy is missing; this project does not use NumPy.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
 import argparse
 import hashlib
 import http.client
