@@ -22,9 +22,15 @@ the same in every epoch, so they are computed once per text (`classify.PrefixCac
 the trainable top runs each step; and batches hold texts of similar length
 (`data.BucketBatchSampler`), padded only to their own longest text.
 
+Scaling out (README "Scaling out"): under `torchrun --nproc_per_node=N train.py ...` the
+processes train one model together with DistributedDataParallel. --batch-size stays the number
+of texts per weight update; every process draws the same batches and trains on its share of
+each, and the result is the one process's result (`Runtime`, `data_parallel`, `together`).
+
     python train.py                                  # the chapter's experiment
     python train.py --data SMSSpamCollection --init random --epochs 1   # offline
     python train.py --compare head,last-block,all    # the strategies side by side
+    torchrun --nproc_per_node=4 train.py             # the same experiment on 4 GPUs
 """
 
 from __future__ import annotations
@@ -37,18 +43,23 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
+import datetime  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TypeVar  # noqa: E402
 
 import torch  # noqa: E402
+from torch import distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 import classify  # noqa: E402
 import data  # noqa: E402
@@ -209,10 +220,22 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
 
 @dataclass
 class Runtime:
-    """Where the computation happens. (A distributed run would add its rank and world size here.)"""
+    """Where the computation happens: the device and, under torchrun, this process's place
+    among the processes that train one model together (data parallelism, README "Scaling out").
+    One process alone is rank 0 of 1."""
 
     device: torch.device
-    is_main_process: bool = True
+    rank: int = 0  # 0..world_size-1; rank 0 alone prints and writes
+    world_size: int = 1
+    local_rank: int = 0  # among the processes on this machine: its GPU
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
     @property
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -220,6 +243,19 @@ class Runtime:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def share(self, indices: list[int]) -> list[int]:
+        """This process's texts of a batch: every world_size-th from its rank on (all of them
+        in one process). Batches hold texts sorted by length, so every share costs the same."""
+        return indices[self.rank :: self.world_size]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the processes (all-reduce); in one process, `tensor` itself."""
+        if not self.distributed:
+            return tensor
+        total = tensor.clone()
+        dist.all_reduce(total)  # every process receives the same sum
+        return total
 
 
 def pick_device(name: str) -> torch.device:
@@ -236,6 +272,133 @@ def pick_device(name: str) -> torch.device:
     if not available[kind]:
         raise ValueError(f"--device {name}: not available on this machine; use --device auto or cpu")
     return torch.device(name)
+
+
+# --------------------------------------------------------------------------- scaling out: torchrun
+
+# How long a process waits in a collective for the others before it gives up. Long enough for
+# rank 0 to download gpt2-xl (6 GB) while the others wait for it; a failed process does not
+# make the others wait this long: torchrun stops every process as soon as one exits with an error.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+class OtherProcessFailed(RuntimeError):
+    """Raised on the healthy processes when another one failed (it printed its own message)."""
+
+
+class StoppedByTorchrun(RuntimeError):
+    """SIGTERM: torchrun stops every process when one of them fails."""
+
+
+def process_label() -> str:
+    """'[rank 1] ' under torchrun, '' in one process: prefixes the messages printed on stderr."""
+    return f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def start_runtime(device_name: str) -> Runtime:
+    """The device to compute on. Under torchrun (WORLD_SIZE > 1 in the environment) also join
+    the process group: NCCL between GPUs (this process takes cuda:LOCAL_RANK), gloo between
+    CPU processes."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world_size == 1:
+        return Runtime(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"--device {device_name}: under torchrun each process takes cuda:LOCAL_RANK; "
+                             "give --device cuda (or auto)")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"torchrun started more processes on this machine than it has GPUs "
+                             f"({torch.cuda.device_count()}); use --nproc_per_node {torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"--device {device_name}: under torchrun use cuda (NCCL) or cpu (gloo)")
+
+    def stop(signum, frame):
+        raise StoppedByTorchrun("stopped by torchrun (another process failed: see its message)")
+
+    signal.signal(signal.SIGTERM, stop)  # an exception, so that the run folder is cleaned up
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                            timeout=PROCESS_GROUP_TIMEOUT)
+    return Runtime(device, rank, world_size, local_rank)
+
+
+def stop_runtime(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+Result = TypeVar("Result")
+
+
+def together(runtime: Runtime, work: Callable[[], Result] | None) -> Result | None:
+    """Run `work` on this process (None: nothing to do here this time), then learn whether it
+    succeeded on every process. A failure anywhere raises on all of them: its own error on the
+    process that failed, OtherProcessFailed on the others; nobody is left waiting."""
+    result, error = None, None
+    if work is not None:
+        try:
+            result = work()
+        except Exception as caught:  # noqa: BLE001 - re-raised below, after the others are told
+            error = caught
+    failed: list[int] = []
+    if runtime.distributed:
+        flags = torch.zeros(runtime.world_size, device=runtime.device)  # (world_size,)
+        flags[runtime.rank] = float(error is not None)
+        failed = [rank for rank, flag in enumerate(runtime.sum(flags).tolist()) if flag]
+    if error is not None:
+        raise error
+    if failed:
+        raise OtherProcessFailed(f"stopped: rank{'s' if len(failed) > 1 else ''} "
+                                 f"{', '.join(map(str, failed))} failed (see {'their' if len(failed) > 1 else 'its'} message)")
+    return result
+
+
+def load_in_turn(runtime: Runtime, load: Callable[[], Result]) -> Result:
+    """Run `load` on every process, rank 0 first: it downloads whatever is missing (data, BPE
+    files, weights) while the others wait, so no two downloads race on one cache. Then the
+    first process of each other machine (its own cache, where the machines share no disk),
+    then all the rest, from the cache. Every process learns after each turn whether it went
+    well: a failure stops them all."""
+    if not runtime.distributed:
+        return load()
+    my_turn = 0 if runtime.rank == 0 else 1 if runtime.local_rank == 0 else 2
+    for turn in range(3):
+        loaded = together(runtime, load if turn == my_turn else None)
+        if turn == my_turn:
+            result = loaded
+    return result
+
+
+class ClassifierForward(nn.Module):
+    """The classifier's two ways in behind one `forward`: token ids through the whole model
+    (start_block None), or the cached output of the frozen blocks[:start_block] through the
+    rest. DistributedDataParallel acts when its module is called (it prepares the gradient
+    all-reduce there), so both ways must pass through one module's __call__."""
+
+    def __init__(self, classifier: classify.GPTClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor, start_block: int | None = None) -> torch.Tensor:
+        if start_block is None:
+            return self.classifier(inputs, lengths)  # inputs: token ids (B, T) -> (B, K)
+        return self.classifier.forward_from(inputs, lengths, start_block)  # inputs: hidden (B, T, C) -> (B, K)
+
+
+def data_parallel(model: classify.GPTClassifier, runtime: Runtime) -> nn.Module:
+    """What a training step calls. One process: the classifier. Under torchrun: the classifier
+    inside DistributedDataParallel, which copies rank 0's weights to every process when built
+    and, during backward, averages the gradients of the trainable parameters over the
+    processes (frozen ones, requires_grad False when it is built, are left out). Build it again
+    whenever the trainable set changes (gradual): every process does so at the same epoch."""
+    forward = ClassifierForward(model)
+    if not runtime.distributed:
+        return forward
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(forward, device_ids=device_ids)  # the model has no buffers to sync
 
 
 # --------------------------------------------------------------------------- step 1: labelled text
@@ -409,9 +572,7 @@ def refresh_prefix_caches(
             continue
         split_inputs.cache = None  # free the old cache before building the new one
         budget = CACHE_MEMORY_BUDGET * sum(split_inputs.dataset.lengths) // total_tokens
-        split_inputs.cache = classify.PrefixCache.build(
-            model, split_inputs.dataset.token_ids, start_block, runtime.device, memory_budget_bytes=budget
-        )
+        split_inputs.cache = build_prefix_cache(model, split_inputs.dataset, start_block, runtime, budget)
     caches = [split_inputs.cache for split_inputs in inputs.values()]
     if any(cache is None for cache in caches):
         for split_inputs in inputs.values():
@@ -426,25 +587,79 @@ def refresh_prefix_caches(
     )
 
 
+def build_prefix_cache(
+    model: classify.GPTClassifier, dataset: data.ClassificationDataset, start_block: int, runtime: Runtime,
+    memory_budget_bytes: int,
+) -> classify.PrefixCache | None:
+    """The frozen prefix's output for every text of a split (None: it does not fit the budget).
+
+    Under torchrun each process runs the frozen blocks over its own share of the texts (every
+    world_size-th in order of length, so the shares cost the same), then each share is
+    broadcast from its process into one tensor that every process keeps whole: a training
+    batch may hand any text to any process, and the prefix still runs once per text in all.
+    """
+    if not runtime.distributed:
+        return classify.PrefixCache.build(
+            model, dataset.token_ids, start_block, runtime.device, memory_budget_bytes=memory_budget_bytes
+        )
+    by_length = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])
+    shares = [by_length[rank :: runtime.world_size] for rank in range(runtime.world_size)]
+    mine = shares[runtime.rank]
+    budget = memory_budget_bytes * sum(dataset.lengths[i] for i in mine) // sum(dataset.lengths)
+    piece = classify.PrefixCache.build(
+        model, [dataset.token_ids[i] for i in mine], start_block, runtime.device, memory_budget_bytes=budget
+    )
+    # What every process needs to know of every piece: its storage (0: it did not fit, 1:
+    # float32, 2: float16) and how many positions it stores per text (summed: each text is in one share).
+    storage = torch.zeros(runtime.world_size, dtype=torch.long)  # (world_size,)
+    lengths = torch.zeros(len(dataset), dtype=torch.long)  # (N,)
+    if piece is not None:
+        storage[runtime.rank] = 1 if piece.dtype == torch.float32 else 2
+        lengths[mine] = piece.lengths
+    storage = runtime.sum(storage.to(runtime.device)).tolist()
+    lengths = runtime.sum(lengths.to(runtime.device)).cpu()  # (N,)
+    if 0 in storage:
+        return None  # every process takes the same decision: it sees every piece's storage
+    dtype = torch.float16 if 2 in storage else torch.float32
+    offsets = torch.empty(len(dataset), dtype=torch.long)  # (N,)
+    states = torch.empty(int(lengths.sum()), model.gpt.cfg.emb_dim, dtype=dtype, device=runtime.device)  # (rows, C)
+    row = 0
+    for rank, share in enumerate(shares):
+        share_lengths = lengths[share]  # (n,) positions stored per text, in the share's order
+        offsets[share] = row + torch.cumsum(share_lengths, dim=0) - share_lengths
+        rows = int(share_lengths.sum())
+        if rows:
+            share_states = states[row : row + rows]  # (rows of this share, C), a view
+            if rank == runtime.rank:
+                share_states.copy_(piece.states)
+            dist.broadcast(share_states, src=rank)
+        row += rows
+    if dtype == torch.float16 and not bool(torch.isfinite(states).all()):
+        return None  # a float32 share beyond float16's range (the shares' budgets disagreed)
+    return classify.PrefixCache(states, offsets, lengths, start_block)
+
+
 def forward_batch(
-    model: classify.GPTClassifier, inputs: SplitInputs, indices: list[int], runtime: Runtime
+    network: nn.Module, inputs: SplitInputs, indices: list[int], runtime: Runtime
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of the examples at `indices`: through the whole model (steps 2-5), or
-    from the cached frozen prefix through the trainable top only. Same numbers either way."""
+    from the cached frozen prefix through the trainable top only. Same numbers either way.
+    `network` is a ClassifierForward, or the DistributedDataParallel around one."""
     labels = inputs.labels[indices].to(runtime.device)  # (B,)
     with runtime.autocast:
         if inputs.cache is not None:
             hidden, lengths = inputs.cache.batch(indices)  # (B, T, C), (B,)
-            logits = model.forward_from(hidden, lengths.to(runtime.device), inputs.cache.start_block)  # (B, K)
+            logits = network(hidden, lengths.to(runtime.device), inputs.cache.start_block)  # (B, K)
         else:
             batch = data.collate([inputs.dataset[i] for i in indices]).to(runtime.device)
-            logits = model(batch.token_ids, batch.lengths)  # (B, K)
+            logits = network(batch.token_ids, batch.lengths)  # (B, K)
     return logits.float(), labels
 
 
 def training_batches(lengths: list[int], cfg: TrainConfig) -> data.BucketBatchSampler:
     """Batches of similar-length texts, reshuffled every epoch (call set_epoch) from one seed.
-    (A distributed run would hand each process its own share of these batches.)"""
+    --batch-size is the whole batch: under torchrun every process draws these same batches
+    and trains on its share of each (Runtime.share)."""
     return data.BucketBatchSampler(lengths, cfg.batch_size, cfg.seed)
 
 
@@ -472,15 +687,26 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(model: classify.GPTClassifier, inputs: SplitInputs, batch_size: int, runtime: Runtime) -> Evaluation:
-    """Mean loss and every prediction over a split, in batches ordered by length."""
+    """Mean loss and every prediction over a split, in batches ordered by length.
+
+    Under torchrun each process predicts its share of every batch; the predictions (zero where
+    another process predicted) and the loss are summed over the processes, so every process
+    holds the whole split's and computes the same metrics (rank 0 alone prints them)."""
     model.eval()
+    network = ClassifierForward(model)
     num_examples = len(inputs.dataset)
-    predictions = torch.empty(num_examples, dtype=torch.long)  # (N,)
+    predictions = torch.zeros(num_examples, dtype=torch.long)  # (N,)
     loss_sum = 0.0
     for indices in data.BucketBatchSampler(inputs.dataset.lengths, batch_size, seed=0, shuffle=False):
-        logits, labels = forward_batch(model, inputs, indices, runtime)  # (B, K), (B,)
+        mine = runtime.share(indices)
+        if not mine:
+            continue
+        logits, labels = forward_batch(network, inputs, mine, runtime)  # (B, K), (B,)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        predictions[indices] = logits.argmax(dim=-1).cpu()  # (B,)
+        predictions[mine] = logits.argmax(dim=-1).cpu()  # (B,)
+    if runtime.distributed:
+        loss_sum = runtime.sum(torch.tensor(loss_sum, dtype=torch.float64, device=runtime.device)).item()
+        predictions = runtime.sum(predictions.to(runtime.device)).cpu()  # (N,)
     return Evaluation(loss_sum / num_examples, inputs.labels.tolist(), predictions.tolist())
 
 
@@ -572,6 +798,7 @@ class Progress:
 
 def train_one_epoch(
     model: classify.GPTClassifier,
+    network: nn.Module,
     optimizer: torch.optim.Optimizer,
     inputs: dict[str, SplitInputs],
     sampler: data.BucketBatchSampler,
@@ -582,7 +809,8 @@ def train_one_epoch(
     log: Log,
 ) -> tuple[float, float, list[dict]]:
     """One pass over the training batches: steps 6 and 7 for each. Returns the epoch's mean
-    training loss and accuracy (measured while training) and the --eval-every checks."""
+    training loss and accuracy (measured while training) and the --eval-every checks.
+    `network` is what data_parallel built around `model`."""
     sampler.set_epoch(epoch)  # a new batch order every epoch, the same for every run with this seed
     steps_per_epoch = len(sampler)
     log_every = max(1, steps_per_epoch // 10)  # about ten progress lines per epoch
@@ -591,26 +819,34 @@ def train_one_epoch(
     seen, checks = 0, []
     model.train()
     for step_in_epoch, indices in enumerate(sampler, start=1):
-        logits, labels = forward_batch(model, inputs["train"], indices, runtime)  # (B, K), (B,)
+        mine = runtime.share(indices)  # the whole batch in one process
+        # A process whose share is empty (a last batch smaller than the number of processes)
+        # still runs one text, weighted 0: DDP's gradient all-reduce needs every process.
+        logits, labels = forward_batch(network, inputs["train"], mine or indices[:1], runtime)  # (b, K), (b,)
         loss = supervised_loss(logits, labels)  # step 6
+        # DDP averages the processes' gradients; weighting each one's mean loss by its share of
+        # the batch makes that average the gradient of the whole batch's mean loss (weight 1 alone).
+        weight = len(mine) * runtime.world_size / len(indices)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # gradients reach the trainable parameters only
+        (loss * weight).backward()  # gradients reach the trainable parameters only
         optimizer.step()  # step 7: AdamW moves them against their gradient
 
         progress.advance(len(indices))
-        loss_sum += loss.detach() * len(indices)
-        correct += (logits.argmax(dim=-1) == labels).sum()
+        if mine:
+            loss_sum += loss.detach() * len(mine)
+            correct += (logits.argmax(dim=-1) == labels).sum()
         seen += len(indices)
         check_now = cfg.eval_every > 0 and progress.step % cfg.eval_every == 0
         if check_now or step_in_epoch % log_every == 0 or step_in_epoch == steps_per_epoch:
-            line = progress.line(epoch, cfg.epochs, step_in_epoch, steps_per_epoch, loss_sum.item() / seen)
+            mean_loss = runtime.sum(loss_sum).item() / seen  # every process: a collective
+            line = progress.line(epoch, cfg.epochs, step_in_epoch, steps_per_epoch, mean_loss)
             if check_now:
                 check = evaluate(model, inputs["validation"], max(cfg.batch_size, 32), runtime)
                 model.train()
                 checks.append({"step": progress.step, "validation_loss": check.loss})
                 line += f"  validation loss {check.loss:.4f}"
             log(line)
-    return loss_sum.item() / seen, correct.item() / seen, checks
+    return runtime.sum(loss_sum).item() / seen, runtime.sum(correct).item() / seen, checks
 
 
 def train_classifier(
@@ -624,6 +860,7 @@ def train_classifier(
     """Epoch after epoch: (for "gradual", unfreeze one more block), train, then measure on the
     validation set. Keeps a copy of the weights of the epoch with the best validation accuracy."""
     optimizer = make_optimizer(classify.trainable_parameters(model), cfg)
+    network = data_parallel(model, runtime)  # under torchrun: the same weights everywhere from here on
     sampler = training_batches(inputs["train"].dataset.lengths, cfg)
     cache = refresh_prefix_caches(model, inputs, cfg.use_prefix_cache, runtime)
     log(cache.describe())
@@ -642,12 +879,14 @@ def train_classifier(
             for name, value in trainable_state(model).items():
                 best_state.setdefault(name, value)  # still its value at the best epoch: it was frozen
             if add_unfrozen_parameters(optimizer, model):
+                del network  # the old DDP and its gradient hooks go first
+                network = data_parallel(model, runtime)  # DDP synchronises the new trainable set too
                 cache = refresh_prefix_caches(model, inputs, cfg.use_prefix_cache, runtime)
                 cache_seconds += cache.seconds
                 log(f"epoch {epoch + 1}: unfrozen, now training {describe_trainable(model)}; {cache.describe()}")
         trainable = describe_trainable(model)
         train_loss, train_accuracy, checks = train_one_epoch(
-            model, optimizer, inputs, sampler, epoch, cfg, runtime, progress, log
+            model, network, optimizer, inputs, sampler, epoch, cfg, runtime, progress, log
         )
         step_checks += checks
         validation = evaluate(model, inputs["validation"], max(cfg.batch_size, 32), runtime)
@@ -771,6 +1010,8 @@ def metrics_document(
         "epoch_seconds": training.epoch_seconds,  # each with its validation pass
         "training_examples_per_second": examples / sum(training.epoch_seconds),
     }
+    if runtime.distributed:
+        document["timing"]["processes"] = runtime.world_size  # the results do not depend on it
     return document
 
 
@@ -917,19 +1158,58 @@ def log_reports(result: RunResult, tokens: TokenizedSplits, log: Log) -> None:
         f"{parameters['trainable']:,} of {parameters['total']:,} ({parameters['share']:.2%})")
 
 
+def quiet(message: str) -> None:
+    """The log of every process but rank 0."""
+
+
+def batch_description(cfg: TrainConfig, runtime: Runtime) -> str:
+    if not runtime.distributed:
+        return f"batch size {cfg.batch_size}"
+    return (f"batch size {cfg.batch_size} (the global batch: texts per weight update, shared by "
+            f"{runtime.world_size} processes, about {cfg.batch_size / runtime.world_size:g} each)")
+
+
+@contextlib.contextmanager
+def main_process_output(out: Path, runtime: Runtime) -> Iterator[Path | None]:
+    """staged_output on rank 0 alone; the other processes write nothing (None). Every process
+    learns whether rank 0 could create it before any work starts."""
+    with contextlib.ExitStack() as stack:
+        yield together(runtime, (lambda: stack.enter_context(staged_output(out))) if runtime.is_main_process else None)
+
+
+def load_text_and_tokens(cfg: TrainConfig, model_shape: gpt.GPTConfig) -> tuple[data.Splits, TokenizedSplits]:
+    """Steps 1 and 2."""
+    splits = load_labelled_text(cfg)
+    tokenizer = data.get_tokenizer("gpt2")
+    return splits, tokenize(splits, tokenizer, cfg.max_length, model_shape.context_length)
+
+
 def run(cfg: TrainConfig, argv: list[str], log: Log) -> int:
     """The main job: check the arguments, then the seven steps for each strategy, evaluation,
-    and the run folder (written only when complete)."""
+    and the run folder (written only when complete). Under torchrun every process runs this;
+    rank 0 alone prints and writes."""
     started = time.perf_counter()
     model_shape = check_config(cfg)
-    runtime = Runtime(pick_device(cfg.device))
+    runtime = start_runtime(cfg.device)
+    log = log if runtime.is_main_process else quiet
+    if runtime.distributed:
+        log(f"torchrun: {runtime.world_size} processes train together ({dist.get_backend()}, "
+            f"DistributedDataParallel), rank 0 on {runtime.device}")
+    try:
+        return train_and_write(cfg, model_shape, argv, runtime, log, started)
+    finally:
+        stop_runtime(runtime)
+
+
+def train_and_write(
+    cfg: TrainConfig, model_shape: gpt.GPTConfig, argv: list[str], runtime: Runtime, log: Log, started: float
+) -> int:
+    """Steps 1-7 for each strategy, the evaluation and the run folder (rank 0 alone writes it)."""
     out = Path(cfg.out) if cfg.out else default_out_dir()
-    with staged_output(out) as staging:
-        splits = load_labelled_text(cfg)  # step 1
-        tokenizer = data.get_tokenizer("gpt2")
-        tokens = tokenize(splits, tokenizer, cfg.max_length, model_shape.context_length)  # step 2
+    with main_process_output(out, runtime) as staging:
+        splits, tokens = load_in_turn(runtime, lambda: load_text_and_tokens(cfg, model_shape))  # steps 1-2
         log(describe_data(splits, tokens, cfg))
-        gpt_model = load_gpt(cfg, model_shape)  # step 3
+        gpt_model = load_in_turn(runtime, lambda: load_gpt(cfg, model_shape))  # step 3
         log(f"3. GPT: {cfg.model}, {'pretrained' if cfg.init == 'pretrained' else 'random'} weights, "
             f"{sum(p.numel() for p in gpt_model.parameters()):,} parameters, on {runtime.device}")
         label_names = splits.label_names
@@ -937,15 +1217,17 @@ def run(cfg: TrainConfig, argv: list[str], log: Log) -> int:
         log(f"4. representation: pooling {cfg.pooling!r}; 5. classification head: "
             f"Linear({model_shape.emb_dim} -> {len(label_names)})")
         log(f"6. supervised loss: cross-entropy; 7. weight update: AdamW lr {cfg.lr:g}, weight decay "
-            f"{cfg.weight_decay:g}, batch size {cfg.batch_size}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}")
+            f"{cfg.weight_decay:g}, {batch_description(cfg, runtime)}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}")
 
         results = []
         for strategy in cfg.compare or [cfg.strategy]:
-            run_dir = staging / strategy if cfg.compare else staging
-            run_dir.mkdir(exist_ok=True)
             model, result = run_strategy(initial, tokens, label_names, cfg, strategy, runtime, log)
             results.append(result)
             log_reports(result, tokens, log)
+            if staging is None:  # not rank 0
+                continue
+            run_dir = staging / strategy if cfg.compare else staging
+            run_dir.mkdir(exist_ok=True)
             model.cpu()
             classify.save_classifier(model, run_dir, label_names, tokens.max_length)
             del model
@@ -954,7 +1236,7 @@ def run(cfg: TrainConfig, argv: list[str], log: Log) -> int:
             write_json(run_dir / "metrics.json", document)
             if cfg.plot:
                 log(write_plots(result, run_dir))
-        if cfg.compare:
+        if cfg.compare and staging is not None:
             rows = comparison_rows(results)
             write_json(staging / "compare.json", {"rows": rows, "arguments": {"argv": argv, "config": asdict(cfg)}})
             log("\n" + format_comparison(rows))
@@ -969,6 +1251,7 @@ def one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    label = process_label()  # '[rank 1] ' under torchrun: every process reports its own failure
 
     def log(message: str) -> None:
         print(message, flush=True)
@@ -978,12 +1261,20 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the output went to a pipe that closed (`| head`): stop quietly
         return 1
     except ConnectionError as error:
-        print(f"error: {one_line(error)}; {OFFLINE_HINT}", file=sys.stderr)
+        print(f"{label}error: {one_line(error)}; {OFFLINE_HINT}", file=sys.stderr)
     except (ValueError, OSError) as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        print(f"{label}error: {one_line(error)}", file=sys.stderr)
     except KeyboardInterrupt:
-        print("interrupted: no run folder was written", file=sys.stderr)
+        print(f"{label}interrupted: no run folder was written", file=sys.stderr)
         return 130
+    except (OtherProcessFailed, StoppedByTorchrun) as error:
+        # another process failed and said why; rank 0 says that this one stopped
+        if label == "[rank 0] ":
+            print(f"{label}{one_line(error)}", file=sys.stderr)
+    except Exception as error:
+        if label:  # a bug or out of memory on one process: name it, then the traceback
+            print(f"{label}error: {type(error).__name__}: {one_line(error)}", file=sys.stderr, flush=True)
+        raise
     return 2
 
 
