@@ -1,0 +1,255 @@
+"""train.py under torchrun: two CPU processes (gloo) train the model that one process trains.
+
+Each test starts `python -m torch.distributed.run --nproc_per_node=2` on 127.0.0.1, on the tiny
+random GPT and the SMS slice of test_train.py, and compares with one process in this one. The
+claims: the weights and metrics.json are those of one process with the same global batch (a
+batch of 3 does not divide by 2, and the last batch leaves one process nothing), for every
+strategy; one weight update computes the whole batch's gradient (plain SGD, which unlike AdamW
+would show a wrongly scaled gradient); rank 0 alone prints and writes; a failure on any process
+stops both, with its message, and leaves nothing behind.
+
+This file is also the program torchrun runs for the last two claims (see the end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run by torchrun as a script
+    sys.path.insert(0, str(REPO))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import classify  # noqa: E402
+import data  # noqa: E402
+import gpt  # noqa: E402
+import train  # noqa: E402
+from test_train import TINY_GPT, load_metrics, run_in, tiny_args, without_timing, workspace  # noqa: E402, F401
+
+STRATEGIES = ["head", "last-block", "last-2-blocks", "all", "gradual", "lora"]
+TIMEOUT = 120  # seconds: far more than a run needs; a hang fails the test instead of the CI
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(program: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`program args` in two processes under torchrun, working directory `cwd`."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(program), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # tiktoken's cache: conftest
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both processes
+        process.communicate()
+        pytest.fail(f"torchrun {' '.join(args)} hung for {TIMEOUT} s")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+# --------------------------------------------------------------------------- the same result as one process
+
+GLOBAL_BATCH = ["--batch-size", "3"]  # 46 training texts: 15 batches of 3 (2 + 1 per process), then 1 (1 + 0)
+
+
+@pytest.fixture(scope="module")
+def two_runs(workspace: Path) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """Every strategy (--compare) in one process, here, and in two processes under torchrun,
+    with the same arguments, each from its own working directory."""
+    args = tiny_args(workspace, *GLOBAL_BATCH, "--eval-every", "5", "--compare", ",".join(STRATEGIES), "--out", "run")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        single = workspace / "one-process"
+        single.mkdir()
+        monkeypatch.chdir(single)
+        assert train.main(args) == 0
+    distributed = torchrun(REPO / "train.py", args, workspace / "two-processes")
+    assert distributed.returncode == 0, distributed.stderr
+    return single / "run", workspace / "two-processes" / "run", distributed
+
+
+def assert_same_document(one: object, two: object, where: str = "") -> None:
+    """Equal, floats within rounding (the processes add in another order): counts, classes,
+    confusion matrices and arguments exactly."""
+    if isinstance(one, dict):
+        assert one.keys() == two.keys(), where
+        for key in one:
+            assert_same_document(one[key], two[key], f"{where}.{key}")
+    elif isinstance(one, list):
+        assert len(one) == len(two), where
+        for i, (a, b) in enumerate(zip(one, two)):
+            assert_same_document(a, b, f"{where}[{i}]")
+    elif isinstance(one, float):
+        assert two == pytest.approx(one, rel=1e-5, abs=1e-6), where
+    else:
+        assert one == two, where
+
+
+def assert_same_weights(one: Path, two: Path) -> None:
+    """The saved classifiers agree, with one exception: the key part of each attention's c_attn
+    bias. Its gradient is zero in exact arithmetic (adding one vector to every key shifts all of
+    a query's scores alike, and softmax ignores that), so AdamW steps it by rounding noise alone,
+    which differs between any two ways of adding up the same gradient."""
+    weights_one = classify.load_classifier(one)[0].state_dict()
+    weights_two = classify.load_classifier(two)[0].state_dict()
+    assert weights_one.keys() == weights_two.keys()
+    width = TINY_GPT["n_embd"]
+    for name, tensor in weights_one.items():
+        other = weights_two[name]
+        if name.endswith("attn.c_attn.bias"):
+            tensor, other = torch.cat([tensor[:width], tensor[2 * width :]]), torch.cat([other[:width], other[2 * width :]])
+        torch.testing.assert_close(other, tensor, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_processes_give_one_process_weights_and_metrics(strategy, two_runs):
+    single, distributed, _ = two_runs
+    assert_same_weights(single / strategy, distributed / strategy)
+    one, two = load_metrics(single / strategy), load_metrics(distributed / strategy)
+    assert two["timing"]["processes"] == 2 and "processes" not in one["timing"]
+    assert_same_document(without_timing(one), without_timing(two))
+
+
+def test_gradual_unfreezes_on_both_processes_alike(two_runs):
+    """The trainable set changes between epochs; both processes rebuild DDP at the same epoch."""
+    single, distributed, _ = two_runs
+    schedule = [record["trainable"] for record in load_metrics(distributed / "gradual")["history"]]
+    assert schedule == [record["trainable"] for record in load_metrics(single / "gradual")["history"]]
+    assert schedule[0] != schedule[1]
+
+
+def test_rank_0_alone_prints_and_writes(two_runs):
+    single, distributed, completed = two_runs
+    assert os.listdir(distributed.parent) == ["run"], "nothing else in the working directory"
+    assert sorted(p.name for p in distributed.iterdir()) == sorted(p.name for p in single.iterdir())
+    for strategy in STRATEGIES:
+        assert sorted(os.listdir(distributed / strategy)) == ["classifier.safetensors", "config.json", "metrics.json"]
+    assert completed.stdout.count("1. labelled text") == 1, "one process prints"
+    assert completed.stdout.count("strategy head:") == 1 and completed.stdout.count("test F1 (spam)") == 1
+    assert "batch size 3 (the global batch" in completed.stdout and "2 processes" in completed.stdout
+    rows = [{k: v for k, v in row.items() if k != "training_seconds"}
+            for folder in (single, distributed) for row in json.loads((folder / "compare.json").read_text())["rows"]]
+    assert_same_document(rows[: len(STRATEGIES)], rows[len(STRATEGIES) :])
+
+
+# --------------------------------------------------------------------------- one weight update
+
+
+def sgd_epoch(runtime: train.Runtime, strategy: str) -> dict:
+    """One epoch of plain SGD (3 steps: batches of 3, 3 and 1) on 7 short texts, and an
+    evaluation in batches of 2; the same in every process (one seed)."""
+    torch.manual_seed(0)
+    shape = gpt.GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_layers=2, n_heads=2)
+    model = classify.GPTClassifier(gpt.GPTModel(shape), num_classes=2)
+    classify.apply_strategy(model, strategy)
+    token_ids = [torch.randint(0, 100, (n,)).tolist() for n in (3, 5, 8, 2, 7, 4, 6)]
+    dataset = data.ClassificationDataset(token_ids, [0, 1, 1, 0, 1, 0, 0])
+    inputs = {name: train.SplitInputs.of(dataset) for name in ("train", "validation", "test")}
+    cfg = train.TrainConfig(batch_size=3, epochs=1)
+    network = train.data_parallel(model, runtime)
+    cache = train.refresh_prefix_caches(model, inputs, True, runtime)
+    optimizer = torch.optim.SGD(classify.trainable_parameters(model), lr=0.5)
+    sampler = train.training_batches(dataset.lengths, cfg)
+    loss, accuracy, _ = train.train_one_epoch(model, network, optimizer, inputs, sampler, 0, cfg, runtime,
+                                              train.Progress(len(sampler)), train.quiet)
+    evaluation = train.evaluate(model, inputs["validation"], 2, runtime)
+    return {"weights": train.trainable_state(model), "train": [loss, accuracy], "cache": cache.used,
+            "evaluation": [evaluation.loss, evaluation.y_pred]}
+
+
+SGD_STRATEGIES = ["head", "last-block", "all", "lora"]  # cached one position, cached blocks, full path, adapters
+
+
+def test_one_update_is_the_whole_batch_gradient(tmp_path):
+    completed = torchrun(Path(__file__), ["sgd-epoch", str(tmp_path)], tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    for strategy in SGD_STRATEGIES:
+        one = sgd_epoch(train.Runtime(torch.device("cpu")), strategy)
+        assert one["cache"] == (strategy in ("head", "last-block"))
+        for rank in (0, 1):
+            two = torch.load(tmp_path / f"{strategy}-rank{rank}.pt")
+            assert two["cache"] == one["cache"]
+            assert two["weights"].keys() == one["weights"].keys()
+            for name, tensor in one["weights"].items():
+                torch.testing.assert_close(two["weights"][name], tensor, rtol=1e-5, atol=1e-6)
+            assert two["train"] == pytest.approx(one["train"], rel=1e-5)
+            assert two["evaluation"][0] == pytest.approx(one["evaluation"][0], rel=1e-5)
+            assert two["evaluation"][1] == one["evaluation"][1]
+
+
+# --------------------------------------------------------------------------- failures stop every process
+
+
+def test_bad_input_on_every_process_stops_both_with_its_message(workspace):
+    one_class = workspace / "one-class.txt"
+    one_class.write_text("ham\tsee you soon\nham\tok lunch then\nham\tcall me later\n", encoding="utf-8")
+    args = tiny_args(workspace, "--out", "run")
+    args[args.index("--data") + 1] = str(one_class)
+    folder = workspace / "bad-input"
+    completed = torchrun(REPO / "train.py", args, folder)
+    assert completed.returncode != 0
+    assert "[rank 0] error: " in completed.stderr and "two classes" in completed.stderr
+    assert list(folder.iterdir()) == []
+
+
+def test_a_failure_on_rank_0_alone_stops_the_others(workspace):
+    """--out is checked by rank 0 alone; the others learn of its failure and stop."""
+    (workspace / "not-a-folder").write_text("a file")
+    folder = workspace / "unwritable"
+    completed = torchrun(REPO / "train.py", tiny_args(workspace, "--out", str(workspace / "not-a-folder" / "run")), folder)
+    assert completed.returncode != 0
+    assert "[rank 0] error: --out" in completed.stderr
+    assert "1. labelled text" not in completed.stdout  # stopped before any work, on both processes
+    assert list(folder.iterdir()) == []
+
+
+def test_a_failure_on_rank_1_mid_training_stops_both_and_leaves_nothing(workspace):
+    folder = workspace / "rank-1-fails"
+    completed = torchrun(Path(__file__), ["fail-on-rank-1", *tiny_args(workspace, "--out", "runs/run")], folder)
+    assert completed.returncode != 0
+    assert "[rank 1] error: RuntimeError: out of memory (a test's)" in completed.stderr
+    assert "epoch 1/2  step" in completed.stdout, "it failed during training"
+    assert list(folder.iterdir()) == [], "rank 0 removed its unfinished run folder"
+
+
+# --------------------------------------------------------------------------- what torchrun runs
+
+
+def worker(argv: list[str]) -> int:
+    """`sgd-epoch FOLDER`: save each strategy's sgd_epoch per rank. `fail-on-rank-1 ARGS`:
+    train.main(ARGS), where rank 1's third loss raises."""
+    mode, rest = argv[0], argv[1:]
+    if mode == "sgd-epoch":
+        runtime = train.start_runtime("cpu")
+        for strategy in SGD_STRATEGIES:
+            torch.save(sgd_epoch(runtime, strategy), Path(rest[0]) / f"{strategy}-rank{runtime.rank}.pt")
+        train.stop_runtime(runtime)
+        return 0
+    calls = []
+    loss = train.supervised_loss
+
+    def failing_loss(logits, labels):
+        calls.append(1)
+        if os.environ["RANK"] == "1" and len(calls) == 3:
+            raise RuntimeError("out of memory (a test's)")
+        return loss(logits, labels)
+
+    train.supervised_loss = failing_loss
+    return train.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(worker(sys.argv[1:]))
