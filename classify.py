@@ -29,7 +29,6 @@ import os
 import re
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import data
-from gpt import Block, GPTConfig, GPTModel, read_safetensors, write_safetensors
+from gpt import Block, GPTConfig, GPTModel, atomic_open, read_safetensors, write_safetensors
 
 POOLINGS = ("last", "mean", "first")
 
@@ -576,18 +575,8 @@ def save_classifier(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).unlink(missing_ok=True)
     write_safetensors(run_dir / WEIGHTS_FILE, classifier_tensors(model), metadata={"format": FORMAT})
-    _write_text_atomically(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # same folder: rename is atomic
-    try:
-        with open(temporary, "x", encoding="utf-8") as file:  # default permissions, as any new file
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with atomic_open(run_dir / CONFIG_FILE) as file:
+        file.write((json.dumps(config.to_dict(), indent=2) + "\n").encode("utf-8"))
 
 
 def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[GPTClassifier, ClassifierConfig]:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -127,7 +125,8 @@ def download_sms_spam(
             f"{hashlib.sha256(content).hexdigest()}, expected {SMS_SPAM_SIZE} bytes and sha256 "
             f"{SMS_SPAM_SHA256}; pass the path of a good copy instead"
         )
-    _write_atomically(target, content)
+    with gpt.atomic_open(target) as file:
+        file.write(content)
     return target
 
 
@@ -141,18 +140,6 @@ def _extract_member(archive: Path, member: str, url: str) -> bytes:
             return zipped.read(names[0])
     except zipfile.BadZipFile as error:
         raise ValueError(f"{url}: not a valid zip archive ({error})") from error
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(content)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def read_sms_spam(path: str | Path) -> LabelledTexts:

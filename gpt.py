@@ -21,6 +21,7 @@ import warnings
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -33,6 +34,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -416,13 +418,23 @@ def write_safetensors(
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
 
+    with atomic_open(path) as file:
+        file.write(len(header_bytes).to_bytes(8, "little"))
+        file.write(header_bytes)
+        for tensor in tensors.values():
+            file.write(_tensor_bytes(tensor))
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A new binary file that appears at `path` only once completely written: it is written
+    to a temporary file in the same folder, flushed to disk, then renamed over `path`, so a
+    crash or Ctrl-C leaves either the old file or none, never half a file."""
+    path = Path(path)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # same folder: rename is atomic
     try:
         with open(temporary, "xb") as file:
-            file.write(len(header_bytes).to_bytes(8, "little"))
-            file.write(header_bytes)
-            for tensor in tensors.values():
-                file.write(_tensor_bytes(tensor))
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
