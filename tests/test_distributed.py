@@ -149,15 +149,18 @@ def test_rank_0_alone_prints_and_writes(two_runs):
 
 
 def sgd_epoch(runtime: train.Runtime, strategy: str) -> dict:
-    """One epoch of plain SGD (3 steps: batches of 3, 3 and 1) on 7 short texts, and an
-    evaluation in batches of 2; the same in every process (one seed)."""
+    """One epoch of plain SGD (3 steps: batches of 3, 3 and 1) on 7 short texts, then an
+    evaluation in batches of 2 and one of a one-text split (fewer texts than processes: one
+    process caches and predicts nothing); the same in every process (one seed)."""
     torch.manual_seed(0)
     shape = gpt.GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_layers=2, n_heads=2)
     model = classify.GPTClassifier(gpt.GPTModel(shape), num_classes=2)
     classify.apply_strategy(model, strategy)
     token_ids = [torch.randint(0, 100, (n,)).tolist() for n in (3, 5, 8, 2, 7, 4, 6)]
     dataset = data.ClassificationDataset(token_ids, [0, 1, 1, 0, 1, 0, 0])
-    inputs = {name: train.SplitInputs.of(dataset) for name in ("train", "validation", "test")}
+    one_text = data.ClassificationDataset(token_ids[:1], [0])
+    inputs = {"train": train.SplitInputs.of(dataset), "validation": train.SplitInputs.of(one_text),
+              "test": train.SplitInputs.of(dataset)}
     cfg = train.TrainConfig(batch_size=3, epochs=1)
     network = train.data_parallel(model, runtime)
     cache = train.refresh_prefix_caches(model, inputs, True, runtime)
@@ -165,9 +168,9 @@ def sgd_epoch(runtime: train.Runtime, strategy: str) -> dict:
     sampler = train.training_batches(dataset.lengths, cfg)
     loss, accuracy, _ = train.train_one_epoch(model, network, optimizer, inputs, sampler, 0, cfg, runtime,
                                               train.Progress(len(sampler)), train.quiet)
-    evaluation = train.evaluate(model, inputs["validation"], 2, runtime)
+    evaluations = [train.evaluate(model, inputs[split], 2, runtime) for split in ("test", "validation")]
     return {"weights": train.trainable_state(model), "train": [loss, accuracy], "cache": cache.used,
-            "evaluation": [evaluation.loss, evaluation.y_pred]}
+            "evaluation": [[evaluation.loss, evaluation.y_pred] for evaluation in evaluations]}
 
 
 SGD_STRATEGIES = ["head", "last-block", "all", "lora"]  # cached one position, cached blocks, full path, adapters
@@ -186,8 +189,9 @@ def test_one_update_is_the_whole_batch_gradient(tmp_path):
             for name, tensor in one["weights"].items():
                 torch.testing.assert_close(two["weights"][name], tensor, rtol=1e-5, atol=1e-6)
             assert two["train"] == pytest.approx(one["train"], rel=1e-5)
-            assert two["evaluation"][0] == pytest.approx(one["evaluation"][0], rel=1e-5)
-            assert two["evaluation"][1] == one["evaluation"][1]
+            for (loss_two, predictions_two), (loss_one, predictions_one) in zip(two["evaluation"], one["evaluation"]):
+                assert loss_two == pytest.approx(loss_one, rel=1e-5)
+                assert predictions_two == predictions_one
 
 
 # --------------------------------------------------------------------------- failures stop every process
