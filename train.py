@@ -351,8 +351,8 @@ def together(runtime: Runtime, work: Callable[[], Result] | None) -> Result | No
     if error is not None:
         raise error
     if failed:
-        raise OtherProcessFailed(f"stopped: rank{'s' if len(failed) > 1 else ''} "
-                                 f"{', '.join(map(str, failed))} failed (see {'their' if len(failed) > 1 else 'its'} message)")
+        ranks = ", ".join(map(str, failed))
+        raise OtherProcessFailed(f"stopped: rank {ranks} failed (see the message{'s' if len(failed) > 1 else ''} above)")
     return result
 
 
@@ -1217,7 +1217,8 @@ def train_and_write(
         log(f"4. representation: pooling {cfg.pooling!r}; 5. classification head: "
             f"Linear({model_shape.emb_dim} -> {len(label_names)})")
         log(f"6. supervised loss: cross-entropy; 7. weight update: AdamW lr {cfg.lr:g}, weight decay "
-            f"{cfg.weight_decay:g}, {batch_description(cfg, runtime)}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}")
+            f"{cfg.weight_decay:g}, {batch_description(cfg, runtime)}, "
+            f"{cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}")
 
         results = []
         for strategy in cfg.compare or [cfg.strategy]:

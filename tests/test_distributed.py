@@ -110,7 +110,8 @@ def assert_same_weights(one: Path, two: Path) -> None:
     for name, tensor in weights_one.items():
         other = weights_two[name]
         if name.endswith("attn.c_attn.bias"):
-            tensor, other = torch.cat([tensor[:width], tensor[2 * width :]]), torch.cat([other[:width], other[2 * width :]])
+            tensor = torch.cat([tensor[:width], tensor[2 * width :]])  # query and value parts
+            other = torch.cat([other[:width], other[2 * width :]])
         torch.testing.assert_close(other, tensor, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -213,7 +214,8 @@ def test_a_failure_on_rank_0_alone_stops_the_others(workspace):
     """--out is checked by rank 0 alone; the others learn of its failure and stop."""
     (workspace / "not-a-folder").write_text("a file")
     folder = workspace / "unwritable"
-    completed = torchrun(REPO / "train.py", tiny_args(workspace, "--out", str(workspace / "not-a-folder" / "run")), folder)
+    args = tiny_args(workspace, "--out", str(workspace / "not-a-folder" / "run"))
+    completed = torchrun(REPO / "train.py", args, folder)
     assert completed.returncode != 0
     assert "[rank 0] error: --out" in completed.stderr
     assert "1. labelled text" not in completed.stdout  # stopped before any work, on both processes
