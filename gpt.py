@@ -59,6 +59,13 @@ class GPTConfig:
     qkv_bias: bool = True  # GPT-2's query/key/value projection has a bias
 
     def __post_init__(self) -> None:
+        sizes = {"vocab_size": self.vocab_size, "context_length": self.context_length,
+                 "emb_dim": self.emb_dim, "n_heads": self.n_heads}
+        wrong = {name: size for name, size in sizes.items() if not (isinstance(size, int) and size >= 1)}
+        if wrong or not (isinstance(self.n_layers, int) and self.n_layers >= 0):
+            raise ValueError(
+                f"GPTConfig: sizes must be integers >= 1 (n_layers >= 0); got {wrong or {'n_layers': self.n_layers}}"
+            )
         if self.emb_dim % self.n_heads:
             raise ValueError(f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
 
@@ -563,7 +570,7 @@ def config_from_shapes(
             n_heads=n_heads,
             qkv_bias="h.0.attn.c_attn.bias" in shapes or not layers,
         )
-    except (ValueError, ZeroDivisionError) as error:
+    except ValueError as error:
         raise ValueError(f"{source}: inconsistent GPT-2 shapes or metadata ({error})") from None
 
 

@@ -101,6 +101,13 @@ def test_more_tokens_than_the_context_is_an_error():
         model(torch.zeros(1, 5, dtype=torch.long))
 
 
+@pytest.mark.parametrize("sizes", [{"n_heads": 0}, {"emb_dim": -4, "n_heads": 2}, {"n_layers": -1}])
+def test_a_config_with_impossible_sizes_is_a_value_error(sizes):
+    # n_heads 0 used to escape as ZeroDivisionError (a traceback from classify.py on a bad config.json).
+    with pytest.raises(ValueError, match="must be integers >= 1"):
+        GPTConfig(**{"vocab_size": 10, "context_length": 4, "emb_dim": 4, "n_layers": 1, "n_heads": 1, **sizes})
+
+
 # --------------------------------------------------------------------------- safetensors
 
 
