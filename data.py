@@ -149,7 +149,9 @@ def read_sms_spam(path: str | Path) -> LabelledTexts:
     the file and line, never a silent drop.
     """
     path = Path(path)
-    return _parse_sms_spam(path, _read_text(path))
+    data = _parse_sms_spam(path, _read_text(path))
+    _require_two_classes(data, path)
+    return data
 
 
 def _parse_sms_spam(path: Path, content: str) -> LabelledTexts:
@@ -170,9 +172,7 @@ def _parse_sms_spam(path: Path, content: str) -> LabelledTexts:
             raise ValueError(f"{path}, line {line_number}: the text after the tab is empty")
         texts.append(text)
         labels.append(SMS_SPAM_LABELS.index(label))
-    data = LabelledTexts(texts, labels, list(SMS_SPAM_LABELS))
-    _require_two_classes(data, path)
-    return data
+    return LabelledTexts(texts, labels, list(SMS_SPAM_LABELS))
 
 
 def _read_text(path: Path) -> str:
@@ -305,7 +305,9 @@ def read_labelled(
     if not _is_sms_format(path, content):
         return _parse_table(path, content, text_column, label_column, label_names)
     data = _parse_sms_spam(path, content)
-    if label_names is not None and label_names != data.label_names:
+    if label_names is None:
+        _require_two_classes(data, path)  # (given names: a small test file may lack a class)
+    elif label_names != data.label_names:
         raise ValueError(f"{path}: the labels are {data.label_names}, expected {label_names}")
     return data
 

@@ -300,6 +300,18 @@ def test_separate_files_are_used_as_given(tmp_path):
         data.load_splits(files["train"], validation_path=sms, test_path=files["test"])
 
 
+def test_a_separate_sms_format_test_file_may_hold_one_class(tmp_path):
+    # As for CSV/TSV files: a small validation or test file may lack a class (it used to be refused).
+    train = tmp_path / "train"
+    train.write_text("".join(f"{'spam' if i % 2 else 'ham'}\ttext {i}\n" for i in range(10)), encoding="utf-8")
+    only_spam = tmp_path / "only_spam"
+    only_spam.write_text("spam\tpromo\nspam\tprize\n", encoding="utf-8")
+    splits = data.load_splits(train, validation_path=only_spam, test_path=only_spam)
+    assert splits.test.class_counts() == [0, 2]
+    with pytest.raises(ValueError, match="every example has the label 'spam'"):
+        data.read_labelled(only_spam)  # a training file still needs two classes
+
+
 # --------------------------------------------------------------------------- tokenization
 
 
