@@ -464,7 +464,8 @@ def load_gpt(cfg: TrainConfig, model_shape: gpt.GPTConfig) -> gpt.GPTModel:
         torch.manual_seed(cfg.seed)
         return gpt.GPTModel(model_shape)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-    return gpt.load_gpt2(cfg.model, cache_dir=cache_dir, progress=gpt.print_progress)
+    # model_shape is check_config's gpt.load_config(cfg.model): pass it, so the file is not parsed again
+    return gpt.load_gpt2(cfg.model, cache_dir=cache_dir, progress=gpt.print_progress, config=model_shape)
 
 
 # --------------------------------------------------------------------------- steps 4-5: representation, head, freezing
