@@ -536,6 +536,8 @@ class ClassifierConfig:
                 f"num_classes {fields.get('num_classes')!r} and label_names {config.label_names}: "
                 f"need one name per class, and at least 2 classes"
             )
+        if len(set(config.label_names)) != config.num_classes:
+            raise ValueError(f"label_names {config.label_names}: each class needs its own name")
         if config.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {config.pooling!r}; expected one of {', '.join(POOLINGS)}")
         if not 1 <= config.max_length <= config.gpt.context_length:

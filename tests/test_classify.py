@@ -464,6 +464,14 @@ def damage(run_dir, how):
         fields = json.loads(config_path.read_text())
         fields["label_names"], fields["num_classes"] = ["a", "b", "c"], 3
         config_path.write_text(json.dumps(fields))
+    elif how == "duplicate labels":  # predict's {name: probability} would lose a class
+        fields = json.loads(config_path.read_text())
+        fields["label_names"] = ["ham", "ham"]
+        config_path.write_text(json.dumps(fields))
+    elif how == "zero heads in config":  # was a ZeroDivisionError
+        fields = json.loads(config_path.read_text())
+        fields["gpt"]["n_heads"] = 0
+        config_path.write_text(json.dumps(fields))
     elif how == "truncated weights":
         weights_path.write_bytes(weights_path.read_bytes()[:1000])
     elif how == "a tensor missing":
@@ -471,7 +479,8 @@ def damage(run_dir, how):
 
 
 DAMAGES = ["no config", "no weights", "corrupt json", "not a classifier config", "wider model in config",
-           "deeper model in config", "three labels", "truncated weights", "a tensor missing"]
+           "deeper model in config", "three labels", "duplicate labels", "zero heads in config", "truncated weights",
+           "a tensor missing"]
 
 
 @pytest.mark.parametrize("how", DAMAGES)
