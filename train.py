@@ -199,6 +199,8 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
     for flag, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
         if value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
+    if "lora" in (cfg.compare or [cfg.strategy]) and cfg.lora_rank < 1:
+        raise ValueError(f"--lora-rank {cfg.lora_rank}: must be at least 1")
     if cfg.lr <= 0:
         raise ValueError(f"--lr {cfg.lr}: must be greater than 0")
     for flag, value in (("--weight-decay", cfg.weight_decay), ("--eval-every", cfg.eval_every)):

@@ -242,6 +242,13 @@ def test_bad_arguments_give_one_line_and_exit_code_2(case, workspace, monkeypatc
     assert not (workspace / "bad" / "run").exists()
 
 
+def test_lora_rank_is_checked_before_any_work():
+    # Before the check it failed only in apply_strategy, after the data and weights were loaded.
+    with pytest.raises(ValueError, match="--lora-rank 0: must be at least 1"):
+        train.check_config(train.TrainConfig(strategy="lora", lora_rank=0))
+    train.check_config(train.TrainConfig(strategy="head", lora_rank=0))  # unused by other strategies
+
+
 def test_one_class_data_is_refused(workspace, monkeypatch, capsys):
     args = tiny_args(workspace, "--out", "run") + ["--data", str(write_one_class_file(workspace))]
     code, _, stderr = run_in(workspace / "one-class", args, monkeypatch, capsys)
