@@ -327,8 +327,14 @@ def start_runtime(device_name: str) -> Runtime:
     return Runtime(device, rank, world_size, local_rank)
 
 
-def stop_runtime(runtime: Runtime) -> None:
+def stop_runtime(runtime: Runtime, *, wait_for_others: bool = False) -> None:
+    """Leave the process group. After a successful run, `wait_for_others` first waits until
+    every process has got here, so that none tears the group down while another still
+    exchanges with it (gloo then aborts the process); after a failure, don't wait: another
+    process may never arrive."""
     if runtime.distributed and dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -1199,9 +1205,12 @@ def run(cfg: TrainConfig, argv: list[str], log: Log) -> int:
         log(f"torchrun: {runtime.world_size} processes train together ({dist.get_backend()}, "
             f"DistributedDataParallel), rank 0 on {runtime.device}")
     try:
-        return train_and_write(cfg, model_shape, argv, runtime, log, started)
-    finally:
+        exit_code = train_and_write(cfg, model_shape, argv, runtime, log, started)
+    except BaseException:
         stop_runtime(runtime)
+        raise
+    stop_runtime(runtime, wait_for_others=True)
+    return exit_code
 
 
 def train_and_write(

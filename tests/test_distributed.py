@@ -242,7 +242,7 @@ def worker(argv: list[str]) -> int:
         runtime = train.start_runtime("cpu")
         for strategy in SGD_STRATEGIES:
             torch.save(sgd_epoch(runtime, strategy), Path(rest[0]) / f"{strategy}-rank{runtime.rank}.pt")
-        train.stop_runtime(runtime)
+        train.stop_runtime(runtime, wait_for_others=True)
         return 0
     calls = []
     loss = train.supervised_loss
