@@ -326,13 +326,14 @@ def _has_dropout(model: nn.Module) -> bool:
     return any(rate > 0 for rate in drop_rates)
 
 
-def _trains(module: nn.Module) -> bool:
+def trains(module: nn.Module) -> bool:
+    """True when any parameter of `module` is trainable."""
     return any(param.requires_grad for param in module.parameters())
 
 
 def _prefix_is_frozen(model: GPTClassifier, num_blocks: int) -> bool:
     """True when the embeddings and blocks[:num_blocks] have no trainable parameter."""
-    return not any(_trains(module) for module in [model.gpt.wte, model.gpt.wpe, *list(model.gpt.h)[:num_blocks]])
+    return not any(trains(module) for module in [model.gpt.wte, model.gpt.wpe, *list(model.gpt.h)[:num_blocks]])
 
 
 def frozen_prefix_length(model: GPTClassifier) -> int | None:
@@ -346,7 +347,7 @@ def frozen_prefix_length(model: GPTClassifier) -> int | None:
     if _has_dropout(model) or not _prefix_is_frozen(model, 0):
         return None
     k = 0
-    while k < len(model.gpt.h) and not _trains(model.gpt.h[k]):
+    while k < len(model.gpt.h) and not trains(model.gpt.h[k]):
         k += 1
     return k or None
 

@@ -489,9 +489,7 @@ def build_classifier(gpt_model: gpt.GPTModel, num_classes: int, pooling: str, se
 def describe_trainable(model: classify.GPTClassifier) -> str:
     """Which parts are trained, in words: 'head + ln_f + blocks 10-11'."""
 
-    def trains(module: nn.Module) -> bool:
-        return any(p.requires_grad for p in module.parameters())
-
+    trains = classify.trains
     parts = ["head"] if trains(model.head) else []
     if trains(model.gpt.ln_f):
         parts.append("final LayerNorm")
