@@ -1,46 +1,38 @@
-"""Labelled text in, batches of token ids out: steps 1 and 2 of chapter 06's pipeline.
+"""Labelled text in, batches of token ids out: steps 1 and 2 of chapter 06's pipeline
+(section "Pipeline de treinamento para classificação").
 
-The chapter's section "Pipeline de treinamento para classificação" starts here.
+Step 1, "Texto rotulado": texts and their classes, in `LabelledTexts`. The book's data set is the
+SMS Spam Collection (UCI dataset 228; Almeida & Hidalgo, 2011; CC BY 4.0), prepared as the book
+does: balance by undersampling `ham` to the 747 spam messages, shuffle with a seed, split 70/10/20
+into 1,045 / 149 / 300 messages (`book_splits`). A CSV/TSV of your own works too, with a
+stratified split for unbalanced data.
 
-Step 1, "Texto rotulado": the SMS Spam Collection (UCI dataset 228; Almeida & Hidalgo, 2011;
-CC BY 4.0), or a CSV/TSV of your own, read into `LabelledTexts`; then the chapter's
-preparation: balance by undersampling `ham`, shuffle with a seed, split 70/10/20 into
-1,045 / 149 / 300 messages (or, for unbalanced data, a stratified split).
+Step 2, "Tokenização": GPT-2's byte-pair encoding (tiktoken) turns each text into token ids, a
+`ClassificationDataset` holds (token ids, label) pairs, and `collate` pads each batch to its own
+longest text, keeping the real lengths so the classifier can find each text's last real token.
+(The book pads every text to the longest training text; `collate(..., pad_to=...)` does that.)
 
-Step 2, "Tokenização": GPT-2's BPE (tiktoken), a `Dataset` of (token ids, label), and a
-`collate` function that pads each batch only to its own longest text and keeps the real
-lengths, so the classifier can find each text's last real token. The chapter pads every text
-to the longest training example instead; `collate(..., pad_to=...)` keeps that for comparison.
-`BucketBatchSampler` puts texts of similar length together, so there is even less padding.
-
-All randomness comes from `torch.Generator` seeded by the caller: the same seed gives the same
-splits and batches on every machine.
+All randomness comes from a `torch.Generator` seeded by the caller: the same seed gives the same
+splits on every machine. Downloading the SMS file is hub.py's job.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
 import torch
 
-import gpt
+import hub
 
-PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, the chapter's padding token
-
-SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
-SMS_SPAM_MEMBER = "SMSSpamCollection"  # the file inside the UCI archive
-SMS_SPAM_SIZE = 477_907
-SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
-SMS_SPAM_LABELS = ["ham", "spam"]  # ham = 0, spam = 1, as in the chapter
-
-CHAPTER_FRACTIONS = (0.7, 0.1, 0.2)  # train, validation, test
+END_OF_TEXT_ID = 50256  # <|endoftext|>, GPT-2's one special token
+PAD_TOKEN_ID = END_OF_TEXT_ID  # the book pads with it too: `lengths` say where each text ends
+SMS_SPAM_LABELS = ["ham", "spam"]  # ham = 0, spam = 1, as in the book
+BOOK_FRACTIONS = (0.7, 0.1, 0.2)  # train, validation, test
 
 
 # --------------------------------------------------------------------------- labelled text
@@ -92,54 +84,6 @@ class Splits:
 
 
 # --------------------------------------------------------------------------- the SMS Spam Collection
-
-
-def download_sms_spam(
-    cache_dir: str | Path | None = None,
-    progress: Callable[[int, int | None], None] | None = None,
-    url: str | None = None,
-) -> Path:
-    """The SMS Spam Collection file, downloaded from UCI once and cached.
-
-    Downloads the archive, extracts `SMSSpamCollection`, checks its size and sha256, and writes
-    it atomically to `<cache_dir>/sms_spam/SMSSpamCollection`. Once that file exists this
-    returns at once, without the network. `url` (default SMS_SPAM_URL) may point at a mirror.
-    ConnectionError when the download fails; ValueError (and nothing cached) when the archive
-    does not hold the expected file.
-    """
-    url = url or SMS_SPAM_URL
-    cache_dir = Path(cache_dir) if cache_dir is not None else gpt.default_cache_dir()
-    target = cache_dir / "sms_spam" / SMS_SPAM_MEMBER
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    archive = target.parent / "sms+spam+collection.zip"
-    try:
-        gpt.download(url, archive, sha256=None, progress=progress)
-        content = _extract_member(archive, SMS_SPAM_MEMBER, url)
-    finally:
-        archive.unlink(missing_ok=True)  # only the extracted, verified file is kept
-    if len(content) != SMS_SPAM_SIZE or hashlib.sha256(content).hexdigest() != SMS_SPAM_SHA256:
-        raise ValueError(
-            f"{url}: {SMS_SPAM_MEMBER} has {len(content)} bytes and sha256 "
-            f"{hashlib.sha256(content).hexdigest()}, expected {SMS_SPAM_SIZE} bytes and sha256 "
-            f"{SMS_SPAM_SHA256}; pass the path of a good copy instead"
-        )
-    with gpt.atomic_open(target) as file:
-        file.write(content)
-    return target
-
-
-def _extract_member(archive: Path, member: str, url: str) -> bytes:
-    """The bytes of the archive member whose file name is `member`."""
-    try:
-        with zipfile.ZipFile(archive) as zipped:
-            names = [name for name in zipped.namelist() if Path(name).name == member]
-            if not names:
-                raise ValueError(f"{url}: the archive has no {member} (it holds {zipped.namelist()})")
-            return zipped.read(names[0])
-    except zipfile.BadZipFile as error:
-        raise ValueError(f"{url}: not a valid zip archive ({error})") from error
 
 
 def read_sms_spam(path: str | Path) -> LabelledTexts:
@@ -316,10 +260,10 @@ def read_labelled(
 
 
 def balance(data: LabelledTexts, seed: int) -> LabelledTexts:
-    """Undersample every class to the size of the smallest one (the chapter keeps 747 of 4,827 ham).
+    """Undersample every class to the size of the smallest one (the book keeps 747 of 4,827 ham).
 
     The smallest class keeps every example; the others keep a random sample. Examples stay in
-    their original order (`chapter_splits` shuffles afterwards).
+    their original order (`book_splits` shuffles afterwards).
     """
     counts = data.class_counts()
     smallest = min(counts)
@@ -340,12 +284,12 @@ def balance(data: LabelledTexts, seed: int) -> LabelledTexts:
 def split(
     data: LabelledTexts,
     seed: int,
-    fractions: tuple[float, float, float] = CHAPTER_FRACTIONS,
+    fractions: tuple[float, float, float] = BOOK_FRACTIONS,
     stratify: bool = True,
 ) -> Splits:
     """Shuffle (seeded) and cut into train / validation / test.
 
-    stratify=False is the chapter's cut: train = int(0.7 N), validation = int(0.1 N), test =
+    stratify=False is the book's cut: train = int(0.7 N), validation = int(0.1 N), test =
     the rest. stratify=True cuts each class by the same fractions (rounded so each class's
     parts add up to the class), so every split keeps the data's class proportions; that is
     the realistic setting for unbalanced data, where accuracy alone misleads.
@@ -382,9 +326,9 @@ def _floor(x: float) -> int:
     return int(x + 1e-9)
 
 
-def chapter_splits(data: LabelledTexts, seed: int = 123) -> Splits:
-    """The chapter's preparation: balance, shuffle, 70/10/20 (SMS: 1,045 / 149 / 300)."""
-    return split(balance(data, seed), seed, CHAPTER_FRACTIONS, stratify=False)
+def book_splits(data: LabelledTexts, seed: int = 123) -> Splits:
+    """The book's preparation: balance, shuffle, 70/10/20 (SMS: 1,045 / 149 / 300)."""
+    return split(balance(data, seed), seed, BOOK_FRACTIONS, stratify=False)
 
 
 def load_splits(
@@ -397,18 +341,18 @@ def load_splits(
     validation_path: str | Path | None = None,
     test_path: str | Path | None = None,
     cache_dir: str | Path | None = None,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: hub.Progress | None = None,
 ) -> Splits:
     """Train, validation and test data from a path (or the SMS Spam Collection when path is None).
 
-    One file: balanced=True is the chapter's preparation (`chapter_splits`); balanced=False a
+    One file: balanced=True is the book's preparation (`book_splits`); balanced=False a
     stratified 70/10/20 split of all the data. With validation_path and test_path the three
     files are used as given, except that balanced=True undersamples the training file.
     """
-    path = download_sms_spam(cache_dir, progress) if path is None else Path(path)
+    path = hub.download_sms_spam(cache_dir, progress) if path is None else Path(path)
     data = read_labelled(path, text_column, label_column)
     if validation_path is None and test_path is None:
-        return chapter_splits(data, seed) if balanced else split(data, seed, CHAPTER_FRACTIONS, stratify=True)
+        return book_splits(data, seed) if balanced else split(data, seed, BOOK_FRACTIONS, stratify=True)
     if validation_path is None or test_path is None:
         raise ValueError("give both validation_path and test_path, or neither (to split one file)")
     validation = read_labelled(validation_path, text_column, label_column, data.label_names)
@@ -489,7 +433,7 @@ class Batch:
 def collate(
     examples: list[tuple[list[int], int]], pad_to: int | None = None, pad_id: int = PAD_TOKEN_ID
 ) -> Batch:
-    """Pad a batch to its own longest text (dynamic padding), or to `pad_to` (the chapter's
+    """Pad a batch to its own longest text (dynamic padding), or to `pad_to` (the book's
     fixed padding to the longest training example)."""
     if not examples:
         raise ValueError("collate: the batch is empty")
@@ -508,66 +452,3 @@ def collate(
         lengths=torch.tensor(lengths, dtype=torch.long),  # (B,)
         labels=torch.tensor([label for _, label in examples], dtype=torch.long),  # (B,)
     )
-
-
-class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of indices whose texts have similar lengths, so dynamic padding adds little.
-
-    Each epoch: shuffle all indices, sort them by length within windows of `window` batches,
-    cut each window into batches, then shuffle the batches. Training stays randomised (which
-    texts share a window, and the batch order, change every epoch) while a batch's texts are
-    close in length. Every index appears exactly once per epoch (drop_last=False); the order
-    depends only on (seed, epoch): call `set_epoch` before each epoch. shuffle=False gives
-    batches in order of length, for evaluation and inference.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        seed: int,
-        shuffle: bool = True,
-        window: int = 100,
-        drop_last: bool = False,
-    ) -> None:
-        if batch_size < 1 or window < 1:
-            raise ValueError(f"batch_size {batch_size} and window {window}: both must be at least 1")
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.window = window
-        self.drop_last = drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return len(self.lengths) // self.batch_size
-        return -(-len(self.lengths) // self.batch_size)  # ceil
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if not self.shuffle:
-            order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i])
-            yield from self._cut(order)
-            return
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        window_size = self.window * self.batch_size
-        bucketed: list[int] = []
-        for start in range(0, len(order), window_size):
-            # sorted() is stable: equal lengths keep their random order
-            bucketed += sorted(order[start : start + window_size], key=lambda i: self.lengths[i])
-        batches = self._cut(bucketed)
-        for b in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[b]
-
-    def _cut(self, order: list[int]) -> list[list[int]]:
-        """Consecutive batches of batch_size (a window holds whole batches, so only the last
-        batch can be short)."""
-        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        return batches

@@ -1,5 +1,5 @@
-"""classify.py: the chapter's claims about the classifier, its fine-tuning strategies, the fast
-paths, save/load, predict and the command line, on tiny random GPTs."""
+"""classify.py: the chapter's claims about the classifier, its representations, its fine-tuning
+strategies, save/load, predict and the command line, on tiny random GPTs."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from torch.nn import functional as F
 
 import classify
 import data
-from classify import GPTClassifier, PrefixCache
-from gpt import GPTConfig, GPTModel, write_safetensors
+from classify import GPTClassifier
+from gpt import GPTConfig, GPTModel
+from hub import write_safetensors
 
 PAD = data.PAD_TOKEN_ID
 VOCAB = 50257  # the real vocabulary, so the real pad id and tokenizer work; emb_dim stays tiny
@@ -110,11 +111,9 @@ def test_vocabulary_head_is_never_computed():
 
 
 @FEW
-@given(lengths=batch_lengths, extra=st.integers(1, 6), seed=seeds, pooling=st.sampled_from(classify.POOLINGS),
-       fast=st.booleans())
-def test_appending_pad_tokens_never_changes_the_logits(lengths, extra, seed, pooling, fast):
+@given(lengths=batch_lengths, extra=st.integers(1, 6), seed=seeds, pooling=st.sampled_from(classify.POOLINGS))
+def test_appending_pad_tokens_never_changes_the_logits(lengths, extra, seed, pooling):
     model = tiny_classifier(pooling, seed=seed)
-    model.last_position_only = fast
     token_lists = random_token_lists(lengths, seed)
     token_ids, lens = padded(token_lists)
     more_padding, _ = padded(token_lists, width=token_ids.shape[1] + extra)
@@ -147,8 +146,31 @@ def test_last_pooling_reads_the_last_real_token():
     assert not torch.allclose(model(changed, lengths), model(token_ids, lengths))
 
 
+@FEW
+@given(lengths=batch_lengths, seed=seeds)
+def test_special_pooling_reads_an_endoftext_appended_to_each_text(lengths, seed):
+    """"usar tokens especiais": the logits are those of "last" pooling over text + <|endoftext|>,
+    although <|endoftext|> is also the pad token: lengths, not token values, say where a text ends."""
+    special = tiny_classifier("special", seed=seed)
+    last = GPTClassifier(special.gpt, 2, "last")
+    last.head = special.head
+    token_lists = random_token_lists(lengths, seed)
+    with_token = [ids + [data.END_OF_TEXT_ID] for ids in token_lists]
+    torch.testing.assert_close(special(*padded(token_lists)), last(*padded(with_token)), rtol=1e-5, atol=1e-5)
+    assert data.END_OF_TEXT_ID == PAD  # the case the test is about: the special token is the pad token
+
+
+def test_special_pooling_still_reads_the_whole_text():
+    model = tiny_classifier("special")
+    token_ids, lengths = padded(random_token_lists([6, 3], seed=2))
+    changed = token_ids.clone()
+    changed[1, 2] = (changed[1, 2] + 1) % VOCAB  # the last real token of the shorter text
+    logits, changed_logits = model(token_ids, lengths), model(changed, lengths)
+    assert torch.equal(logits[0], changed_logits[0]) and not torch.allclose(logits[1], changed_logits[1])
+
+
 def test_unknown_pooling_is_rejected():
-    with pytest.raises(ValueError, match="last, mean, first"):
+    with pytest.raises(ValueError, match="last, mean, special, first"):
         GPTClassifier(tiny_gpt(), 2, pooling="max")
 
 
@@ -207,18 +229,7 @@ def test_gradual_unfreezes_one_more_block_per_epoch_from_the_top():
         training = [i for i, block in enumerate(model.gpt.h) if any(p.requires_grad for p in block.parameters())]
         assert training == list(range(4 - min(epoch, 4), 4))
         assert model.gpt.ln_f.weight.requires_grad and not model.gpt.wte.weight.requires_grad
-        assert classify.frozen_prefix_length(model) == (4 - epoch if epoch < 4 else None)
-
-
-def test_frozen_prefix_length_per_strategy():
-    expected = {"head": 3, "last-block": 2, "last-2-blocks": 1, "last-3-blocks": None, "all": None, "lora": None}
-    for strategy, k in expected.items():
-        model = tiny_classifier(n_layers=3)
-        classify.apply_strategy(model, strategy)
-        assert classify.frozen_prefix_length(model) == k, strategy
-    with_dropout = GPTClassifier(tiny_gpt(n_layers=3, drop_rate=0.1), 2)
-    classify.apply_strategy(with_dropout, "head")
-    assert classify.frozen_prefix_length(with_dropout) is None
+        assert model.gpt.h[0].ln_1.weight.requires_grad == (epoch >= 4)
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -265,127 +276,6 @@ def test_another_strategy_on_a_lora_model_is_refused():
     classify.apply_strategy(model, "lora")  # again: keeps the adapters
     with pytest.raises(ValueError, match="LoRA adapters"):
         classify.apply_strategy(model, "last-block")
-
-
-# --------------------------------------------------------------------------- fast path: the last position only
-
-
-@FEW
-@given(cfg=configs, lengths=batch_lengths, extra=st.integers(0, 4), seed=seeds, sdpa=st.booleans(), lora=st.booleans())
-def test_last_position_block_equals_the_full_block(cfg, lengths, extra, seed, sdpa, lora):
-    model = tiny_classifier("last", seed=seed, **cfg)
-    model.gpt.set_fast_attention(sdpa)
-    classify.apply_strategy(model, "lora" if lora else "all", lora_rank=2)
-    if lora:
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, classify.LoRALinear):
-                    m.lora_B.normal_(std=0.1, generator=torch.Generator().manual_seed(seed))
-    token_lists = random_token_lists(lengths, seed)
-    token_ids, lens = padded(token_lists, width=max(lengths) + extra)
-    labels = torch.arange(len(lengths)) % 2
-
-    results = []
-    for fast in (True, False):
-        model.last_position_only = fast
-        model.zero_grad()
-        logits = model(token_ids, lens)
-        F.cross_entropy(logits, labels).backward()
-        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (fast_logits, fast_grads), (full_logits, full_grads) = results
-    torch.testing.assert_close(fast_logits, full_logits, rtol=1e-5, atol=1e-5)
-    assert fast_grads.keys() == full_grads.keys()
-    for name in full_grads:
-        assert_close_to_scale(fast_grads[name], full_grads[name], name=name)
-
-
-# --------------------------------------------------------------------------- fast path: the frozen-prefix cache
-
-
-def loss_and_gradients(model, logits, labels):
-    model.zero_grad()
-    loss = F.cross_entropy(logits, labels)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-CACHED_CASES = [("head", 0), ("last-block", 0), ("last-2-blocks", 0), ("gradual", 0), ("gradual", 1), ("gradual", 2)]
-
-
-@pytest.mark.parametrize("pooling", classify.POOLINGS)
-@pytest.mark.parametrize(("strategy", "epoch"), CACHED_CASES)
-def test_cached_prefix_gives_the_same_loss_and_gradients(strategy, epoch, pooling):
-    model = tiny_classifier(pooling, n_layers=3)
-    classify.apply_strategy(model, strategy, epoch=epoch)
-    k = classify.frozen_prefix_length(model)
-    lengths = [5, 1, 9, 3, 7, 2, 6]
-    token_lists = random_token_lists(lengths, seed=6)
-    cache = PrefixCache.build(model, token_lists, k, "cpu", batch_size=3)
-    assert cache.start_block == k and cache.dtype == torch.float32 and len(cache) == len(lengths)
-    one_position = pooling == "first" or (pooling == "last" and k == 3)
-    assert cache.nbytes == (len(lengths) if one_position else sum(lengths)) * 16 * 4
-
-    indices = [2, 0, 5, 4]
-    labels = torch.tensor([1, 0, 1, 0])
-    hidden, cached_lengths = cache.batch(indices)
-    assert hidden.dtype == torch.float32 and hidden.shape[0] == 4 and hidden.shape[2] == 16
-    cached = loss_and_gradients(model, model.forward_from(hidden, cached_lengths, k), labels)
-    plain = loss_and_gradients(model, model(*padded([token_lists[i] for i in indices])), labels)
-    torch.testing.assert_close(cached[0], plain[0], rtol=1e-5, atol=1e-6)
-    assert cached[1].keys() == plain[1].keys() and cached[1]
-    for name in plain[1]:
-        assert_close_to_scale(cached[1][name], plain[1][name], name=name)
-
-
-def test_cache_falls_back_to_float16_then_to_none_when_memory_is_short():
-    model = tiny_classifier("mean", n_layers=3)
-    classify.apply_strategy(model, "last-block")
-    lengths = [5, 8, 2, 6]
-    token_lists = random_token_lists(lengths, seed=7)
-    fp32_bytes = sum(lengths) * 16 * 4
-    half = PrefixCache.build(model, token_lists, 2, "cpu", memory_budget_bytes=fp32_bytes - 1)
-    assert half is not None and half.dtype == torch.float16 and half.nbytes == fp32_bytes // 2
-    hidden, lens = half.batch([0, 1, 2, 3])
-    assert hidden.dtype == torch.float32
-    torch.testing.assert_close(model.forward_from(hidden, lens, 2), model(*padded(token_lists)), rtol=1e-2, atol=1e-2)
-    assert PrefixCache.build(model, token_lists, 2, "cpu", memory_budget_bytes=fp32_bytes // 2 - 1) is None
-
-
-def test_cache_refuses_a_prefix_that_trains():
-    model = tiny_classifier(n_layers=3)
-    classify.apply_strategy(model, "last-2-blocks")
-    with pytest.raises(ValueError, match="must be frozen"):
-        PrefixCache.build(model, random_token_lists([3], seed=0), 2, "cpu")
-
-
-def test_gradual_moves_the_cache_boundary_every_epoch():
-    model = tiny_classifier(n_layers=3)
-    token_lists = random_token_lists([4, 2, 6], seed=8)
-    boundaries = []
-    for epoch in range(3):
-        classify.apply_strategy(model, "gradual", epoch=epoch)
-        boundaries.append(classify.frozen_prefix_length(model))
-        cache = PrefixCache.build(model, token_lists, boundaries[-1], "cpu")
-        logits = model.forward_from(*cache.batch([0, 1, 2]), cache.start_block)
-        torch.testing.assert_close(logits, model(*padded(token_lists)), rtol=1e-5, atol=1e-5)
-    assert boundaries == [3, 2, 1]
-
-
-@pytest.mark.parametrize("pooling", classify.POOLINGS)
-def test_fast_paths_run_under_bfloat16_autocast_as_on_a_gpu(pooling):
-    model = tiny_classifier(pooling)
-    classify.apply_strategy(model, "last-block")
-    token_lists = random_token_lists([5, 9, 2], seed=9)
-    reference = model(*padded(token_lists))
-    cache = PrefixCache.build(model, token_lists, classify.frozen_prefix_length(model), "cpu")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        uncached = model(*padded(token_lists))
-        cached = model.forward_from(*cache.batch([0, 1, 2]), cache.start_block)
-        F.cross_entropy(cached.float(), torch.tensor([0, 1, 1])).backward()
-    for logits in (uncached, cached):
-        assert logits.dtype == torch.bfloat16
-        torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.05)  # bfloat16 keeps ~3 digits
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in classify.trainable_parameters(model))
 
 
 # --------------------------------------------------------------------------- save, load, predict

@@ -16,6 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import data
+import fastpath
+import hub
 
 SEEDS = st.integers(min_value=0, max_value=2**32)
 
@@ -47,7 +49,7 @@ def tokenizer():
     seed=SEEDS,
     stratify=st.booleans(),
 )
-def test_split_is_a_seeded_partition_with_the_chapters_sizes(class_sizes, seed, stratify):
+def test_split_is_a_seeded_partition_with_the_books_sizes(class_sizes, seed, stratify):
     dataset = labelled(class_sizes)
     splits = data.split(dataset, seed, stratify=stratify)
 
@@ -67,7 +69,7 @@ def test_split_is_a_seeded_partition_with_the_chapters_sizes(class_sizes, seed, 
             for part, fraction in zip(parts(splits), (0.7, 0.1, 0.2)):
                 assert abs(part.labels.count(label) - fraction * size) <= 1 + 1e-9
     else:
-        # The chapter's cut: int(0.7 N), int(0.1 N), the rest (exact integer arithmetic here).
+        # The book's cut: int(0.7 N), int(0.1 N), the rest (exact integer arithmetic here).
         assert [len(part) for part in parts(splits)] == [7 * n // 10, n // 10, n - 7 * n // 10 - n // 10]
 
     # Deterministic: the same seed gives the same splits, in the same order.
@@ -117,19 +119,19 @@ def test_the_sms_spam_collection_has_4827_ham_and_747_spam(sms_spam_file):
     assert dataset.texts[0].startswith("Go until jurong point")
 
 
-def test_the_chapters_splits_are_1045_149_300_and_balanced(sms_spam_file, tokenizer):
+def test_the_books_splits_are_1045_149_300_and_balanced(sms_spam_file, tokenizer):
     dataset = data.read_sms_spam(sms_spam_file)
-    splits = data.chapter_splits(dataset, seed=123)
+    splits = data.book_splits(dataset, seed=123)
     assert [len(part) for part in parts(splits)] == [1045, 149, 300]
     # Balanced: all 747 spam and 747 of the ham, spread over the splits (pinned for seed 123).
     assert [part.class_counts() for part in parts(splits)] == [[530, 515], [76, 73], [141, 159]]
     spam = {text for text, label in zip(dataset.texts, dataset.labels) if label == 1}
     assert {text for part in parts(splits) for text, label in zip(part.texts, part.labels) if label == 1} == spam
     # A fixed seed gives identical splits on every call, and load_splits is the same preparation.
-    assert data.chapter_splits(dataset, seed=123) == splits
+    assert data.book_splits(dataset, seed=123) == splits
     assert data.load_splits(sms_spam_file, seed=123) == splits
-    assert data.chapter_splits(dataset, seed=124) != splits
-    # Seed 123's training set: longest text 120 tokens (the chapter's number too), mean about 30.5.
+    assert data.book_splits(dataset, seed=124) != splits
+    # Seed 123's training set: longest text 120 tokens (the book's number too), mean about 30.5.
     lengths = data.ClassificationDataset.from_texts(splits.train, tokenizer, None).lengths
     assert max(lengths) == 120
     assert 30 < sum(lengths) / len(lengths) < 31
@@ -271,7 +273,7 @@ def test_a_three_class_csv_goes_all_the_way_to_batches(tmp_path, tokenizer):
     assert [part.class_counts() for part in parts(splits)] == [[21] * 3, [3] * 3, [6] * 3]  # stratified
     dataset = data.ClassificationDataset.from_texts(splits.train, tokenizer, None)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=data.BucketBatchSampler(dataset.lengths, 8, seed=0), collate_fn=data.collate
+        dataset, batch_sampler=fastpath.BucketBatchSampler(dataset.lengths, 8, seed=0), collate_fn=data.collate
     )
     batches = list(loader)
     assert sum(len(batch.labels) for batch in batches) == 63
@@ -387,66 +389,6 @@ def test_collate_errors_and_batch_to():
     assert moved.token_ids.device.type == moved.lengths.device.type == moved.labels.device.type == "meta"
 
 
-# --------------------------------------------------------------------------- length bucketing
-
-
-@settings(max_examples=50, deadline=None)
-@given(
-    lengths=st.lists(st.integers(min_value=1, max_value=200), max_size=300),
-    batch_size=st.integers(min_value=1, max_value=16),
-    window=st.integers(min_value=1, max_value=5),
-    seed=SEEDS,
-    epoch=st.integers(min_value=0, max_value=10),
-)
-def test_bucketing_visits_every_example_exactly_once_per_epoch(lengths, batch_size, window, seed, epoch):
-    sampler = data.BucketBatchSampler(lengths, batch_size, seed, window=window)
-    sampler.set_epoch(epoch)
-    batches = list(sampler)
-    assert len(batches) == len(sampler)
-    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-    assert all(1 <= len(batch) <= batch_size for batch in batches)
-    assert sum(len(batch) < batch_size for batch in batches) <= 1
-    assert list(sampler) == batches  # deterministic per (seed, epoch)
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    lengths=st.lists(st.integers(min_value=1, max_value=50), max_size=100),
-    batch_size=st.integers(min_value=1, max_value=8),
-    seed=SEEDS,
-)
-def test_one_window_holding_everything_gives_the_sorted_batches(lengths, batch_size, seed):
-    evaluation = data.BucketBatchSampler(lengths, batch_size, seed, shuffle=False)
-    in_order = [lengths[i] for batch in evaluation for i in batch]
-    assert in_order == sorted(lengths)
-    training = data.BucketBatchSampler(lengths, batch_size, seed, window=len(lengths) + 1)
-    as_lengths = lambda sampler: sorted(tuple(sorted(lengths[i] for i in batch)) for batch in sampler)  # noqa: E731
-    assert as_lengths(training) == as_lengths(evaluation)
-
-
-def test_bucketing_reshuffles_every_epoch_and_saves_padding():
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, 120, (1000,), generator=generator).tolist()
-    sampler = data.BucketBatchSampler(lengths, 8, seed=123, window=10)
-    epoch0 = list(sampler)
-    sampler.set_epoch(1)
-    epoch1 = list(sampler)
-    assert epoch0 != epoch1 and sorted(map(sorted, epoch0)) != sorted(map(sorted, epoch1))
-    assert list(data.BucketBatchSampler(lengths, 8, seed=124, window=10)) != epoch0
-    # The batches themselves are shuffled: with one window, their order is not the length order.
-    longest = [max(lengths[i] for i in batch) for batch in data.BucketBatchSampler(lengths, 8, 0, window=1000)]
-    assert longest != sorted(longest)
-
-    def pad_tokens(batches):
-        return sum(max(lengths[i] for i in batch) * len(batch) - sum(lengths[i] for i in batch) for batch in batches)
-
-    unbucketed = [list(range(start, start + 8)) for start in range(0, 1000, 8)]  # random lengths, no sorting
-    assert pad_tokens(epoch0) < 0.2 * pad_tokens(unbucketed)
-
-    full = data.BucketBatchSampler(lengths, 8, seed=0, drop_last=True)
-    assert len(list(full)) == len(full) == 125 and all(len(batch) == 8 for batch in full)
-
-
 # --------------------------------------------------------------------------- download
 
 
@@ -475,7 +417,7 @@ def test_download_extracts_verifies_and_caches_the_collection(sms_spam_file, web
         archive.writestr("readme", "SMS Spam Collection v.1")
     cache = tmp_path / "cache"
     reports = []
-    path = data.download_sms_spam(cache, progress=lambda done, total: reports.append(done), url=f"{base_url}/sms.zip")
+    path = hub.download_sms_spam(cache, progress=lambda done, total: reports.append(done), url=f"{base_url}/sms.zip")
     assert path == cache / "sms_spam" / "SMSSpamCollection"
     assert path.read_bytes() == sms_spam_file.read_bytes()
     assert [p.name for p in path.parent.iterdir()] == ["SMSSpamCollection"]  # the archive is gone
@@ -483,7 +425,7 @@ def test_download_extracts_verifies_and_caches_the_collection(sms_spam_file, web
 
     # Once cached, no network: an unreachable URL still returns the file.
     (folder / "sms.zip").unlink()
-    assert data.download_sms_spam(cache, url="http://127.0.0.1:9/unreachable.zip") == path
+    assert hub.download_sms_spam(cache, url="http://127.0.0.1:9/unreachable.zip") == path
     assert [len(part) for part in parts(data.load_splits(cache_dir=cache))] == [1045, 149, 300]
 
 
@@ -504,7 +446,7 @@ def test_a_wrong_archive_is_an_error_and_nothing_is_cached(web_folder, tmp_path,
             archive.writestr(member, content)
     cache = tmp_path / "cache"
     with pytest.raises(ValueError, match=expected):
-        data.download_sms_spam(cache, url=f"{base_url}/sms.zip")
+        hub.download_sms_spam(cache, url=f"{base_url}/sms.zip")
     assert not (cache / "sms_spam" / "SMSSpamCollection").exists()
     assert list((cache / "sms_spam").iterdir()) == []
 
@@ -512,15 +454,15 @@ def test_a_wrong_archive_is_an_error_and_nothing_is_cached(web_folder, tmp_path,
 def test_an_unreachable_server_is_a_connection_error_and_nothing_is_cached(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(ConnectionError, match="127.0.0.1:9"):
-        data.download_sms_spam(cache, url="http://127.0.0.1:9/sms.zip")
+        hub.download_sms_spam(cache, url="http://127.0.0.1:9/sms.zip")
     assert not (cache / "sms_spam" / "SMSSpamCollection").exists()
 
 
 def test_the_default_cache_is_used_without_the_network(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_CLASSIFICATION_CACHE", str(tmp_path))
-    monkeypatch.setattr(data, "SMS_SPAM_URL", "http://127.0.0.1:9/unreachable.zip")
+    monkeypatch.setattr(hub, "SMS_SPAM_URL", "http://127.0.0.1:9/unreachable.zip")
     cached = tmp_path / "sms_spam" / "SMSSpamCollection"
     cached.parent.mkdir()
     cached.write_text("ham\toi\nspam\tpromo\n" * 10, encoding="utf-8")
-    assert data.download_sms_spam() == cached
+    assert hub.download_sms_spam() == cached
     assert len(data.load_splits(balanced=False).train) == 14

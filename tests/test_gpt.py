@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpt
+import hub
 from gpt import GPTConfig, GPTModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -149,9 +150,9 @@ def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 @given(tensor_dicts, metadata_dicts)
 def test_safetensors_round_trip_every_dtype_and_shape(tmp_path_factory, tensors, metadata):
     path = tmp_path_factory.mktemp("st") / "t.safetensors"
-    gpt.write_safetensors(path, tensors, metadata)
+    hub.write_safetensors(path, tensors, metadata)
     assert_same_tensors(gpt.read_safetensors(path), tensors)
-    assert gpt.read_safetensors_metadata(path) == (metadata or {})
+    assert gpt.read_header(path)[1] == (metadata or {})
     header_size = int.from_bytes(path.read_bytes()[:8], "little")
     assert header_size % 8 == 0  # padded like the official library's files
     assert [p.name for p in path.parent.iterdir()] == ["t.safetensors"]  # no temporary file left
@@ -160,15 +161,15 @@ def test_safetensors_round_trip_every_dtype_and_shape(tmp_path_factory, tensors,
 def test_tensors_sharing_storage_are_each_written(tmp_path):
     weight = torch.randn(5, 3)
     tensors = {"wte.weight": weight, "lm_head.weight": weight, "transposed": weight.t(), "row": weight[2]}
-    gpt.write_safetensors(tmp_path / "tied.safetensors", tensors)
+    hub.write_safetensors(tmp_path / "tied.safetensors", tensors)
     assert_same_tensors(gpt.read_safetensors(tmp_path / "tied.safetensors"), tensors)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "t.safetensors"
-    gpt.write_safetensors(path, {"a": torch.ones(2)})
+    hub.write_safetensors(path, {"a": torch.ones(2)})
     with pytest.raises(ValueError, match="complex"):
-        gpt.write_safetensors(path, {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.complex64)})
+        hub.write_safetensors(path, {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.complex64)})
     assert_same_tensors(gpt.read_safetensors(path), {"a": torch.ones(2)})
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
 
@@ -224,7 +225,7 @@ def test_each_kind_of_corrupt_file_is_refused_with_a_value_error(tmp_path, kind)
     with pytest.raises(ValueError, match="bad.safetensors"):
         gpt.read_safetensors(path)
     with pytest.raises(ValueError, match="bad.safetensors"):
-        gpt.read_safetensors_metadata(path)
+        gpt.read_header(path)[1]
 
 
 def test_errors_name_the_tensor(tmp_path):
@@ -249,7 +250,7 @@ def test_damaged_files_give_a_value_error_or_exactly_what_the_header_says(tmp_pa
         "b": torch.tensor([1, 2], dtype=torch.int16),
     }
     path = tmp_path_factory.mktemp("st") / "damaged.safetensors"
-    gpt.write_safetensors(path, tensors)
+    hub.write_safetensors(path, tensors)
     raw = bytearray(path.read_bytes())
     if data.draw(st.booleans(), label="truncate"):
         raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="cut")]
@@ -316,7 +317,7 @@ def test_a_file_alone_gives_every_size_and_assumes_64_wide_heads():
 
 def test_the_head_count_comes_from_the_metadata_when_present(tmp_path, reference):
     path = tmp_path / "with_heads.safetensors"
-    gpt.write_safetensors(path, gpt.read_safetensors(FIXTURES / "hf_tiny_hub.safetensors"), {"n_head": "4"})
+    hub.write_safetensors(path, gpt.read_safetensors(FIXTURES / "hf_tiny_hub.safetensors"), {"n_head": "4"})
     assert gpt.load_config(path) == TINY
     assert_matches_transformers(gpt.load_gpt2(path), reference)
 
@@ -325,7 +326,7 @@ def test_the_head_count_comes_from_the_metadata_when_present(tmp_path, reference
 def test_half_precision_files_load_into_float32(tmp_path, dtype):
     tensors = gpt.read_safetensors(FIXTURES / "hf_tiny" / "model.safetensors")
     path = tmp_path / "half.safetensors"
-    gpt.write_safetensors(path, {name: tensor.to(dtype) for name, tensor in tensors.items()})
+    hub.write_safetensors(path, {name: tensor.to(dtype) for name, tensor in tensors.items()})
     model = gpt.load_gpt2(path, config=TINY)
     expected = gpt.load_gpt2(FIXTURES / "hf_tiny")
     with torch.no_grad():
@@ -343,9 +344,9 @@ def test_a_present_tied_lm_head_loads_and_an_untied_one_is_refused(tmp_path, ref
     directory.mkdir()
     (directory / "config.json").write_bytes((FIXTURES / "hf_tiny" / "config.json").read_bytes())
     wte = tensors["transformer.wte.weight"]
-    gpt.write_safetensors(directory / "model.safetensors", {**tensors, "lm_head.weight": wte})
+    hub.write_safetensors(directory / "model.safetensors", {**tensors, "lm_head.weight": wte})
     assert_matches_transformers(gpt.load_gpt2(directory), reference)
-    gpt.write_safetensors(directory / "model.safetensors", {**tensors, "lm_head.weight": wte + 1})
+    hub.write_safetensors(directory / "model.safetensors", {**tensors, "lm_head.weight": wte + 1})
     with pytest.raises(ValueError, match="lm_head.weight differs"):
         gpt.load_gpt2(directory)
 
@@ -354,7 +355,7 @@ def edited_hub_file(tmp_path: Path, edit) -> Path:
     tensors = gpt.read_safetensors(FIXTURES / "hf_tiny_hub.safetensors")
     edit(tensors)
     path = tmp_path / "edited.safetensors"
-    gpt.write_safetensors(path, tensors)
+    hub.write_safetensors(path, tensors)
     return path
 
 
@@ -394,7 +395,7 @@ def test_any_config_round_trips_through_a_hub_style_file(tmp_path_factory, cfg, 
     torch.manual_seed(seed)
     original = GPTModel(cfg).eval()
     path = tmp_path_factory.mktemp("hub") / "model.safetensors"
-    gpt.write_safetensors(path, hub_style_tensors(original), {"n_head": str(cfg.n_heads)})
+    hub.write_safetensors(path, hub_style_tensors(original), {"n_head": str(cfg.n_heads)})
     if cfg.n_layers:  # with no blocks the file cannot tell whether q/k/v had a bias
         assert gpt.load_config(path) == cfg
     loaded = gpt.load_gpt2(path, config=cfg)
@@ -444,202 +445,6 @@ def test_presets_are_the_four_gpt2_sizes():
         "gpt2-large": 774_030_080,
         "gpt2-xl": 1_557_611_200,
     }
-
-
-# --------------------------------------------------------------------------- downloads
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Serves `server.files`, honouring Range unless told not to, and can cut a body short."""
-
-    def log_message(self, *args) -> None:  # keep pytest's output clean
-        pass
-
-    def do_HEAD(self) -> None:
-        self.server.requests.append(("HEAD", self.path, self.headers.get("Range")))
-        if self.path not in self.server.hub_headers:
-            self.send_error(404)
-            return
-        self.send_response(302)  # like the hub: a redirect to the CDN carrying the file's sha256
-        for name, value in self.server.hub_headers[self.path].items():
-            self.send_header(name, value)
-        self.end_headers()
-
-    def do_GET(self) -> None:
-        server = self.server
-        server.requests.append(("GET", self.path, self.headers.get("Range")))
-        if self.path in server.hub_headers:
-            self.send_response(302)
-            self.send_header("Location", server.hub_headers[self.path]["Location"])
-            self.end_headers()
-            return
-        body = server.files.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        start, asked = 0, self.headers.get("Range")
-        if asked and server.honour_range:
-            start = int(asked.removeprefix("bytes=").removesuffix("-"))
-            if start >= len(body):
-                self.send_error(416)
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        payload = body[start:]
-        if server.cut_after is not None:  # one broken response: part of the body, then hang up
-            payload, server.cut_after = payload[: server.cut_after], None
-        self.wfile.write(payload)
-
-
-@pytest.fixture
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.files, httpd.hub_headers, httpd.requests = {}, {}, []
-    httpd.honour_range, httpd.cut_after = True, None
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-
-
-CONTENT = bytes(range(256)) * 40  # 10,240 bytes
-CONTENT_SHA256 = hashlib.sha256(CONTENT).hexdigest()
-
-
-def test_fresh_download_is_verified_and_reports_progress(server, tmp_path):
-    server.files["/data.bin"] = CONTENT
-    calls = []
-    dest = gpt.download(
-        f"{server.url}/data.bin",
-        tmp_path / "sub" / "data.bin",
-        CONTENT_SHA256,
-        lambda d, t: calls.append((d, t)),
-    )
-    assert dest.read_bytes() == CONTENT
-    assert calls[0] == (0, len(CONTENT)) and calls[-1] == (len(CONTENT), len(CONTENT))
-    assert server.requests == [("GET", "/data.bin", None)]
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["data.bin"]  # no .part left
-
-
-@pytest.mark.parametrize("cut_after", [0, 1, 5000, len(CONTENT) - 1])
-@pytest.mark.parametrize("honour_range", [True, False], ids=["range", "server ignores range"])
-def test_a_cut_download_resumes_to_the_identical_file(server, tmp_path, cut_after, honour_range):
-    server.files["/data.bin"] = CONTENT
-    server.cut_after = cut_after
-    dest = tmp_path / "data.bin"
-    with pytest.raises(ConnectionError, match=f"{server.url}/data.bin"):
-        gpt.download(f"{server.url}/data.bin", dest, CONTENT_SHA256)
-    assert not dest.exists()
-    assert (tmp_path / "data.bin.part").read_bytes() == CONTENT[:cut_after]  # kept for the next try
-    server.honour_range = honour_range
-    gpt.download(f"{server.url}/data.bin", dest, CONTENT_SHA256)
-    assert dest.read_bytes() == CONTENT
-    assert server.requests[1] == ("GET", "/data.bin", f"bytes={cut_after}-" if cut_after else None)
-    assert not (tmp_path / "data.bin.part").exists()
-
-
-def test_a_partial_file_that_is_already_complete_is_verified_not_refetched(server, tmp_path):
-    server.files["/data.bin"] = CONTENT
-    (tmp_path / "data.bin.part").write_bytes(CONTENT)
-    gpt.download(f"{server.url}/data.bin", tmp_path / "data.bin", CONTENT_SHA256)
-    assert (tmp_path / "data.bin").read_bytes() == CONTENT
-    assert server.requests == [("GET", "/data.bin", f"bytes={len(CONTENT)}-")]  # answered 416
-
-
-def test_a_hash_mismatch_is_an_error_and_leaves_no_file(server, tmp_path):
-    server.files["/data.bin"] = CONTENT
-    dest = tmp_path / "data.bin"
-    with pytest.raises(ValueError, match="sha256"):
-        gpt.download(f"{server.url}/data.bin", dest, "0" * 64)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_a_second_call_makes_no_request(server, tmp_path):
-    server.files["/data.bin"] = CONTENT
-    dest = gpt.download(f"{server.url}/data.bin", tmp_path / "data.bin", CONTENT_SHA256)
-    server.files.clear()
-    assert gpt.download(f"{server.url}/data.bin", dest, CONTENT_SHA256) == dest
-    assert len(server.requests) == 1
-
-
-def test_network_failures_are_connection_errors_naming_the_url(server, tmp_path):
-    with pytest.raises(ConnectionError, match=r"/missing\.bin: HTTP 404"):
-        gpt.download(f"{server.url}/missing.bin", tmp_path / "x")
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}/x.bin.*refused"):
-        gpt.download(f"http://127.0.0.1:{port}/x.bin", tmp_path / "x")
-    assert list(tmp_path.iterdir()) == []
-
-
-HUB_PATH = "/openai-community/gpt2/resolve/main/model.safetensors"
-TINY_HUB_FILE = FIXTURES / "hf_tiny_hub.safetensors"
-
-
-def serve_tiny_preset(server, etag: str | None) -> bytes:
-    """Serve the tiny hub-style fixture as if it were gpt2-small on the hub."""
-    body = TINY_HUB_FILE.read_bytes()
-    server.files["/cdn/model.safetensors"] = body
-    cdn = server.url.replace("127.0.0.1", "localhost") + "/cdn/model.safetensors"  # another host
-    server.hub_headers[HUB_PATH] = {"Location": cdn, "X-Linked-Size": str(len(body))}
-    if etag is not None:
-        server.hub_headers[HUB_PATH]["X-Linked-Etag"] = etag
-    return body
-
-
-def test_a_preset_downloads_once_verified_by_the_hubs_sha256(server, tmp_path, monkeypatch, reference):
-    monkeypatch.setenv("GPT2_HUB_URL", server.url)
-    body = serve_tiny_preset(server, f'"{gpt.file_sha256(TINY_HUB_FILE)}"')  # quoted, as the hub sends it
-    progress = []
-    model = gpt.load_gpt2(
-        "gpt2-small", cache_dir=tmp_path, progress=lambda d, t: progress.append((d, t)), config=TINY
-    )
-    assert_matches_transformers(model, reference)
-    assert (tmp_path / "gpt2-small" / "model.safetensors").read_bytes() == body
-    assert progress[-1] == (len(body), len(body))
-    assert [(method, path) for method, path, _ in server.requests] == [
-        ("HEAD", HUB_PATH),
-        ("GET", HUB_PATH),
-        ("GET", "/cdn/model.safetensors"),
-    ]
-    gpt.load_gpt2("gpt2-small", cache_dir=tmp_path, config=TINY)
-    assert len(server.requests) == 3  # the cached file: no request at all
-
-
-@pytest.mark.parametrize(
-    "etag, message",
-    [(None, "X-Linked-Etag"), ('"' + "ab" * 32 + '"', "sha256")],
-    ids=["no sha256", "wrong sha256"],
-)
-def test_a_preset_that_cannot_be_verified_is_refused(server, tmp_path, monkeypatch, etag, message):
-    monkeypatch.setenv("GPT2_HUB_URL", server.url)
-    serve_tiny_preset(server, etag)
-    with pytest.raises(ValueError, match=message):
-        gpt.load_gpt2("gpt2-small", cache_dir=tmp_path, config=TINY)
-    assert list(tmp_path.rglob("*.safetensors*")) == []
-
-
-def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("GPT2_CLASSIFICATION_CACHE", str(tmp_path / "mine"))
-    assert gpt.default_cache_dir() == tmp_path / "mine"
-    monkeypatch.delenv("GPT2_CLASSIFICATION_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert gpt.default_cache_dir() == tmp_path / "xdg" / "gpt2-classification"
-
-
-def test_print_progress_rewrites_one_line_and_ends_it(capsys):
-    gpt.print_progress(0, 2_000_000)
-    gpt.print_progress(2_000_000, 2_000_000)
-    gpt.print_progress(5_000_000, None)
-    err = capsys.readouterr().err
-    assert err.count("\r") == 3 and err.count("\n") == 1 and "100%" in err
 
 
 # --------------------------------------------------------------------------- generation and the CLI
@@ -693,7 +498,7 @@ def test_gpt_py_help_works_offline():
     ],
 )
 def test_a_bad_model_is_one_line_on_stderr_and_exit_code_2(capsys, argv, message):
-    assert gpt.main(argv) == 2
+    assert hub.generate_command(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("error: ") and message in captured.err and captured.err.count("\n") == 1

@@ -18,7 +18,10 @@ import torch
 
 import classify
 import data
+import distributed
+import fastpath
 import gpt
+import hub
 import train
 from conftest import SMS_SPAM_FILE
 
@@ -78,7 +81,7 @@ def load_metrics(run_dir: Path) -> dict:
 # --------------------------------------------------------------------------- the main job
 
 
-def test_defaults_are_the_chapters_experiment():
+def test_defaults_are_the_books_experiment():
     cfg = train.config_from_args(train.build_parser().parse_args([]))
     assert cfg == train.TrainConfig()
     assert (cfg.model, cfg.init, cfg.strategy, cfg.pooling) == ("gpt2-small", "pretrained", "last-block", "last")
@@ -257,7 +260,7 @@ def test_one_class_data_is_refused(workspace, monkeypatch, capsys):
 
 
 def test_no_network_names_the_offline_options(workspace, monkeypatch, capsys):
-    monkeypatch.setattr(gpt, "load_gpt2", refuse_network)
+    monkeypatch.setattr(hub, "fetch", refuse_network)
     args = ["--data", str(workspace / "sms.txt"), "--model", "gpt2-small", "--out", "run", "--device", "cpu"]
     code, _, stderr = run_in(workspace / "offline", args, monkeypatch, capsys)
     assert code == 2 and stderr.count("\n") == 1
@@ -296,11 +299,11 @@ def test_a_failure_mid_training_leaves_no_run_folder(failure, workspace, monkeyp
     calls = []
     real_loss = train.supervised_loss
 
-    def failing_loss(logits, labels):
+    def failing_loss(logits, labels, batch_size):
         calls.append(1)
         if len(calls) == 3:
             raise failure("stopped mid-training")
-        return real_loss(logits, labels)
+        return real_loss(logits, labels, batch_size)
 
     monkeypatch.setattr(train, "supervised_loss", failing_loss)
     folder = workspace / f"failing-{failure.__name__}"
@@ -327,17 +330,18 @@ def test_best_epoch_restore_undoes_blocks_unfrozen_after_it():
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     token_ids = [torch.randint(0, 100, (n,)).tolist() for n in (3, 5, 8, 2, 7, 4, 6, 9)]
     dataset = data.ClassificationDataset(token_ids, [0, 1] * 4)
-    inputs = {name: train.SplitInputs.of(dataset) for name in ("train", "validation", "test")}
+    splits = {name: fastpath.SplitInputs(dataset) for name in ("train", "validation", "test")}
     cfg = train.TrainConfig(epochs=3, batch_size=4, lr=1e-2, strategy="gradual")
     accuracies = iter([1.0, 0.5, 0.5])  # epoch 1 is the best
 
-    def fake_evaluate(model, inputs, batch_size, runtime):
+    def fake_evaluate(network, split, batch_size, device):
         accuracy = next(accuracies)
         return train.Evaluation(loss=1.0, y_true=[0, 1], y_pred=[0, 1] if accuracy == 1.0 else [1, 1])
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(train, "evaluate", fake_evaluate)
-        result = train.train_classifier(model, inputs, cfg, "gradual", train.Runtime(torch.device("cpu")), print)
+        job = train.Job(cfg, distributed.Runtime(torch.device("cpu")), print)
+        result = train.fine_tune(model, splits, "gradual", job)
     assert result.best_epoch == 1
     assert [record.trainable for record in result.history] == [
         "head + final LayerNorm", "head + final LayerNorm + block 1", "head + final LayerNorm + blocks 0-1"]

@@ -1,0 +1,214 @@
+"""Data-parallel training under torchrun: machinery the chapter never mentions.
+
+`torchrun --nproc_per_node=N train.py ...` starts N processes that train one model together
+(README "Scaling out"); without torchrun this is one process, rank 0 of 1, and nothing here
+does anything. It enters train.py at two seams, as in nanoGPT:
+
+- `shard`: every process draws the same batches (one seed) and trains on its share of each,
+  every N-th text, so --batch-size stays the texts per weight update;
+- `wrap`: DistributedDataParallel around the network, with gradients summed over the processes
+  (each process's loss is its texts' part of the batch mean: train.supervised_loss), so one
+  update is the whole batch's gradient, as in one process.
+
+The rest keeps the processes in step: rank 0 loads first (`load_in_turn`: it downloads while
+the others wait), a failure on any process stops them all (`together`), and epoch statistics
+are summed over the processes (`Runtime.sum`). Evaluation and the frozen-prefix cache need no
+help: every process computes them whole, and the same weights give the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import classify
+import fastpath
+
+# How long a process waits in a collective for the others before it gives up: long enough for rank 0
+# to download gpt2-xl (6 GB) while the others wait. torchrun stops every process as soon as one fails.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+Result = TypeVar("Result")
+
+
+class OtherProcessFailed(RuntimeError):
+    """Raised on the healthy processes when another one failed (it printed its own message)."""
+
+
+class StoppedByTorchrun(RuntimeError):
+    """SIGTERM: torchrun stops every process when one of them fails."""
+
+
+@dataclass
+class Runtime:
+    """Where the computation happens: the device and this process's place among those that train
+    one model together. One process alone is rank 0 of 1."""
+
+    device: torch.device
+    rank: int = 0  # rank 0 alone prints and writes
+    world_size: int = 1
+    local_rank: int = 0  # among the processes on this machine: its GPU
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the processes; in one process, `tensor` itself."""
+        if not self.distributed:
+            return tensor
+        total = tensor.clone()
+        dist.all_reduce(total)  # every process receives the same sum
+        return total
+
+
+def process_label() -> str:
+    """'[rank 1] ' under torchrun, '' in one process: prefixes the messages printed on stderr."""
+    return f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def start(device_name: str) -> Runtime:
+    """The device to compute on. Under torchrun (WORLD_SIZE > 1) also join the process group:
+    NCCL between GPUs (this process takes cuda:LOCAL_RANK), gloo between CPU processes."""
+    device = classify.pick_device(device_name)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Runtime(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"--device {device_name}: under torchrun each process takes cuda:LOCAL_RANK; "
+                             "give --device cuda (or auto)")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"torchrun started more processes on this machine than it has GPUs "
+                             f"({torch.cuda.device_count()}); use --nproc_per_node {torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"--device {device_name}: under torchrun use cuda (NCCL) or cpu (gloo)")
+
+    def stop_by_torchrun(signum, frame):
+        raise StoppedByTorchrun("stopped by torchrun (another process failed: see its message)")
+
+    signal.signal(signal.SIGTERM, stop_by_torchrun)  # an exception, so that the run folder is cleaned up
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                            timeout=PROCESS_GROUP_TIMEOUT)
+    return Runtime(device, rank, world_size, local_rank)
+
+
+def stop(runtime: Runtime, *, wait_for_others: bool = False) -> None:
+    """Leave the process group. After a successful run, first wait until every process got here,
+    so none tears the group down while another still exchanges with it (gloo then aborts the
+    process); after a failure, don't wait: another process may never arrive."""
+    if runtime.distributed and dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def together(runtime: Runtime, work: Callable[[], Result] | None) -> Result | None:
+    """Run `work` on this process (None: nothing to do here this time), then learn whether it
+    succeeded on every process. A failure anywhere raises on all of them: its own error on the
+    process that failed, OtherProcessFailed on the others; nobody is left waiting."""
+    result, error = None, None
+    if work is not None:
+        try:
+            result = work()
+        except Exception as caught:  # noqa: BLE001 - re-raised below, after the others are told
+            error = caught
+    flags = torch.zeros(runtime.world_size, device=runtime.device)  # (world_size,)
+    flags[runtime.rank] = float(error is not None)
+    failed = [rank for rank, flag in enumerate(runtime.sum(flags).tolist()) if flag]
+    if error is not None:
+        raise error
+    if failed:
+        raise OtherProcessFailed(f"stopped: rank {', '.join(map(str, failed))} failed "
+                                 f"(see the message{'s' if len(failed) > 1 else ''} above)")
+    return result
+
+
+def load_in_turn(runtime: Runtime, load: Callable[[], Result]) -> Result:
+    """Run `load` on every process, rank 0 first: it downloads whatever is missing (data, BPE
+    files, weights) while the others wait, so no two downloads race on one cache; then the first
+    process of each other machine (its own cache, where machines share no disk); then the rest,
+    from the cache. A failure in any turn stops them all."""
+    if not runtime.distributed:
+        return load()
+    my_turn = 0 if runtime.rank == 0 else 1 if runtime.local_rank == 0 else 2
+    for turn in range(3):
+        loaded = together(runtime, load if turn == my_turn else None)
+        if turn == my_turn:
+            result = loaded
+    return result
+
+
+# --------------------------------------------------------------------------- the two seams
+
+
+@dataclass
+class Shards:
+    """This process's share of every batch the sampler draws: (its indices, the whole batch's
+    size). Shares hold every world_size-th text of a batch sorted by length, so they cost alike;
+    a share may be empty when a batch has fewer texts than processes (it still takes part in the
+    gradient exchange, with nothing to add)."""
+
+    sampler: fastpath.BucketBatchSampler
+    runtime: Runtime
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[list[int], int]]:
+        for indices in self.sampler:
+            yield indices[self.runtime.rank :: self.runtime.world_size], len(indices)
+
+
+def shard(sampler: fastpath.BucketBatchSampler, runtime: Runtime) -> Shards:
+    return Shards(sampler, runtime)
+
+
+def _sum_gradients(state, bucket):  # no annotations: DDP checks them, and this file's are strings
+    """DDP communication hook: the sum of the processes' gradients (a dist.GradBucket's), where
+    DDP's default averages them."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda future: future.value()[0])
+
+
+def wrap(network: nn.Module, runtime: Runtime) -> nn.Module:
+    """One process: `network` itself. Under torchrun: DistributedDataParallel around it, which
+    copies rank 0's weights to every process when built and, during backward, sums the gradients
+    of the trainable parameters over the processes (frozen ones are left out). Wrap again
+    whenever the trainable set changes (gradual): every process does so at the same epoch."""
+    if not runtime.distributed:
+        return network
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    wrapped = DistributedDataParallel(network, device_ids=device_ids)  # the model has no buffers to sync
+    wrapped.register_comm_hook(None, _sum_gradients)
+    return wrapped
+
+
+@contextlib.contextmanager
+def session(device_name: str) -> Iterator[Runtime]:
+    """`start`, then `stop` however the run ends: waiting for the others after a success only."""
+    runtime = start(device_name)
+    try:
+        yield runtime
+    except BaseException:
+        stop(runtime)
+        raise
+    stop(runtime, wait_for_others=True)

@@ -1,0 +1,355 @@
+"""The trainer's speed paths: the same numbers as the chapter's computation, with less work.
+
+Nothing here changes a result; tests/test_fastpath.py proves each path equal to the plain one
+(`classify.GPTClassifier.forward`):
+
+- `FastClassifier`: the final block runs only at the position the head reads (`last_position_block`),
+  in bfloat16 mixed precision on CUDA;
+- `PrefixCache`: when the embeddings and the first k blocks are frozen and dropout is 0, their
+  output for a text never changes, so it is computed once per text instead of once per step;
+- `BucketBatchSampler`: batches of texts of similar length, padded only to their own longest.
+
+train.py picks these (`--no-cache` trains through the plain forward instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import classify
+import data
+from gpt import Block
+
+CACHE_MEMORY_BUDGET = 2**30  # bytes, for all splits together
+
+
+# --------------------------------------------------------------------------- the final block at one position
+
+
+def linear_outputs(layer: nn.Linear | classify.LoRALinear, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """`layer(x)[..., start:stop]`, computing only those outputs (rows start:stop of the weight)."""
+    bias = None if layer.bias is None else layer.bias[start:stop]
+    out = F.linear(x, layer.weight[start:stop], bias)  # (..., stop - start)
+    if isinstance(layer, classify.LoRALinear):
+        out = out + layer.scale * F.linear(F.linear(x, layer.lora_A), layer.lora_B[start:stop])
+    return out
+
+
+def last_position_block(block: Block, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`block(hidden)` at each text's last real position only: (B, T, C) -> (B, C).
+
+    The head reads one position per text. In the final block, keys and values are still needed at
+    every position (the last token attends to all of them), but the query, the attention output,
+    the residual, ln_2 and the MLP only at that one position: one query per text instead of T.
+    The causal mask for that query is "positions <= last", which also hides the pads after it.
+    """
+    attn = block.attn
+    batch, num_tokens, emb_dim = hidden.shape
+    rows, last = torch.arange(batch, device=hidden.device), classify.last_token_index(lengths)  # (B,), (B,)
+    normed = block.ln_1(hidden)  # (B, T, C)
+    query = linear_outputs(attn.c_attn, normed[rows, last], 0, emb_dim)  # (B, C)
+    keys, values = linear_outputs(attn.c_attn, normed, emb_dim, 3 * emb_dim).chunk(2, dim=-1)  # 2 x (B, T, C)
+    query = query.view(batch, attn.n_heads, 1, attn.head_dim)  # (B, H, 1, hs)
+    keys, values = attn.split_heads(keys), attn.split_heads(values)  # (B, H, T, hs)
+    attn_scores = query @ keys.transpose(-2, -1) / math.sqrt(attn.head_dim)  # (B, H, 1, T)
+    visible = torch.arange(num_tokens, device=hidden.device) <= last[:, None]  # (B, T)
+    attn_scores = attn_scores.masked_fill(~visible[:, None, None, :], float("-inf"))  # (B, H, 1, T)
+    attn_weights = attn.attn_dropout(torch.softmax(attn_scores, dim=-1))  # (B, H, 1, T)
+    context = (attn_weights @ values).reshape(batch, emb_dim)  # (B, C), heads side by side
+    x = hidden[rows, last] + attn.resid_dropout(attn.c_proj(context))  # (B, C)
+    return x + block.mlp(block.ln_2(x))  # (B, C)
+
+
+def embedded(model: classify.GPTClassifier, token_ids: torch.Tensor, lengths: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input of the first block, as `GPTClassifier.forward` prepares it: (B, T, C), lengths.
+    For "first" pooling only position 0 is kept: under the causal mask it never looks further."""
+    if model.pooling == "special":
+        token_ids, lengths = classify.append_special_token(token_ids, lengths)  # (B, T + 1)
+    hidden = model.gpt.embed(token_ids)  # (B, T, C)
+    return (hidden[:, :1], torch.ones_like(lengths)) if model.pooling == "first" else (hidden, lengths)
+
+
+def forward_from(model: classify.GPTClassifier, hidden: torch.Tensor, lengths: torch.Tensor, start_block: int
+                 ) -> torch.Tensor:
+    """Class logits (B, K), continuing from the output of blocks[:start_block] (start_block 0:
+    the embedding). Equal to `model(token_ids, lengths)`; with last-token pooling the final
+    block runs at the last position only."""
+    blocks = list(model.gpt.h)[start_block:]
+    if model.pooling in ("last", "special") and blocks:
+        for block in blocks[:-1]:
+            hidden = block(hidden)  # (B, T, C)
+        return model.head(model.gpt.ln_f(last_position_block(blocks[-1], hidden, lengths)))  # (B, K)
+    for block in blocks:
+        hidden = block(hidden)  # (B, T, C)
+    return model.head(classify.pool(model.gpt.ln_f(hidden), lengths, model.pooling))  # (B, K)
+
+
+class FastClassifier(nn.Module):
+    """What the trainer calls instead of the classifier: `(inputs, lengths) -> logits (B, K)`,
+    equal to `classifier(token_ids, lengths)`. `inputs` are token ids (B, T), or, while
+    `start_block` > 0, the cached output of the frozen blocks[:start_block] (B, T, C). One
+    module behind one call, so DistributedDataParallel can wrap it (distributed.py)."""
+
+    def __init__(self, classifier: classify.GPTClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.start_block = 0
+
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        with autocast(inputs.device):
+            if self.start_block == 0:
+                inputs, lengths = embedded(self.classifier, inputs, lengths)  # token ids -> (B, T, C)
+            return forward_from(self.classifier, inputs, lengths, self.start_block).float()
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 mixed precision on CUDA; float32 elsewhere (CPUs without native bfloat16 run it
+    ~100x slower)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- the frozen-prefix cache
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    rates = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    return any(rate > 0 for rate in rates + [m.drop_rate for m in model.modules() if hasattr(m, "drop_rate")])
+
+
+def frozen_prefix_length(model: classify.GPTClassifier) -> int | None:
+    """k such that the embeddings and blocks[:k] are frozen and dropout is 0: their output for a
+    given text never changes during training, so it can be computed once (`PrefixCache`).
+
+    None when there is nothing worth caching: dropout is on, the embeddings train ("all"), or the
+    first block already trains (including "lora", whose adapters sit in every block).
+    """
+    trains = classify.trains
+    if _has_dropout(model) or trains(model.gpt.wte) or trains(model.gpt.wpe):
+        return None
+    k = 0
+    while k < len(model.gpt.h) and not trains(model.gpt.h[k]):
+        k += 1
+    return k or None
+
+
+@dataclass
+class PrefixCache:
+    """The outputs of the frozen blocks[:start_block], computed once per text.
+
+    Each text runs through them once, at its own length, and only the positions the trainable top
+    reads are stored, with no padding: every real position in general (the trainable blocks need
+    all keys and values); only the last one for last-token pooling when every block is frozen
+    (then only ln_f, which acts per position, and the head remain; the last block itself runs
+    only there); only position 0 for "first" pooling. Storage is float32 when it fits the memory
+    budget, else float16 (if that fits and every value is finite); `build` returns None when
+    neither fits, and the trainer goes without.
+    """
+
+    states: torch.Tensor  # (stored positions, C), on the device
+    offsets: torch.Tensor  # (N,) long, on the CPU: where text i starts in states
+    lengths: torch.Tensor  # (N,) long, on the CPU: how many positions text i stores
+    start_block: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.states.numel() * self.states.element_size()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.states.dtype
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @classmethod
+    def build(cls, model: classify.GPTClassifier, token_ids: list[list[int]], start_block: int,
+              device: torch.device | str, memory_budget_bytes: int = 2**30, batch_size: int = 64) -> PrefixCache | None:
+        n_layers = len(model.gpt.h)
+        if not 0 <= start_block <= n_layers:
+            raise ValueError(f"start_block {start_block}: must be in 0..{n_layers} (the model's blocks)")
+        if (frozen_prefix_length(model) or 0) < start_block:
+            raise ValueError(f"start_block {start_block}: the embeddings and blocks[:{start_block}] must be frozen "
+                             f"and dropout 0 for their outputs to be cached (use frozen_prefix_length(model))")
+        if not all(token_ids):
+            raise ValueError(f"example {[bool(ids) for ids in token_ids].index(False)} has no tokens; "
+                             "every text needs at least one")
+        one_position = model.pooling == "first" or (model.pooling in ("last", "special") and start_block == n_layers)
+        extra = model.pooling == "special"  # the appended <|endoftext|> is stored too
+        lengths = torch.tensor([1 if one_position else len(ids) + extra for ids in token_ids], dtype=torch.long)
+        offsets = torch.cumsum(lengths, dim=0) - lengths  # (N,)
+        rows, emb_dim = int(lengths.sum()), model.gpt.cfg.emb_dim
+        dtype = next((d for d in (torch.float32, torch.float16) if rows * emb_dim * d.itemsize <= memory_budget_bytes),
+                     None)
+        if dtype is None:
+            return None
+        states = torch.empty(rows, emb_dim, dtype=dtype, device=device)  # (rows, C)
+        model_device = next(model.parameters()).device
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+        with torch.no_grad():
+            for chunk_start in range(0, len(order), batch_size):
+                chunk = order[chunk_start : chunk_start + batch_size]
+                batch = data.collate([(token_ids[i], 0) for i in chunk]).to(model_device)
+                hidden, text_lengths = embedded(model, batch.token_ids, batch.lengths)  # (B, T, C)
+                blocks = list(model.gpt.h)[:start_block]
+                for block in blocks[:-1] if one_position and blocks and model.pooling != "first" else blocks:
+                    hidden = block(hidden)  # (B, T, C)
+                if one_position and blocks and model.pooling != "first":
+                    hidden = last_position_block(blocks[-1], hidden, text_lengths)[:, None]  # (B, 1, C)
+                for row, i in enumerate(chunk):
+                    offset, length = int(offsets[i]), int(lengths[i])
+                    states[offset : offset + length] = hidden[row, :length].to(device, dtype)
+        if dtype == torch.float16 and not bool(torch.isfinite(states).all()):
+            return None  # a value beyond float16's range: caching would change the results
+        return cls(states, offsets, lengths, start_block)
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored hidden states of these texts, padded with zeros on the right: (B, T, C)
+        float32 and lengths (B,), both on the cache's device."""
+        index = torch.as_tensor(indices, dtype=torch.long)  # (B,)
+        lengths = self.lengths[index]  # (B,)
+        positions = torch.arange(max(int(lengths.max()) if len(indices) else 1, 1))  # (T,)
+        real = positions < lengths[:, None]  # (B, T)
+        rows = torch.where(real, self.offsets[index][:, None] + positions, 0)  # (B, T) rows of states
+        device = self.states.device
+        hidden = self.states[rows.to(device)].float()  # (B, T, C)
+        return hidden.masked_fill(~real.to(device)[..., None], 0.0), lengths.to(device)
+
+
+# --------------------------------------------------------------------------- one split, ready for the model
+
+
+@dataclass
+class Batch:
+    """What a step feeds the network: token ids (B, T) or cached hidden states (B, T, C), the real
+    lengths and the labels, on the device; `size` is the number of texts in the whole batch."""
+
+    inputs: torch.Tensor
+    lengths: torch.Tensor
+    labels: torch.Tensor
+    size: int
+
+
+@dataclass
+class SplitInputs:
+    """One split's texts, labels and (while the frozen prefix allows it) the cache."""
+
+    dataset: data.ClassificationDataset
+    cache: PrefixCache | None = None
+
+    def batch(self, indices: list[int], device: torch.device, size: int | None = None) -> Batch:
+        labels = torch.tensor([self.dataset.labels[i] for i in indices], dtype=torch.long, device=device)  # (B,)
+        if self.cache is not None:
+            hidden, lengths = self.cache.batch(indices)  # (B, T, C), (B,)
+            return Batch(hidden.to(device), lengths.to(device), labels, size or len(indices))
+        if not indices:  # a process's empty share of a batch (distributed.py): no text, but a valid shape
+            empty = torch.zeros(0, 1, dtype=torch.long, device=device)
+            return Batch(empty, torch.zeros(0, dtype=torch.long, device=device), labels, size or 0)
+        batch = data.collate([self.dataset[i] for i in indices]).to(device)
+        return Batch(batch.token_ids, batch.lengths, labels, size or len(indices))
+
+
+@dataclass
+class CacheStatus:
+    """What the frozen-prefix cache does in this run, for the log and metrics.json."""
+
+    used: bool
+    start_block: int | None = None
+    nbytes: int = 0
+    dtype: str | None = None
+    seconds: float = 0.0
+    reason: str = ""
+
+    def describe(self) -> str:
+        if not self.used:
+            return f"frozen-prefix cache off ({self.reason})"
+        size = f"{self.nbytes / 2**20:.1f} MiB" if self.nbytes >= 2**20 else f"{self.nbytes / 1024:.1f} KiB"
+        return (f"frozen-prefix cache: outputs of the embeddings and blocks 0-{self.start_block - 1} computed once, "
+                f"{size} ({self.dtype}), built in {self.seconds:.1f} s")
+
+
+def refresh_caches(network: nn.Module, splits: dict[str, SplitInputs], device: torch.device) -> CacheStatus:
+    """Cache what the frozen prefix computes, for every split, and point `network` (a
+    FastClassifier) at it; rebuilt only when the boundary between frozen and trainable blocks
+    moved (the "gradual" strategy moves it every epoch)."""
+    if not isinstance(network, FastClassifier):
+        return CacheStatus(used=False, reason="--no-cache")
+    model, start_block = network.classifier, frozen_prefix_length(network.classifier)
+    started, caches = time.perf_counter(), {}
+    if start_block:
+        total_tokens = sum(sum(split.dataset.lengths) for split in splits.values())
+        for name, split in splits.items():
+            if split.cache is not None and split.cache.start_block == start_block:
+                caches[name] = split.cache
+                continue
+            split.cache = None  # free the old cache before building the new one
+            budget = CACHE_MEMORY_BUDGET * sum(split.dataset.lengths) // max(total_tokens, 1)
+            caches[name] = PrefixCache.build(model, split.dataset.token_ids, start_block, device, budget)
+    fits = bool(caches) and all(cache is not None for cache in caches.values())
+    for name, split in splits.items():
+        split.cache = caches[name] if fits else None
+    network.start_block = start_block if fits else 0
+    if not fits:
+        reason = (f"does not fit in {CACHE_MEMORY_BUDGET / 2**30:.0f} GiB" if start_block else
+                  "no frozen block before the trainable ones, or dropout > 0")
+        return CacheStatus(used=False, reason=reason)
+    return CacheStatus(True, start_block, sum(cache.nbytes for cache in caches.values()),
+                       str(next(iter(caches.values())).dtype).removeprefix("torch."), time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- batches of similar length
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of indices whose texts have similar lengths, so dynamic padding adds little.
+
+    Each epoch: shuffle all indices, sort them by length within windows of `window` batches, cut
+    each window into batches, then shuffle the batches. Training stays randomised (which texts
+    share a window, and the batch order, change every epoch) while a batch's texts are close in
+    length. Every index appears exactly once per epoch (drop_last=False); the order depends only
+    on (seed, epoch): call `set_epoch` before each epoch. shuffle=False gives batches in order
+    of length, for evaluation and inference.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, window: int = 100,
+                 drop_last: bool = False) -> None:
+        if batch_size < 1 or window < 1:
+            raise ValueError(f"batch_size {batch_size} and window {window}: both must be at least 1")
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.shuffle, self.window, self.drop_last, self.epoch = shuffle, window, drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.batch_size if self.drop_last else -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if not self.shuffle:
+            yield from self._cut(sorted(range(len(self.lengths)), key=lambda i: self.lengths[i]))
+            return
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        window_size = self.window * self.batch_size
+        bucketed: list[int] = []
+        for start in range(0, len(order), window_size):  # sorted() is stable: equal lengths keep their random order
+            bucketed += sorted(order[start : start + window_size], key=lambda i: self.lengths[i])
+        batches = self._cut(bucketed)
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[b]
+
+    def _cut(self, order: list[int]) -> list[list[int]]:
+        """Consecutive batches of batch_size (a window holds whole batches, so only the last batch
+        can be short)."""
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches

@@ -1,0 +1,346 @@
+"""Files from the outside world, fetched and written safely: machinery the chapter never mentions.
+
+- downloads: GPT-2's weights from the Hugging Face hub (`fetch`, `download_preset`) and the SMS
+  Spam Collection from UCI (`download_sms_spam`), each resumable, checked against a sha256,
+  and renamed into the cache only when complete;
+- writing: `atomic_open` and `write_safetensors` (gpt.py reads the format), so a crash leaves
+  the old file or none, never half a file;
+- the command behind `python gpt.py "Every effort moves"` (`generate_command`).
+
+The cache is `$GPT2_CLASSIFICATION_CACHE`, else `$XDG_CACHE_HOME` or `~/.cache`, then
+`gpt2-classification`. `GPT2_HUB_URL` points the weight downloads at a mirror of the hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+import gpt
+
+Progress = Callable[[int, "int | None"], None]  # (bytes done, total bytes or None when unknown)
+
+HF_HUB_URL = "https://huggingface.co"
+PRESET_REPOS = {"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+                "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+SMS_SPAM_MEMBER = "SMSSpamCollection"  # the file inside the UCI archive
+SMS_SPAM_SIZE = 477_907
+SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+USER_AGENT = "gpt2-classification/0.1 (urllib)"
+CHUNK_BYTES = 1 << 20
+NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("GPT2_CLASSIFICATION_CACHE"):
+        return Path(os.environ["GPT2_CLASSIFICATION_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-classification"
+
+
+def print_progress(done: int, total: int | None) -> None:
+    """A progress callback for the commands: one line on stderr, rewritten in place."""
+    if total:
+        line = f"\rdownloading: {done / 1e6:9.1f} of {total / 1e6:.1f} MB ({100 * done / total:3.0f}%)"
+    else:
+        line = f"\rdownloading: {done / 1e6:9.1f} MB"
+    sys.stderr.write(line + ("\n" if total and done >= total else ""))
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- writing files whole
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A new binary file that appears at `path` only once completely written: it is written to a
+    temporary file in the same folder, flushed to disk, then renamed over `path`, so a crash or
+    Ctrl-C leaves either the old file or none, never half a file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # same folder: rename is atomic
+    try:
+        with open(temporary, "xb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+DTYPE_NAMES = {dtype: name for name, dtype in gpt.SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (and optional string metadata) as a .safetensors file, atomically.
+
+    Tensors that share storage, like GPT-2's tied embedding and output head, are each written in
+    full: the format has no notion of sharing.
+    """
+    header: dict[str, object] = {}
+    if metadata is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError(f"{path}: metadata must map strings to strings, got {metadata!r}")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise ValueError(f"{path}: invalid tensor name {name!r}")
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in DTYPE_NAMES:
+            kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{path}: tensor {name!r}: cannot store {kind} "
+                             f"(supported: {', '.join(gpt.SAFETENSORS_DTYPES)})")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
+    with atomic_open(path) as file:
+        file.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
+        for tensor in tensors.values():
+            flat = tensor.detach().cpu().contiguous().reshape(-1)  # (numel,): 0-d becomes (1,)
+            buffer = bytearray(flat.numel() * flat.element_size())  # little-endian, as on every
+            if buffer:  # platform PyTorch supports
+                torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat.view(torch.uint8))
+            file.write(buffer)
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK_BYTES):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _fetch(url: str, partial: Path, progress: Progress | None, timeout: float) -> str | None:
+    """Append the rest of `url` to `partial` (all of it when the server ignores Range).
+
+    Returns the sha256 of the whole partial file, or None when the server says (HTTP 416) that
+    `partial` already holds every byte, or more: the caller must then check it.
+    """
+    hasher, done = hashlib.sha256(), 0
+    if partial.exists():  # resuming: hash the bytes we already have
+        with open(partial, "rb") as file:
+            while chunk := file.read(CHUNK_BYTES):
+                hasher.update(chunk)
+                done += len(chunk)
+    headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={done}-"} if done else {})}
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and done:  # "range not satisfiable": nothing left after byte `done`
+            return None
+        raise
+    with response:
+        if done and response.status != 206:  # the server ignored Range and sends it all: restart
+            hasher, done = hashlib.sha256(), 0
+        elif done and not response.headers.get("Content-Range", "").startswith(f"bytes {done}-"):
+            raise ConnectionError(f"asked for bytes {done}- but got {response.headers.get('Content-Range')!r}")
+        length = response.headers.get("Content-Length")
+        total = done + int(length) if length and length.isdigit() else None
+        with open(partial, "ab" if done else "wb") as file:
+            if progress:
+                progress(done, total)
+            while chunk := response.read(CHUNK_BYTES):
+                file.write(chunk)
+                hasher.update(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+    if total is not None and done < total:
+        raise ConnectionError(f"the connection closed after {done} of {total} bytes")
+    return hasher.hexdigest()
+
+
+def download(url: str, dest: str | Path, sha256: str | None = None, progress: Progress | None = None,
+             *, timeout: float = 60.0) -> Path:
+    """Download `url` to `dest`, resumably and atomically; returns `dest`.
+
+    Returns at once, with no request, when `dest` exists. Bytes go to `<dest>.part` first; an
+    interrupted download resumes from there on the next call. With `sha256`, a mismatch deletes
+    the partial file and raises ValueError, leaving nothing at `dest`. Network failures raise
+    ConnectionError naming the URL and the reason.
+    """
+    dest = Path(dest)
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".part")
+    try:
+        digest = _fetch(url, partial, progress, timeout)
+        if digest is None:  # the partial file already held everything the server has
+            if sha256 is None:  # nothing to check it against: fetch it again from scratch
+                partial.unlink()
+                digest = _fetch(url, partial, progress, timeout)
+            else:
+                digest = file_sha256(partial)
+    except urllib.error.HTTPError as error:
+        raise ConnectionError(f"could not download {url}: HTTP {error.code} {error.reason}") from None
+    except NETWORK_ERRORS as error:
+        kept = (f"; the {partial.stat().st_size} bytes so far stay in {partial} for the next try"
+                if partial.exists() else "")
+        raise ConnectionError(f"could not download {url}: {getattr(error, 'reason', None) or error!r}{kept}") from None
+    if sha256 is not None and digest != sha256.lower():
+        partial.unlink()
+        raise ValueError(f"{url}: the download's sha256 is {digest}, expected {sha256.lower()}; "
+                         "the corrupt file was deleted, run again to download it afresh")
+    os.replace(partial, dest)
+    return dest
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs) -> None:
+        return None  # hand back the 3xx answer itself: its headers are what we came for
+
+
+def hub_sha256(url: str, timeout: float = 60.0) -> str:
+    """The sha256 the Hugging Face hub publishes for a file stored with Git LFS.
+
+    The hub answers a HEAD request for a resolve URL with a redirect to its CDN that carries
+    `X-Linked-Etag: "<sha256>"`; the redirect is not followed, except when it stays on the hub
+    (a renamed repository).
+    """
+    opener = urllib.request.build_opener(_NoRedirect)
+    for _ in range(5):
+        request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": USER_AGENT})
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                status, headers = response.status, response.headers
+        except urllib.error.HTTPError as error:  # a 3xx lands here with _NoRedirect
+            if not 300 <= error.code < 400:
+                raise ConnectionError(f"could not reach {url}: HTTP {error.code} {error.reason}") from None
+            status, headers = error.code, error.headers
+        except NETWORK_ERRORS as error:
+            raise ConnectionError(f"could not reach {url}: {getattr(error, 'reason', None) or error!r}") from None
+        etag = headers.get("X-Linked-Etag", "").removeprefix("W/").strip('"').lower()
+        if re.fullmatch(r"[0-9a-f]{64}", etag):
+            return etag
+        location = headers.get("Location", "")
+        if not (300 <= status < 400 and location.startswith("/")):
+            break
+        url = urllib.parse.urljoin(url, location)  # a redirect within the hub: ask there
+    raise ValueError(f"{url}: the hub published no sha256 (X-Linked-Etag header) for this file, "
+                     "so it cannot be verified; refusing to download it")
+
+
+def download_preset(name: str, cache_dir: str | Path | None = None, progress: Progress | None = None) -> Path:
+    """The preset's model.safetensors in `<cache>/<preset>/`, downloaded and verified once; later
+    calls make no request at all."""
+    dest = Path(cache_dir if cache_dir is not None else default_cache_dir()) / name / "model.safetensors"
+    if dest.is_file():
+        return dest
+    hub = os.environ.get("GPT2_HUB_URL") or HF_HUB_URL
+    url = f"{hub.rstrip('/')}/{PRESET_REPOS[name]}/resolve/main/model.safetensors"
+    return download(url, dest, sha256=hub_sha256(url), progress=progress)
+
+
+def fetch(source: str | Path, cache_dir: str | Path | None = None, progress: Progress | None = None) -> str | Path:
+    """What gpt.load_gpt2 reads for `source`: a preset name becomes its downloaded weights file;
+    a local folder or file is returned as it is."""
+    if isinstance(source, str) and source in gpt.PRESETS:
+        return download_preset(source, cache_dir, progress)
+    return source
+
+
+def download_sms_spam(cache_dir: str | Path | None = None, progress: Progress | None = None,
+                      url: str | None = None) -> Path:
+    """The SMS Spam Collection file, downloaded from UCI once and cached.
+
+    Downloads the archive, extracts `SMSSpamCollection`, checks its size and sha256, and writes it
+    atomically to `<cache_dir>/sms_spam/SMSSpamCollection`; once that file exists this returns at
+    once, without the network. `url` (default SMS_SPAM_URL) may point at a mirror. ConnectionError
+    when the download fails; ValueError (and nothing cached) when the archive does not hold the
+    expected file.
+    """
+    url = url or SMS_SPAM_URL
+    target = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "sms_spam" / SMS_SPAM_MEMBER
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    archive = target.parent / "sms+spam+collection.zip"
+    try:
+        download(url, archive, sha256=None, progress=progress)
+        try:
+            with zipfile.ZipFile(archive) as zipped:
+                names = [name for name in zipped.namelist() if Path(name).name == SMS_SPAM_MEMBER]
+                if not names:
+                    raise ValueError(f"{url}: the archive has no {SMS_SPAM_MEMBER} (it holds {zipped.namelist()})")
+                content = zipped.read(names[0])
+        except zipfile.BadZipFile as error:
+            raise ValueError(f"{url}: not a valid zip archive ({error})") from error
+    finally:
+        archive.unlink(missing_ok=True)  # only the extracted, verified file is kept
+    digest = hashlib.sha256(content).hexdigest()
+    if len(content) != SMS_SPAM_SIZE or digest != SMS_SPAM_SHA256:
+        raise ValueError(f"{url}: {SMS_SPAM_MEMBER} has {len(content)} bytes and sha256 {digest}, expected "
+                         f"{SMS_SPAM_SIZE} bytes and sha256 {SMS_SPAM_SHA256}; pass the path of a good copy instead")
+    with atomic_open(target) as file:
+        file.write(content)
+    return target
+
+
+# --------------------------------------------------------------------------- the gpt.py command
+
+
+def generate_command(argv: list[str] | None = None) -> int:
+    """`python gpt.py "Every effort moves"`: load GPT-2 and print a continuation."""
+    parser = argparse.ArgumentParser(
+        prog="gpt.py",
+        description="Continue a text with pretrained GPT-2 (a check that the weights loaded right).",
+        epilog="With the real gpt2-small weights, greedy decoding of 'Every effort moves' "
+        "starts 'Every effort moves forward, but it's not enough.'",
+    )
+    parser.add_argument("prompt", help="text to continue")
+    parser.add_argument("--model", default="gpt2-small", help=f"preset ({', '.join(gpt.PRESETS)}), Hugging Face "
+                        "directory or .safetensors file (default: gpt2-small)")
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="tokens to add (default: 20)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: greedy)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --top-k (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=123, help="random seed for sampling (default: 123)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help=f"download folder (default: {default_cache_dir()})")
+    args = parser.parse_args(argv)
+    try:
+        cfg = gpt.load_config(args.model)  # a bad --model fails here, before any download
+        import tiktoken
+
+        try:
+            tokenizer = tiktoken.get_encoding("gpt2")
+        except Exception as error:  # offline with no cached BPE files; tiktoken raises its download's error
+            raise ValueError(f"cannot load the GPT-2 tokenizer ({type(error).__name__}); "
+                             "offline, set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
+        prompt_ids = tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if cfg.vocab_size < tokenizer.n_vocab:
+            raise ValueError(f"--model {args.model} has {cfg.vocab_size} tokens, fewer than GPT-2's tokenizer")
+        model = gpt.load_gpt2(fetch(args.model, args.cache_dir, print_progress), config=cfg)
+        output = gpt.generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, top_k=args.top_k,
+                              temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
+    except (ValueError, OSError) as error:  # OSError covers ConnectionError and unwritable caches
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(tokenizer.decode(output[0].tolist()))
+    return 0

@@ -1,0 +1,366 @@
+"""What a run tells and leaves behind: machinery the chapter never mentions.
+
+The log lines train.py prints, the records of training (`EpochRecord`, `Training`, `RunResult`),
+metrics.json, the optional plots, the --compare table, and the run folder, which is built aside
+and appears only when complete (`staged_output`). Library code never prints: train.py hands a
+`Log` around, and only rank 0's prints (distributed.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import classify
+import distributed
+import fastpath
+import metrics
+
+Log = Callable[[str], None]
+
+
+def print_line(message: str) -> None:
+    print(message, flush=True)
+
+
+def quiet(message: str) -> None:
+    """The log of every process but rank 0."""
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# --------------------------------------------------------------------------- records of training
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    trainable: str  # what was trained this epoch (the gradual schedule)
+    train_loss: float  # mean over the epoch's texts, measured while training
+    train_accuracy: float  # likewise
+    validation_loss: float
+    validation_accuracy: float
+
+
+@dataclass
+class Training:
+    """What fine-tuning produced: the history, and the weights of the best epoch (by validation
+    accuracy, then loss)."""
+
+    cache: fastpath.CacheStatus  # as in the last epoch
+    best_state: dict[str, torch.Tensor]
+    history: list[EpochRecord] = field(default_factory=list)
+    step_checks: list[dict] = field(default_factory=list)  # validation loss every --eval-every steps
+    epoch_seconds: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    cache_seconds: float = 0.0  # building the cache, every (re)build
+
+    def __post_init__(self) -> None:
+        self.cache_seconds += self.cache.seconds
+
+    def set_cache(self, cache: fastpath.CacheStatus) -> None:
+        self.cache, self.cache_seconds = cache, self.cache_seconds + cache.seconds
+
+    def add_epoch(self, record: EpochRecord, seconds: float) -> bool:
+        """Record an epoch; True when it is the best so far."""
+        self.history.append(record)
+        self.epoch_seconds.append(seconds)
+        best = max(self.history, key=lambda r: (r.validation_accuracy, -r.validation_loss))  # first of equals
+        self.best_epoch = best.epoch
+        return best is record
+
+
+@dataclass
+class Tally:
+    """Loss and right answers summed over an epoch's texts; under torchrun, read over every process."""
+
+    device: torch.device
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor]
+    loss: torch.Tensor = None
+    correct: torch.Tensor = None
+    texts: int = 0  # the whole batches', on every process
+
+    def __post_init__(self) -> None:
+        self.loss = torch.zeros((), device=self.device)  # summed on the device: no sync per step
+        self.correct = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, batch: fastpath.Batch) -> None:
+        self.loss += loss.detach() * batch.size  # this process's texts' summed loss
+        self.correct += (logits.argmax(dim=-1) == batch.labels).sum()
+        self.texts += batch.size
+
+    def mean_loss(self) -> float:
+        return self.sum_over_processes(self.loss).item() / self.texts
+
+    def accuracy(self) -> float:
+        return self.sum_over_processes(self.correct).item() / self.texts
+
+
+@dataclass
+class Progress:
+    """Counts steps across epochs for the progress lines: speed and estimated time left."""
+
+    total_steps: int
+    log_every: int
+    step: int = 0
+    examples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def advance(self, batch_size: int) -> None:
+        self.step += 1
+        self.examples += batch_size
+
+    def line(self, epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, loss: float) -> str:
+        elapsed = time.perf_counter() - self.started
+        minutes, seconds = divmod(round(elapsed / self.step * (self.total_steps - self.step)), 60)
+        return (f"epoch {epoch + 1}/{epochs}  step {step_in_epoch}/{steps_per_epoch}  "
+                f"{self.examples / elapsed:,.0f} examples/s  loss {loss:.4f}  "
+                f"time left {minutes // 60}:{minutes % 60:02d}:{seconds:02d}")
+
+
+def epoch_line(record: EpochRecord, epochs: int, training: Training) -> str:
+    return (f"epoch {record.epoch}/{epochs} done in {training.epoch_seconds[-1]:.1f} s: "
+            f"train loss {record.train_loss:.4f} accuracy {record.train_accuracy:.2%}  |  "
+            f"validation loss {record.validation_loss:.4f} accuracy {record.validation_accuracy:.2%}"
+            + ("  (best so far)" if training.best_epoch == record.epoch else ""))
+
+
+@dataclass
+class RunResult:
+    strategy: str
+    reports: dict[str, metrics.ClassificationReport]
+    losses: dict[str, float]
+    parameters: dict[str, float]
+    training: Training
+    training_seconds: float
+
+
+def parameter_counts(model: nn.Module) -> dict[str, float]:
+    trainable, total = classify.count_parameters(model)
+    return {"trainable": trainable, "total": total, "share": trainable / total}
+
+
+# --------------------------------------------------------------------------- the log
+
+
+def describe_steps(cfg, splits, tokens, gpt_model: nn.Module, runtime: distributed.Runtime) -> str:
+    """Steps 1-7 in one line each, as the run sets them up."""
+    counts = " / ".join(f"{name} {len(dataset):,}" for name, dataset in tokens.items())
+    truncated = sum(dataset.num_truncated for _, dataset in tokens.items())
+    batch = f"batch size {cfg.batch_size}"
+    if runtime.distributed:
+        batch += (f" (the global batch: texts per weight update, shared by {runtime.world_size} processes, "
+                  f"about {cfg.batch_size / runtime.world_size:g} each)")
+    torchrun = (f"torchrun: {runtime.world_size} processes train together ({torch.distributed.get_backend()}, "
+                f"DistributedDataParallel), rank 0 on {runtime.device}\n" if runtime.distributed else "")
+    return (f"{torchrun}1. labelled text: {cfg.data or 'SMS Spam Collection'} "
+            f"({'balanced' if cfg.balanced else 'all data'}): {counts}; classes {', '.join(splits.label_names)}\n"
+            f"2. tokenization: GPT-2 BPE, max_length {tokens.max_length} tokens, "
+            f"{truncated} text{'s' if truncated != 1 else ''} cut to fit\n"
+            f"3. GPT: {cfg.model}, {cfg.init} weights, {sum(p.numel() for p in gpt_model.parameters()):,} "
+            f"parameters, on {runtime.device}\n"
+            f"4. representation: pooling {cfg.pooling!r}; 5. classification head: "
+            f"Linear({gpt_model.cfg.emb_dim} -> {len(splits.label_names)})\n"
+            f"6. supervised loss: cross-entropy; 7. weight update: AdamW lr {cfg.lr:g}, weight decay "
+            f"{cfg.weight_decay:g}, {batch}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}")
+
+
+def describe_strategy(model: classify.GPTClassifier, strategy: str, epochs: int) -> str:
+    parameters = parameter_counts(model)
+    line = (f"strategy {strategy}: training {classify.describe_trainable(model)}: {parameters['trainable']:,} of "
+            f"{parameters['total']:,} parameters ({parameters['share']:.2%})")
+    if strategy != "gradual":
+        return line
+    n_layers = len(model.gpt.h)
+    counts = [classify.trainable_blocks("gradual", n_layers, epoch) for epoch in range(epochs)]
+    return line + "\ngradual schedule: " + "; ".join(
+        f"epoch {epoch + 1}: head + final LayerNorm" + (f" + top {n} block{'s' if n > 1 else ''}" if n else "")
+        for epoch, n in enumerate(counts))
+
+
+def describe_result(result: RunResult, tokens) -> str:
+    """The chapter's evaluation for every split, then what the training cost."""
+    parts = [f"\n{name} ({len(getattr(tokens, name)):,} texts), loss {result.losses[name]:.4f}\n"
+             + metrics.format_report(report) for name, report in result.reports.items()]
+    parameters = result.parameters
+    parts.append(f"{result.strategy}: trained in {result.training_seconds:.1f} s; trainable parameters "
+                 f"{parameters['trainable']:,} of {parameters['total']:,} ({parameters['share']:.2%})")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+@dataclass
+class RunFacts:
+    """What metrics.json records besides the results: how the run was asked for and set up."""
+
+    cfg: object  # train.TrainConfig
+    argv: list[str]
+    tokens: object  # train.TokenizedSplits
+    shape: object  # gpt.GPTConfig
+    runtime: distributed.Runtime
+    started: float
+
+
+def metrics_document(result: RunResult, facts: RunFacts) -> dict:
+    """Everything metrics.json holds. Timings sit under "timing" alone, so two runs with one seed
+    on one device give identical documents once "timing" is dropped."""
+    training, tokens = result.training, facts.tokens
+    document: dict = {name: {**report.to_dict(), "loss": result.losses[name]} for name, report in result.reports.items()}
+    document.update({
+        "history": [asdict(record) for record in training.history],
+        "validation_checks": training.step_checks,
+        "best_epoch": training.best_epoch,
+        "strategy": result.strategy,
+        "trainable_parameters": result.parameters,
+        "data": {"label_names": result.reports["train"].label_names, "max_length": tokens.max_length,
+                 **{name: {"examples": len(d), "truncated": d.num_truncated} for name, d in tokens.items()}},
+        "model": {"source": facts.cfg.model, "init": facts.cfg.init, **asdict(facts.shape)},
+        "prefix_cache": {k: v for k, v in asdict(training.cache).items() if k != "seconds"},
+        "device": facts.runtime.device.type,
+        "seed": facts.cfg.seed,
+        "arguments": {"argv": facts.argv, "config": asdict(facts.cfg)},
+        "timing": {
+            "total_seconds": time.perf_counter() - facts.started,  # from the start of the run to these metrics
+            "training_seconds": result.training_seconds,  # prefix cache + epochs
+            "prefix_cache_seconds": training.cache_seconds,  # every (re)build
+            "epoch_seconds": training.epoch_seconds,  # each with its validation pass
+            "training_examples_per_second": len(tokens.train) * len(training.history) / sum(training.epoch_seconds),
+        },
+    })
+    if facts.runtime.distributed:
+        document["timing"]["processes"] = facts.runtime.world_size  # the results do not depend on it
+    return document
+
+
+def write_json(path: Path, document: dict) -> None:
+    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def write_run(run_dir: Path, result: RunResult, facts: RunFacts) -> None:
+    write_json(run_dir / "metrics.json", metrics_document(result, facts))
+
+
+def write_plots(result: RunResult, folder: Path, final_folder: Path) -> str:
+    """Loss and accuracy curves and the confusion matrices as PNG in `folder` (the run folder
+    being built, which becomes `final_folder`); matplotlib is optional."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        return "--plot: matplotlib is not installed, no plots written (pip install matplotlib)"
+    epochs = [record.epoch for record in result.training.history]
+    for quantity in ("loss", "accuracy"):
+        figure, axes = plt.subplots(figsize=(5, 3.5))
+        for split in ("train", "validation"):
+            axes.plot(epochs, [getattr(r, f"{split}_{quantity}") for r in result.training.history], marker="o",
+                      label=split)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        axes.set(xlabel="epoch", ylabel=quantity)
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(folder / f"{quantity}.png", dpi=120)
+        plt.close(figure)
+    for split, report in result.reports.items():
+        figure, axes = plt.subplots(figsize=(4, 3.5))
+        axes.imshow(report.confusion_matrix, cmap="Blues", vmin=0)
+        names, darkest = report.label_names, max(max(row) for row in report.confusion_matrix)
+        axes.set_xticks(range(len(names)), names)
+        axes.set_yticks(range(len(names)), names)
+        axes.set(xlabel="predicted", ylabel="true", title=f"{split}: accuracy {report.accuracy:.2%}")
+        for i, row in enumerate(report.confusion_matrix):
+            for j, count in enumerate(row):  # white on the dark cells, black on the light ones
+                axes.text(j, i, f"{count:,}", ha="center", va="center",
+                          color="white" if count > darkest / 2 else "black")
+        figure.tight_layout()
+        figure.savefig(folder / f"confusion_matrix_{split}.png", dpi=120)
+        plt.close(figure)
+    return f"plots written: loss.png, accuracy.png, confusion_matrix_*.png in {final_folder}"
+
+
+def comparison_rows(results: list[RunResult]) -> list[dict]:
+    rows = []
+    for result in results:
+        test = result.reports["test"]
+        rows.append({
+            "strategy": result.strategy, "trainable_parameters": int(result.parameters["trainable"]),
+            "training_seconds": result.training_seconds, "train_accuracy": result.reports["train"].accuracy,
+            "validation_accuracy": result.reports["validation"].accuracy, "test_accuracy": test.accuracy,
+            "positive_class": test.label_names[-1], "test_precision": test.precision[-1],
+            "test_recall": test.recall[-1], "test_f1": test.f1[-1],
+        })
+    return rows
+
+
+def format_comparison(rows: list[dict]) -> str:
+    """One table: what each strategy costs (parameters, time) and what it buys (accuracy, P/R/F1)."""
+    positive = rows[0]["positive_class"]
+    header = ["strategy", "trainable params", "train time", "train acc", "val acc", "test acc",
+              f"test P ({positive})", f"test R ({positive})", f"test F1 ({positive})"]
+    table = [[row["strategy"], f"{row['trainable_parameters']:,}", f"{row['training_seconds']:.1f} s",
+              *(f"{row[key]:.2%}" for key in ("train_accuracy", "validation_accuracy", "test_accuracy")),
+              *(f"{row[key]:.4f}" for key in ("test_precision", "test_recall", "test_f1"))] for row in rows]
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+                     for line in [header, *table])
+
+
+def write_comparison(folder: Path, results: list[RunResult], cfg, argv: list[str]) -> str:
+    rows = comparison_rows(results)
+    write_json(folder / "compare.json", {"rows": rows, "arguments": {"argv": argv, "config": asdict(cfg)}})
+    return "\n" + format_comparison(rows)
+
+
+def default_out_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A hidden folder beside `out` that becomes `out` only when everything in it is written: an
+    error or Ctrl-C leaves no half-written run. Creating it first also proves `out` is writable
+    before any training starts."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out}: already exists and is not empty; choose a new folder")
+    missing = [parent for parent in [out.parent, *out.parent.parents] if not parent.exists()]
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write there ({error.strerror or error})") from None
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()  # an empty folder, checked above
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in missing:  # nearest first: remove the folders made for this run
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, runtime: distributed.Runtime) -> Iterator[Path | None]:
+    """The run folder being built, on rank 0 alone (None on the other processes, which write
+    nothing); every process learns whether rank 0 could create it before any work starts."""
+    with contextlib.ExitStack() as stack:
+        yield distributed.together(runtime, (lambda: stack.enter_context(_staged(out))) if runtime.is_main_process
+                                   else None)

@@ -1,0 +1,261 @@
+"""fastpath.py: every speed path gives the plain path's numbers (classify.GPTClassifier.forward):
+the final block at the last position only, the frozen-prefix cache (float32 and float16), bfloat16
+autocast as on a GPU, an empty batch (a torchrun process's empty share), and length buckets that
+visit every text once per epoch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn import functional as F
+
+import classify
+import fastpath
+from classify import GPTClassifier
+from fastpath import PrefixCache
+from test_classify import (FEW, VOCAB, assert_close_to_scale, batch_lengths, configs, padded, random_token_lists, seeds,
+                           tiny_classifier, tiny_gpt)
+
+SEEDS = st.integers(min_value=0, max_value=2**32)
+
+
+def logits_and_gradients(network, model, token_ids, lengths, labels):
+    model.zero_grad()
+    logits = network(token_ids, lengths)
+    F.cross_entropy(logits, labels).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@FEW
+@given(lengths=batch_lengths, extra=st.integers(0, 6), seed=seeds, pooling=st.sampled_from(classify.POOLINGS),
+       strategy=st.sampled_from(["head", "last-block", "all", "lora"]))
+def test_the_fast_classifier_gives_the_plain_logits_and_gradients(lengths, extra, seed, pooling, strategy):
+    model = tiny_classifier(pooling, seed=seed)
+    classify.apply_strategy(model, strategy, lora_rank=2)
+    if strategy == "lora":  # B starts at zero: give the adapters something to say
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, classify.LoRALinear):
+                    m.lora_B.normal_(std=0.1, generator=torch.Generator().manual_seed(seed))
+    token_ids, lens = padded(random_token_lists(lengths, seed), width=max(lengths) + extra)
+    labels = torch.arange(len(lengths)) % 2
+    fast = logits_and_gradients(fastpath.FastClassifier(model), model, token_ids, lens, labels)
+    plain = logits_and_gradients(model, model, token_ids, lens, labels)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert fast[1].keys() == plain[1].keys()
+    for name in plain[1]:
+        assert_close_to_scale(fast[1][name], plain[1][name], name=name)
+
+
+@pytest.mark.parametrize("pooling", classify.POOLINGS)
+def test_an_empty_batch_gives_no_logits_and_zero_gradients(pooling):
+    """A torchrun process whose share of a batch is empty still runs a step: its loss (a sum over
+    no texts) is 0 and every trainable parameter gets a zero gradient, none is left out."""
+    model = tiny_classifier(pooling)
+    classify.apply_strategy(model, "all")
+    split = fastpath.SplitInputs(fastpath.data.ClassificationDataset([[1, 2, 3]], [0]))
+    batch = split.batch([], torch.device("cpu"), size=3)
+    for network in (fastpath.FastClassifier(model), model):
+        model.zero_grad()
+        logits = network(batch.inputs, batch.lengths)
+        assert logits.shape == (0, 2)
+        loss = F.cross_entropy(logits, batch.labels, reduction="sum") / batch.size
+        loss.backward()
+        assert loss.item() == 0
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- fast path: the last position only
+
+
+@FEW
+@given(cfg=configs, lengths=batch_lengths, extra=st.integers(0, 4), seed=seeds, sdpa=st.booleans(), lora=st.booleans())
+def test_last_position_block_equals_the_full_block(cfg, lengths, extra, seed, sdpa, lora):
+    """Across model shapes, both attention kernels, with and without LoRA adapters."""
+    model = tiny_classifier("last", seed=seed, **cfg)
+    model.gpt.set_fast_attention(sdpa)
+    classify.apply_strategy(model, "lora" if lora else "all", lora_rank=2)
+    if lora:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, classify.LoRALinear):
+                    m.lora_B.normal_(std=0.1, generator=torch.Generator().manual_seed(seed))
+    token_lists = random_token_lists(lengths, seed)
+    token_ids, lens = padded(token_lists, width=max(lengths) + extra)
+    labels = torch.arange(len(lengths)) % 2
+
+    fast_logits, fast_grads = logits_and_gradients(fastpath.FastClassifier(model), model, token_ids, lens, labels)
+    full_logits, full_grads = logits_and_gradients(model, model, token_ids, lens, labels)
+    torch.testing.assert_close(fast_logits, full_logits, rtol=1e-5, atol=1e-5)
+    assert fast_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        assert_close_to_scale(fast_grads[name], full_grads[name], name=name)
+
+
+# --------------------------------------------------------------------------- fast path: the frozen-prefix cache
+
+
+def loss_and_gradients(model, logits, labels):
+    model.zero_grad()
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+CACHED_CASES = [("head", 0), ("last-block", 0), ("last-2-blocks", 0), ("gradual", 0), ("gradual", 1), ("gradual", 2)]
+
+
+@pytest.mark.parametrize("pooling", classify.POOLINGS)
+@pytest.mark.parametrize(("strategy", "epoch"), CACHED_CASES)
+def test_cached_prefix_gives_the_same_loss_and_gradients(strategy, epoch, pooling):
+    model = tiny_classifier(pooling, n_layers=3)
+    classify.apply_strategy(model, strategy, epoch=epoch)
+    k = fastpath.frozen_prefix_length(model)
+    lengths = [5, 1, 9, 3, 7, 2, 6]
+    token_lists = random_token_lists(lengths, seed=6)
+    cache = PrefixCache.build(model, token_lists, k, "cpu", batch_size=3)
+    assert cache.start_block == k and cache.dtype == torch.float32 and len(cache) == len(lengths)
+    one_position = pooling == "first" or (pooling in ("last", "special") and k == 3)
+    stored = len(lengths) if one_position else sum(lengths) + len(lengths) * (pooling == "special")
+    assert cache.nbytes == stored * 16 * 4
+
+    indices = [2, 0, 5, 4]
+    labels = torch.tensor([1, 0, 1, 0])
+    hidden, cached_lengths = cache.batch(indices)
+    assert hidden.dtype == torch.float32 and hidden.shape[0] == 4 and hidden.shape[2] == 16
+    cached = loss_and_gradients(model, fastpath.forward_from(model, hidden, cached_lengths, k), labels)
+    plain = loss_and_gradients(model, model(*padded([token_lists[i] for i in indices])), labels)
+    torch.testing.assert_close(cached[0], plain[0], rtol=1e-5, atol=1e-6)
+    assert cached[1].keys() == plain[1].keys() and cached[1]
+    for name in plain[1]:
+        assert_close_to_scale(cached[1][name], plain[1][name], name=name)
+
+
+def test_cache_falls_back_to_float16_then_to_none_when_memory_is_short():
+    model = tiny_classifier("mean", n_layers=3)
+    classify.apply_strategy(model, "last-block")
+    lengths = [5, 8, 2, 6]
+    token_lists = random_token_lists(lengths, seed=7)
+    fp32_bytes = sum(lengths) * 16 * 4
+    half = PrefixCache.build(model, token_lists, 2, "cpu", memory_budget_bytes=fp32_bytes - 1)
+    assert half is not None and half.dtype == torch.float16 and half.nbytes == fp32_bytes // 2
+    hidden, lens = half.batch([0, 1, 2, 3])
+    assert hidden.dtype == torch.float32
+    torch.testing.assert_close(fastpath.forward_from(model, hidden, lens, 2), model(*padded(token_lists)), rtol=1e-2, atol=1e-2)
+    assert PrefixCache.build(model, token_lists, 2, "cpu", memory_budget_bytes=fp32_bytes // 2 - 1) is None
+
+
+def test_cache_refuses_a_prefix_that_trains():
+    model = tiny_classifier(n_layers=3)
+    classify.apply_strategy(model, "last-2-blocks")
+    with pytest.raises(ValueError, match="must be frozen"):
+        PrefixCache.build(model, random_token_lists([3], seed=0), 2, "cpu")
+
+
+def test_gradual_moves_the_cache_boundary_every_epoch():
+    model = tiny_classifier(n_layers=3)
+    token_lists = random_token_lists([4, 2, 6], seed=8)
+    boundaries = []
+    for epoch in range(3):
+        classify.apply_strategy(model, "gradual", epoch=epoch)
+        boundaries.append(fastpath.frozen_prefix_length(model))
+        cache = PrefixCache.build(model, token_lists, boundaries[-1], "cpu")
+        logits = fastpath.forward_from(model, *cache.batch([0, 1, 2]), cache.start_block)
+        torch.testing.assert_close(logits, model(*padded(token_lists)), rtol=1e-5, atol=1e-5)
+    assert boundaries == [3, 2, 1]
+
+
+@pytest.mark.parametrize("pooling", classify.POOLINGS)
+def test_fast_paths_run_under_bfloat16_autocast_as_on_a_gpu(pooling):
+    model = tiny_classifier(pooling)
+    classify.apply_strategy(model, "last-block")
+    token_lists = random_token_lists([5, 9, 2], seed=9)
+    reference = model(*padded(token_lists))
+    cache = PrefixCache.build(model, token_lists, fastpath.frozen_prefix_length(model), "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        uncached = fastpath.forward_from(model, *fastpath.embedded(model, *padded(token_lists)), 0)
+        cached = fastpath.forward_from(model, *cache.batch([0, 1, 2]), cache.start_block)
+        F.cross_entropy(cached.float(), torch.tensor([0, 1, 1])).backward()
+    for logits in (uncached, cached):
+        assert logits.dtype == torch.bfloat16
+        torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.05)  # bfloat16 keeps ~3 digits
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in classify.trainable_parameters(model))
+
+
+def test_frozen_prefix_length_per_strategy():
+    expected = {"head": 3, "last-block": 2, "last-2-blocks": 1, "last-3-blocks": None, "all": None, "lora": None}
+    for strategy, k in expected.items():
+        model = tiny_classifier(n_layers=3)
+        classify.apply_strategy(model, strategy)
+        assert fastpath.frozen_prefix_length(model) == k, strategy
+    with_dropout = GPTClassifier(tiny_gpt(n_layers=3, drop_rate=0.1), 2)
+    classify.apply_strategy(with_dropout, "head")
+    assert fastpath.frozen_prefix_length(with_dropout) is None
+    for epoch in range(6):
+        model = tiny_classifier(n_layers=4)
+        classify.apply_strategy(model, "gradual", epoch=epoch)
+        assert fastpath.frozen_prefix_length(model) == (4 - epoch if epoch < 4 else None)
+
+
+# --------------------------------------------------------------------------- length bucketing
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=200), max_size=300),
+    batch_size=st.integers(min_value=1, max_value=16),
+    window=st.integers(min_value=1, max_value=5),
+    seed=SEEDS,
+    epoch=st.integers(min_value=0, max_value=10),
+)
+def test_bucketing_visits_every_example_exactly_once_per_epoch(lengths, batch_size, window, seed, epoch):
+    sampler = fastpath.BucketBatchSampler(lengths, batch_size, seed, window=window)
+    sampler.set_epoch(epoch)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert all(1 <= len(batch) <= batch_size for batch in batches)
+    assert sum(len(batch) < batch_size for batch in batches) <= 1
+    assert list(sampler) == batches  # deterministic per (seed, epoch)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=50), max_size=100),
+    batch_size=st.integers(min_value=1, max_value=8),
+    seed=SEEDS,
+)
+def test_one_window_holding_everything_gives_the_sorted_batches(lengths, batch_size, seed):
+    evaluation = fastpath.BucketBatchSampler(lengths, batch_size, seed, shuffle=False)
+    in_order = [lengths[i] for batch in evaluation for i in batch]
+    assert in_order == sorted(lengths)
+    training = fastpath.BucketBatchSampler(lengths, batch_size, seed, window=len(lengths) + 1)
+    as_lengths = lambda sampler: sorted(tuple(sorted(lengths[i] for i in batch)) for batch in sampler)  # noqa: E731
+    assert as_lengths(training) == as_lengths(evaluation)
+
+
+def test_bucketing_reshuffles_every_epoch_and_saves_padding():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 120, (1000,), generator=generator).tolist()
+    sampler = fastpath.BucketBatchSampler(lengths, 8, seed=123, window=10)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch0 != epoch1 and sorted(map(sorted, epoch0)) != sorted(map(sorted, epoch1))
+    assert list(fastpath.BucketBatchSampler(lengths, 8, seed=124, window=10)) != epoch0
+    # The batches themselves are shuffled: with one window, their order is not the length order.
+    longest = [max(lengths[i] for i in batch) for batch in fastpath.BucketBatchSampler(lengths, 8, 0, window=1000)]
+    assert longest != sorted(longest)
+
+    def pad_tokens(batches):
+        return sum(max(lengths[i] for i in batch) * len(batch) - sum(lengths[i] for i in batch) for batch in batches)
+
+    unbucketed = [list(range(start, start + 8)) for start in range(0, 1000, 8)]  # random lengths, no sorting
+    assert pad_tokens(epoch0) < 0.2 * pad_tokens(unbucketed)
+
+    full = fastpath.BucketBatchSampler(lengths, 8, seed=0, drop_last=True)
+    assert len(list(full)) == len(full) == 125 and all(len(batch) == 8 for batch in full)
+
+

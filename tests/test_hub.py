@@ -1,0 +1,221 @@
+"""hub.py's claims: downloads resume, verify and never leave a half file under its name; presets
+come from the hub only when the hub's published sha256 matches; the SMS Spam Collection is
+extracted, verified and cached; files are written whole."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpt
+import hub
+from gpt import GPTConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = GPTConfig(vocab_size=1000, context_length=64, emb_dim=64, n_layers=2, n_heads=4)  # the fixture's
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves `server.files`, honouring Range unless told not to, and can cut a body short."""
+
+    def log_message(self, *args) -> None:  # keep pytest's output clean
+        pass
+
+    def do_HEAD(self) -> None:
+        self.server.requests.append(("HEAD", self.path, self.headers.get("Range")))
+        if self.path not in self.server.hub_headers:
+            self.send_error(404)
+            return
+        self.send_response(302)  # like the hub: a redirect to the CDN carrying the file's sha256
+        for name, value in self.server.hub_headers[self.path].items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        server = self.server
+        server.requests.append(("GET", self.path, self.headers.get("Range")))
+        if self.path in server.hub_headers:
+            self.send_response(302)
+            self.send_header("Location", server.hub_headers[self.path]["Location"])
+            self.end_headers()
+            return
+        body = server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start, asked = 0, self.headers.get("Range")
+        if asked and server.honour_range:
+            start = int(asked.removeprefix("bytes=").removesuffix("-"))
+            if start >= len(body):
+                self.send_error(416)
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        payload = body[start:]
+        if server.cut_after is not None:  # one broken response: part of the body, then hang up
+            payload, server.cut_after = payload[: server.cut_after], None
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.files, httpd.hub_headers, httpd.requests = {}, {}, []
+    httpd.honour_range, httpd.cut_after = True, None
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+CONTENT = bytes(range(256)) * 40  # 10,240 bytes
+CONTENT_SHA256 = hashlib.sha256(CONTENT).hexdigest()
+
+
+def test_fresh_download_is_verified_and_reports_progress(server, tmp_path):
+    server.files["/data.bin"] = CONTENT
+    calls = []
+    dest = hub.download(
+        f"{server.url}/data.bin",
+        tmp_path / "sub" / "data.bin",
+        CONTENT_SHA256,
+        lambda d, t: calls.append((d, t)),
+    )
+    assert dest.read_bytes() == CONTENT
+    assert calls[0] == (0, len(CONTENT)) and calls[-1] == (len(CONTENT), len(CONTENT))
+    assert server.requests == [("GET", "/data.bin", None)]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["data.bin"]  # no .part left
+
+
+@pytest.mark.parametrize("cut_after", [0, 1, 5000, len(CONTENT) - 1])
+@pytest.mark.parametrize("honour_range", [True, False], ids=["range", "server ignores range"])
+def test_a_cut_download_resumes_to_the_identical_file(server, tmp_path, cut_after, honour_range):
+    server.files["/data.bin"] = CONTENT
+    server.cut_after = cut_after
+    dest = tmp_path / "data.bin"
+    with pytest.raises(ConnectionError, match=f"{server.url}/data.bin"):
+        hub.download(f"{server.url}/data.bin", dest, CONTENT_SHA256)
+    assert not dest.exists()
+    assert (tmp_path / "data.bin.part").read_bytes() == CONTENT[:cut_after]  # kept for the next try
+    server.honour_range = honour_range
+    hub.download(f"{server.url}/data.bin", dest, CONTENT_SHA256)
+    assert dest.read_bytes() == CONTENT
+    assert server.requests[1] == ("GET", "/data.bin", f"bytes={cut_after}-" if cut_after else None)
+    assert not (tmp_path / "data.bin.part").exists()
+
+
+def test_a_partial_file_that_is_already_complete_is_verified_not_refetched(server, tmp_path):
+    server.files["/data.bin"] = CONTENT
+    (tmp_path / "data.bin.part").write_bytes(CONTENT)
+    hub.download(f"{server.url}/data.bin", tmp_path / "data.bin", CONTENT_SHA256)
+    assert (tmp_path / "data.bin").read_bytes() == CONTENT
+    assert server.requests == [("GET", "/data.bin", f"bytes={len(CONTENT)}-")]  # answered 416
+
+
+def test_a_hash_mismatch_is_an_error_and_leaves_no_file(server, tmp_path):
+    server.files["/data.bin"] = CONTENT
+    dest = tmp_path / "data.bin"
+    with pytest.raises(ValueError, match="sha256"):
+        hub.download(f"{server.url}/data.bin", dest, "0" * 64)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_call_makes_no_request(server, tmp_path):
+    server.files["/data.bin"] = CONTENT
+    dest = hub.download(f"{server.url}/data.bin", tmp_path / "data.bin", CONTENT_SHA256)
+    server.files.clear()
+    assert hub.download(f"{server.url}/data.bin", dest, CONTENT_SHA256) == dest
+    assert len(server.requests) == 1
+
+
+def test_network_failures_are_connection_errors_naming_the_url(server, tmp_path):
+    with pytest.raises(ConnectionError, match=r"/missing\.bin: HTTP 404"):
+        hub.download(f"{server.url}/missing.bin", tmp_path / "x")
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}/x.bin.*refused"):
+        hub.download(f"http://127.0.0.1:{port}/x.bin", tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+HUB_PATH = "/openai-community/gpt2/resolve/main/model.safetensors"
+TINY_HUB_FILE = FIXTURES / "hf_tiny_hub.safetensors"
+
+
+def serve_tiny_preset(server, etag: str | None) -> bytes:
+    """Serve the tiny hub-style fixture as if it were gpt2-small on the hub."""
+    body = TINY_HUB_FILE.read_bytes()
+    server.files["/cdn/model.safetensors"] = body
+    cdn = server.url.replace("127.0.0.1", "localhost") + "/cdn/model.safetensors"  # another host
+    server.hub_headers[HUB_PATH] = {"Location": cdn, "X-Linked-Size": str(len(body))}
+    if etag is not None:
+        server.hub_headers[HUB_PATH]["X-Linked-Etag"] = etag
+    return body
+
+
+def test_a_preset_downloads_once_verified_by_the_hubs_sha256(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_HUB_URL", server.url)
+    body = serve_tiny_preset(server, f'"{hub.file_sha256(TINY_HUB_FILE)}"')  # quoted, as the hub sends it
+    progress = []
+    path = hub.fetch("gpt2-small", cache_dir=tmp_path, progress=lambda d, t: progress.append((d, t)))
+    model = gpt.load_gpt2(path, config=TINY)
+    reference = gpt.read_safetensors(FIXTURES / "hf_tiny_logits.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(reference["input_ids"]), reference["logits"], rtol=0, atol=1e-5)
+    assert (tmp_path / "gpt2-small" / "model.safetensors").read_bytes() == body
+    assert progress[-1] == (len(body), len(body))
+    assert [(method, path) for method, path, _ in server.requests] == [
+        ("HEAD", HUB_PATH),
+        ("GET", HUB_PATH),
+        ("GET", "/cdn/model.safetensors"),
+    ]
+    assert hub.fetch("gpt2-small", cache_dir=tmp_path) == path
+    assert len(server.requests) == 3  # the cached file: no request at all
+
+
+@pytest.mark.parametrize(
+    "etag, message",
+    [(None, "X-Linked-Etag"), ('"' + "ab" * 32 + '"', "sha256")],
+    ids=["no sha256", "wrong sha256"],
+)
+def test_a_preset_that_cannot_be_verified_is_refused(server, tmp_path, monkeypatch, etag, message):
+    monkeypatch.setenv("GPT2_HUB_URL", server.url)
+    serve_tiny_preset(server, etag)
+    with pytest.raises(ValueError, match=message):
+        hub.fetch("gpt2-small", cache_dir=tmp_path)
+    assert list(tmp_path.rglob("*.safetensors*")) == []
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPT2_CLASSIFICATION_CACHE", str(tmp_path / "mine"))
+    assert hub.default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("GPT2_CLASSIFICATION_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub.default_cache_dir() == tmp_path / "xdg" / "gpt2-classification"
+
+
+def test_print_progress_rewrites_one_line_and_ends_it(capsys):
+    hub.print_progress(0, 2_000_000)
+    hub.print_progress(2_000_000, 2_000_000)
+    hub.print_progress(5_000_000, None)
+    err = capsys.readouterr().err
+    assert err.count("\r") == 3 and err.count("\n") == 1 and "100%" in err
+
+
