@@ -8,8 +8,8 @@ representações do modelo" (GPT-2's hidden states instead of its vocabulary log
 command `python classify.py --model RUN_DIR "text" ...`). In the pipeline: steps 4
 (representation) and 5 (classification head), and what step 7 (weight update) may touch.
 
-`GPTClassifier.forward` is the plain computation a reader follows. The trainer runs a faster
-path with the same results (fastpath.py; tests prove them equal).
+`GPTClassifier.forward` is the plain computation a reader follows; the trainer runs a faster path
+with the same results (fastpath.py; tests prove them equal).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import data
+import distributed
 import gpt
 import hub
 
@@ -40,6 +41,37 @@ POOLINGS = ("last", "mean", "special", "first")
 
 
 # --------------------------------------------------------------------------- the classifier
+
+
+class GPTClassifier(nn.Module):
+    """GPT-2 whose vocabulary head is replaced by a classification head Linear(C, K).
+
+    `forward(token_ids (B, T), lengths (B,))` returns class logits (B, K): GPT-2's blocks and
+    final LayerNorm give one hidden vector per token, `pool` picks the text's vector, the head
+    maps it to one logit per class. Texts are padded on the right; under the causal mask no
+    real position attends to a pad after it, so padding never changes a prediction. GPT-2's own
+    `lm_head` (C -> 50,257 vocabulary logits) is never computed.
+    """
+
+    def __init__(self, gpt_model: gpt.GPTModel, num_classes: int, pooling: str = "last") -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes {num_classes}: a classifier needs at least 2 classes")
+        self.gpt = gpt_model
+        self.head = nn.Linear(gpt_model.cfg.emb_dim, num_classes)  # the new classification head
+        self.pooling = pooling
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def forward(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "special":
+            token_ids, lengths = append_special_token(token_ids, lengths)  # (B, T + 1), (B,)
+        hidden = self.gpt.hidden_states(token_ids)  # (B, T, C): every block, then the final LayerNorm
+        return self.head(pool(hidden, lengths, self.pooling))  # (B, C) -> (B, K)
 
 
 def last_token_index(lengths: torch.Tensor) -> torch.Tensor:
@@ -88,37 +120,6 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
     if pooling == "first":
         return hidden[:, 0]  # (B, C)
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
-
-
-class GPTClassifier(nn.Module):
-    """GPT-2 whose vocabulary head is replaced by a classification head Linear(C, K).
-
-    `forward(token_ids (B, T), lengths (B,))` returns class logits (B, K): GPT-2's blocks and
-    final LayerNorm give one hidden vector per token, `pool` picks the text's vector, the head
-    maps it to one logit per class. Texts are padded on the right; under the causal mask no
-    real position attends to a pad after it, so padding never changes a prediction. GPT-2's own
-    `lm_head` (C -> 50,257 vocabulary logits) is never computed.
-    """
-
-    def __init__(self, gpt_model: gpt.GPTModel, num_classes: int, pooling: str = "last") -> None:
-        super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes {num_classes}: a classifier needs at least 2 classes")
-        self.gpt = gpt_model
-        self.head = nn.Linear(gpt_model.cfg.emb_dim, num_classes)  # the new classification head
-        self.pooling = pooling
-
-    @property
-    def num_classes(self) -> int:
-        return self.head.out_features
-
-    def forward(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "special":
-            token_ids, lengths = append_special_token(token_ids, lengths)  # (B, T + 1), (B,)
-        hidden = self.gpt.hidden_states(token_ids)  # (B, T, C): every block, then the final LayerNorm
-        return self.head(pool(hidden, lengths, self.pooling))  # (B, C) -> (B, K)
 
 
 # --------------------------------------------------------------------------- fine-tuning strategies
@@ -176,7 +177,7 @@ def apply_strategy(model: GPTClassifier, strategy: Strategy | str, epoch: int = 
     frozen weight.
     """
     strategy = parse_strategy(strategy) if isinstance(strategy, str) else strategy
-    if has_lora(model) and strategy.kind != "lora":
+    if strategy.kind != "lora" and any(isinstance(module, LoRALinear) for module in model.modules()):
         raise ValueError(f"strategy {strategy.name}: this model carries LoRA adapters; save and load it "
                          f"(which merges them) before training it with another strategy")
     blocks = model.gpt.h
@@ -265,10 +266,6 @@ def add_lora(model: GPTClassifier, rank: int, alpha: float) -> None:
             parent = getattr(block, parent_name)
             if not isinstance(getattr(parent, layer_name), LoRALinear):
                 setattr(parent, layer_name, LoRALinear(getattr(parent, layer_name), rank, alpha))
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(module, LoRALinear) for module in model.modules())
 
 
 # --------------------------------------------------------------------------- save and load
@@ -443,26 +440,6 @@ def predict(model: GPTClassifier, config: ClassifierConfig, texts: list[str], ba
     return [Prediction(text, names[row.index(max(row))], dict(zip(names, row))) for text, row in zip(texts, probabilities)]
 
 
-def pick_device(name: str | None) -> torch.device:
-    """"auto" (or None): cuda, then mps, then cpu; else the named device, if this machine has it."""
-    if name in (None, "auto"):
-        available = [kind for kind in ("cuda", "mps") if _has(kind)]
-        return torch.device(available[0] if available else "cpu")
-    kind = name.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: unknown device; choose auto, cuda, mps or cpu")
-    if not _has(kind):
-        raise ValueError(f"--device {name}: not available on this machine; use --device auto or cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"--device {name}: {error}") from None
-
-
-def _has(kind: str) -> bool:
-    return {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[kind]
-
-
 def read_texts(source: str) -> list[str]:
     """One text per line of the file `source` ("-": standard input). Every line counts, blank
     lines included, so output i always answers input line i."""
@@ -504,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("nothing to classify: give texts as arguments or --file F ('-' for stdin)")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
-        device = pick_device(args.device)
+        device = distributed.pick_device(args.device)
         model, config = load_classifier(args.model, device)
         start = time.perf_counter()
         predictions = predict(model, config, texts, args.batch_size)

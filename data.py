@@ -58,9 +58,7 @@ class LabelledTexts:
 
     def subset(self, indices: Sequence[int]) -> LabelledTexts:
         """The examples at `indices`, in that order, with the same label names."""
-        return LabelledTexts(
-            [self.texts[i] for i in indices], [self.labels[i] for i in indices], list(self.label_names)
-        )
+        return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices], list(self.label_names))
 
     def class_counts(self) -> list[int]:
         """How many examples each class has, in label_names order."""
@@ -151,12 +149,8 @@ def _require_two_classes(data: LabelledTexts, path: Path) -> None:
 # --------------------------------------------------------------------------- your own data
 
 
-def read_table(
-    path: str | Path,
-    text_column: str = "text",
-    label_column: str = "label",
-    label_names: list[str] | None = None,
-) -> LabelledTexts:
+def read_table(path: str | Path, text_column: str = "text", label_column: str = "label",
+               label_names: list[str] | None = None) -> LabelledTexts:
     """A CSV or TSV file with a header row; texts and labels from the named columns.
 
     The delimiter follows the extension (.tsv tab, .csv comma) or is guessed from the file.
@@ -168,9 +162,8 @@ def read_table(
     return _parse_table(path, _read_text(path), text_column, label_column, label_names)
 
 
-def _parse_table(
-    path: Path, content: str, text_column: str, label_column: str, label_names: list[str] | None
-) -> LabelledTexts:
+def _parse_table(path: Path, content: str, text_column: str, label_column: str,
+                 label_names: list[str] | None) -> LabelledTexts:
     if label_names is not None and (len(set(label_names)) != len(label_names) or len(label_names) < 2):
         raise ValueError(f"label_names {label_names}: need two or more distinct names")
     reader = csv.reader(io.StringIO(content, newline=""), delimiter=_delimiter(path, content))
@@ -237,12 +230,8 @@ def _is_sms_format(path: Path, content: str) -> bool:
     return first_line.partition("\t")[0] in SMS_SPAM_LABELS
 
 
-def read_labelled(
-    path: str | Path,
-    text_column: str = "text",
-    label_column: str = "label",
-    label_names: list[str] | None = None,
-) -> LabelledTexts:
+def read_labelled(path: str | Path, text_column: str = "text", label_column: str = "label",
+                  label_names: list[str] | None = None) -> LabelledTexts:
     """Either format: the SMS Spam Collection's `label<TAB>text`, or a CSV/TSV with a header."""
     path = Path(path)
     content = _read_text(path)
@@ -281,12 +270,8 @@ def balance(data: LabelledTexts, seed: int) -> LabelledTexts:
     return data.subset(sorted(kept))
 
 
-def split(
-    data: LabelledTexts,
-    seed: int,
-    fractions: tuple[float, float, float] = BOOK_FRACTIONS,
-    stratify: bool = True,
-) -> Splits:
+def split(data: LabelledTexts, seed: int, fractions: tuple[float, float, float] = BOOK_FRACTIONS,
+          stratify: bool = True) -> Splits:
     """Shuffle (seeded) and cut into train / validation / test.
 
     stratify=False is the book's cut: train = int(0.7 N), validation = int(0.1 N), test =
@@ -331,18 +316,10 @@ def book_splits(data: LabelledTexts, seed: int = 123) -> Splits:
     return split(balance(data, seed), seed, BOOK_FRACTIONS, stratify=False)
 
 
-def load_splits(
-    path: str | Path | None = None,
-    *,
-    seed: int = 123,
-    balanced: bool = True,
-    text_column: str = "text",
-    label_column: str = "label",
-    validation_path: str | Path | None = None,
-    test_path: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    progress: hub.Progress | None = None,
-) -> Splits:
+def load_splits(path: str | Path | None = None, *, seed: int = 123, balanced: bool = True, text_column: str = "text",
+                label_column: str = "label", validation_path: str | Path | None = None,
+                test_path: str | Path | None = None, cache_dir: str | Path | None = None,
+                progress: hub.Progress | None = None) -> Splits:
     """Train, validation and test data from a path (or the SMS Spam Collection when path is None).
 
     One file: balanced=True is the book's preparation (`book_splits`); balanced=False a
@@ -430,9 +407,7 @@ class Batch:
         return Batch(self.token_ids.to(device), self.lengths.to(device), self.labels.to(device))
 
 
-def collate(
-    examples: list[tuple[list[int], int]], pad_to: int | None = None, pad_id: int = PAD_TOKEN_ID
-) -> Batch:
+def collate(examples: list[tuple[list[int], int]], pad_to: int | None = None, pad_id: int = PAD_TOKEN_ID) -> Batch:
     """Pad a batch to its own longest text (dynamic padding), or to `pad_to` (the book's
     fixed padding to the longest training example)."""
     if not examples:

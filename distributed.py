@@ -1,4 +1,5 @@
-"""Data-parallel training under torchrun: machinery the chapter never mentions.
+"""Where training runs: the device, and data-parallel training under torchrun. Machinery the
+chapter never mentions.
 
 `torchrun --nproc_per_node=N train.py ...` starts N processes that train one model together
 (README "Scaling out"); without torchrun this is one process, rank 0 of 1, and nothing here
@@ -31,8 +32,6 @@ from torch import distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import classify
-import fastpath
 
 # How long a process waits in a collective for the others before it gives up: long enough for rank 0
 # to download gpt2-xl (6 GB) while the others wait. torchrun stops every process as soon as one fails.
@@ -75,6 +74,26 @@ class Runtime:
         return total
 
 
+def pick_device(name: str | None) -> torch.device:
+    """"auto" (or None): cuda, then mps, then cpu; else the named device, if this machine has it."""
+    if name in (None, "auto"):
+        available = [kind for kind in ("cuda", "mps") if _has(kind)]
+        return torch.device(available[0] if available else "cpu")
+    kind = name.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unknown device; choose auto, cuda, mps or cpu")
+    if not _has(kind):
+        raise ValueError(f"--device {name}: not available on this machine; use --device auto or cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name}: {error}") from None
+
+
+def _has(kind: str) -> bool:
+    return {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[kind]
+
+
 def process_label() -> str:
     """'[rank 1] ' under torchrun, '' in one process: prefixes the messages printed on stderr."""
     return f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
@@ -83,7 +102,7 @@ def process_label() -> str:
 def start(device_name: str) -> Runtime:
     """The device to compute on. Under torchrun (WORLD_SIZE > 1) also join the process group:
     NCCL between GPUs (this process takes cuda:LOCAL_RANK), gloo between CPU processes."""
-    device = classify.pick_device(device_name)
+    device = pick_device(device_name)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Runtime(device)
@@ -165,7 +184,7 @@ class Shards:
     a share may be empty when a batch has fewer texts than processes (it still takes part in the
     gradient exchange, with nothing to add)."""
 
-    sampler: fastpath.BucketBatchSampler
+    sampler: torch.utils.data.Sampler[list[int]]  # fastpath.BucketBatchSampler: set_epoch, len, iter
     runtime: Runtime
 
     def set_epoch(self, epoch: int) -> None:
@@ -179,7 +198,7 @@ class Shards:
             yield indices[self.runtime.rank :: self.runtime.world_size], len(indices)
 
 
-def shard(sampler: fastpath.BucketBatchSampler, runtime: Runtime) -> Shards:
+def shard(sampler: torch.utils.data.Sampler[list[int]], runtime: Runtime) -> Shards:
     return Shards(sampler, runtime)
 
 

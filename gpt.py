@@ -3,15 +3,12 @@
 Step 3 of the chapter's pipeline ("GPT"): token ids in, one hidden vector per token out. The file
 reads in the order data flows: configuration, attention, feed-forward, block, model. Module names
 are the GPT-2 checkpoint's own (`wte`, `h.0.attn.c_attn`, `ln_f`, ...), so mapping pretrained
-weights onto the model (`load_gpt2`) is a rename table, not a wall of assignments. Last come the
-reader of .safetensors files the weights arrive in, and `generate`, a check that loaded weights
-speak English:
+weights onto the model (`load_gpt2`) is a rename table, not a wall of assignments. Last comes the
+reader of the .safetensors files the weights arrive in.
 
-    python gpt.py "Every effort moves"
-
-The library needs torch alone and can be copied into another project on its own: it builds GPT-2
-and loads a local Hugging Face folder or .safetensors file. Downloading a preset's weights is
-hub.py's job (the command above uses it, and tiktoken).
+The file needs torch alone and can be copied into another project on its own: it builds GPT-2 and
+loads a local Hugging Face folder or .safetensors file. Downloading a preset's weights is hub.py's
+job, as is the check that loaded weights speak English: `python gpt.py "Every effort moves"`.
 """
 
 from __future__ import annotations
@@ -232,6 +229,9 @@ def load_gpt2(source: str | Path, *, config: GPTConfig | None = None) -> GPTMode
     cfg = config if config is not None else load_config(source)
     path = _weights_file(source)
     infos, _, _ = read_header(path)
+    blocks = {match.group(1) for name in infos if (match := re.match(r"(?:transformer\.)?h\.(\d+)\.", name))}
+    if cfg.n_layers > len(blocks):  # checked before building anything: a config may claim a billion blocks
+        raise ValueError(f"{path}: the config says {cfg.n_layers} blocks, the file holds {len(blocks)}")
     expected = {name: tuple(param.shape)[:: -1 if HF_CONV1D_WEIGHTS.fullmatch(name) else 1]
                 for name, param in _meta_model(cfg).named_parameters()}  # as the file stores them
     found = {gpt2_name(name): info for name, info in infos.items() if gpt2_name(name)}
@@ -463,37 +463,9 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(iter_safetensors(path))
 
 
-# --------------------------------------------------------------------------- generation and the command
-
-
-@torch.no_grad()
-def generate(model: GPTModel, token_ids: torch.Tensor, max_new_tokens: int, top_k: int | None = None,
-             temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Extend token_ids (B, T) by max_new_tokens tokens: (B, T + max_new_tokens).
-
-    Greedy (the most likely next token) when top_k is None or temperature is 0; otherwise samples
-    among the top_k most likely tokens, their logits divided by temperature. Call model.eval()
-    first if the model has dropout.
-    """
-    if not (max_new_tokens >= 0 and (top_k is None or top_k >= 1) and 0 <= temperature < math.inf):
-        raise ValueError(f"need max_new_tokens >= 0, top_k >= 1, a finite temperature >= 0; "
-                         f"got {max_new_tokens}, {top_k}, {temperature}")
-    for _ in range(max_new_tokens):
-        context = token_ids[:, -model.cfg.context_length :]  # (B, <= context_length)
-        logits = model(context)[:, -1, :]  # (B, V): only the last position predicts the next token
-        if top_k is None or temperature == 0:
-            next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-        else:
-            top_logits, top_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (B, k)
-            probabilities = torch.softmax(top_logits / temperature, dim=-1)  # (B, k)
-            next_token = top_ids.gather(-1, torch.multinomial(probabilities, 1, generator=generator))  # (B, 1)
-        token_ids = torch.cat([token_ids, next_token], dim=1)  # (B, T + 1)
-    return token_ids
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the command lives in hub.py: it downloads presets and tokenizes (tiktoken)
     import sys
 
-    import hub  # the command downloads presets (hub.py) and tokenizes (tiktoken); the library needs neither
+    import hub
 
     sys.exit(hub.generate_command())

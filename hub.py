@@ -5,7 +5,8 @@
   and renamed into the cache only when complete;
 - writing: `atomic_open` and `write_safetensors` (gpt.py reads the format), so a crash leaves
   the old file or none, never half a file;
-- the command behind `python gpt.py "Every effort moves"` (`generate_command`).
+- the check that downloaded weights work: `generate` text, the command behind
+  `python gpt.py "Every effort moves"` (`generate_command`).
 
 The cache is `$GPT2_CLASSIFICATION_CACHE`, else `$XDG_CACHE_HOME` or `~/.cache`, then
 `gpt2-classification`. `GPT2_HUB_URL` points the weight downloads at a mirror of the hub.
@@ -18,6 +19,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import math
 import os
 import re
 import sys
@@ -305,6 +307,31 @@ def download_sms_spam(cache_dir: str | Path | None = None, progress: Progress | 
 # --------------------------------------------------------------------------- the gpt.py command
 
 
+@torch.no_grad()
+def generate(model: gpt.GPTModel, token_ids: torch.Tensor, max_new_tokens: int, top_k: int | None = None,
+             temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Extend token_ids (B, T) by max_new_tokens tokens: (B, T + max_new_tokens).
+
+    Greedy (the most likely next token) when top_k is None or temperature is 0; otherwise samples
+    among the top_k most likely tokens, their logits divided by temperature. Call model.eval()
+    first if the model has dropout.
+    """
+    if not (max_new_tokens >= 0 and (top_k is None or top_k >= 1) and 0 <= temperature < math.inf):
+        raise ValueError(f"need max_new_tokens >= 0, top_k >= 1, a finite temperature >= 0; "
+                         f"got {max_new_tokens}, {top_k}, {temperature}")
+    for _ in range(max_new_tokens):
+        context = token_ids[:, -model.cfg.context_length :]  # (B, <= context_length)
+        logits = model(context)[:, -1, :]  # (B, V): only the last position predicts the next token
+        if top_k is None or temperature == 0:
+            next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            top_logits, top_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (B, k)
+            probabilities = torch.softmax(top_logits / temperature, dim=-1)  # (B, k)
+            next_token = top_ids.gather(-1, torch.multinomial(probabilities, 1, generator=generator))  # (B, 1)
+        token_ids = torch.cat([token_ids, next_token], dim=1)  # (B, T + 1)
+    return token_ids
+
+
 def generate_command(argv: list[str] | None = None) -> int:
     """`python gpt.py "Every effort moves"`: load GPT-2 and print a continuation."""
     parser = argparse.ArgumentParser(
@@ -337,7 +364,7 @@ def generate_command(argv: list[str] | None = None) -> int:
         if cfg.vocab_size < tokenizer.n_vocab:
             raise ValueError(f"--model {args.model} has {cfg.vocab_size} tokens, fewer than GPT-2's tokenizer")
         model = gpt.load_gpt2(fetch(args.model, args.cache_dir, print_progress), config=cfg)
-        output = gpt.generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, top_k=args.top_k,
+        output = generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, top_k=args.top_k,
                               temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
     except (ValueError, OSError) as error:  # OSError covers ConnectionError and unwritable caches
         print(f"error: {error}", file=sys.stderr)

@@ -87,8 +87,8 @@ class Tally:
 
     device: torch.device
     sum_over_processes: Callable[[torch.Tensor], torch.Tensor]
-    loss: torch.Tensor = None
-    correct: torch.Tensor = None
+    loss: torch.Tensor = field(init=False)
+    correct: torch.Tensor = field(init=False)
     texts: int = 0  # the whole batches', on every process
 
     def __post_init__(self) -> None:

@@ -217,6 +217,7 @@ def fine_tune(model: classify.GPTClassifier, splits: dict[str, fastpath.SplitInp
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
         if strategy == "gradual" and epoch > 0 and unfreeze_next_block(model, optimizer, training, epoch):
+            del network  # under torchrun the old DDP and its gradient hooks go first
             network = distributed.wrap(fast, job.runtime)  # DDP must see the new trainable set
             training.set_cache(fastpath.refresh_caches(fast, splits, device))
             log(f"epoch {epoch + 1}: unfrozen, now training {classify.describe_trainable(model)}; "
@@ -296,12 +297,11 @@ def prepare_strategy(initial: classify.GPTClassifier, strategy: str, job: Job) -
     return model
 
 
-def evaluate_splits(model: classify.GPTClassifier, tokens: TokenizedSplits, label_names: list[str], job: Job
-                    ) -> tuple[dict[str, metrics.ClassificationReport], dict[str, float]]:
+def evaluate_splits(model: classify.GPTClassifier, splits: dict[str, fastpath.SplitInputs], label_names: list[str],
+                    job: Job) -> tuple[dict[str, metrics.ClassificationReport], dict[str, float]]:
     """The chapter's metrics ("Avaliando classificadores de texto") on every split."""
     fast = fastpath.FastClassifier(model) if job.cfg.use_prefix_cache else model
-    splits = {name: fastpath.SplitInputs(dataset) for name, dataset in tokens.items()}
-    fastpath.refresh_caches(fast, splits, job.runtime.device)
+    fastpath.refresh_caches(fast, splits, job.runtime.device)  # kept from training, unless the boundary moved
     reports, losses = {}, {}
     for name, split in splits.items():
         evaluation = evaluate(fast, split, max(job.cfg.batch_size, 32), job.runtime.device)
@@ -327,13 +327,13 @@ def run(cfg: TrainConfig, argv: list[str], log: report.Log) -> int:
             for strategy in cfg.compare or [cfg.strategy]:
                 model = prepare_strategy(initial, strategy, job)
                 job.log(report.describe_strategy(model, strategy, cfg.epochs))
-                splits_inputs = {name: fastpath.SplitInputs(dataset) for name, dataset in tokens.items()}
+                inputs = {name: fastpath.SplitInputs(dataset) for name, dataset in tokens.items()}
                 training_started = time.perf_counter()
-                training = fine_tune(model, splits_inputs, strategy, job)  # steps 6-7
+                training = fine_tune(model, inputs, strategy, job)  # steps 6-7
                 seconds = time.perf_counter() - training_started
                 restore_state(model, training.best_state)
                 job.log(f"kept the weights of epoch {training.best_epoch} (best validation accuracy)")
-                reports, losses = evaluate_splits(model, tokens, splits.label_names, job)
+                reports, losses = evaluate_splits(model, inputs, splits.label_names, job)
                 result = report.RunResult(strategy, reports, losses, report.parameter_counts(model), training, seconds)
                 results.append(result)
                 job.log(report.describe_result(result, tokens))
@@ -464,7 +464,7 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
     if cfg.max_length is not None and not 1 <= cfg.max_length <= longest:
         raise ValueError(f"--max-length {cfg.max_length}: must be between 1 and {longest}, what the model reads "
                          f"(its context length{', less the special token' if cfg.pooling == 'special' else ''})")
-    classify.pick_device(cfg.device)  # ValueError: unknown or absent
+    distributed.pick_device(cfg.device)  # ValueError: unknown or absent
     return shape
 
 

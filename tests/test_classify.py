@@ -270,6 +270,18 @@ def test_lora_trains_rank_r_adapters_and_merged_weights_give_the_same_outputs():
     torch.testing.assert_close(plain(token_ids, lengths), model(token_ids, lengths), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("strategy", "epoch", "words"), [
+    ("head", 0, "head"), ("last-block", 0, "head + final LayerNorm + block 2"),
+    ("last-2-blocks", 0, "head + final LayerNorm + blocks 1-2"), ("all", 0, "head + final LayerNorm + blocks 0-2 + embeddings"),
+    ("gradual", 0, "head + final LayerNorm"), ("gradual", 2, "head + final LayerNorm + blocks 1-2"),
+    ("lora", 0, "head + final LayerNorm + LoRA adapters in blocks 0-2"),  # once "blocks 0-2": adapters only train
+])
+def test_what_trains_is_said_in_words(strategy, epoch, words):
+    model = tiny_classifier(n_layers=3)
+    classify.apply_strategy(model, strategy, epoch=epoch)
+    assert classify.describe_trainable(model) == words
+
+
 def test_another_strategy_on_a_lora_model_is_refused():
     model = tiny_classifier()
     classify.apply_strategy(model, "lora")
