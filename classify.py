@@ -4,8 +4,8 @@ Chapter 06, in its order: "Transformando um modelo generativo em classificador" 
 representações do modelo" (GPT-2's hidden states instead of its vocabulary logits),
 "Classification Head" (a new Linear(C, K)), "Como escolher a representação do texto" (`pool`),
 "Estratégias de Fine-Tuning" with "Fine-Tuning Completo" and "Congelamento de Camadas"
-(`apply_strategy`), and "Inferência e uso prático do modelo" (save, load, `predict`, and the
-command `python classify.py --model RUN_DIR "text" ...`). In the pipeline: steps 4
+(`apply_strategy`), and "Inferência e uso prático do modelo" (save, load, `predict`; the command
+`python classify.py --model RUN_DIR "text" ...` reads and prints through report.py). In the pipeline: steps 4
 (representation) and 5 (classification head), and what step 7 (weight update) may touch.
 
 `GPTClassifier.forward` is the plain computation a reader follows; the trainer runs a faster path
@@ -19,12 +19,10 @@ if __name__ == "__main__":  # torch warns at import when NumPy is missing; this 
 
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-import argparse
 import json
 import math
 import re
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +31,6 @@ from torch import nn
 from torch.nn import functional as F
 
 import data
-import distributed
 import gpt
 import hub
 
@@ -299,7 +296,8 @@ class ClassifierConfig:
         if not isinstance(fields, dict) or fields.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} config (its 'format' field is not {FORMAT!r})")
         if fields.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format_version {fields.get('format_version')!r}; this classify.py reads version {FORMAT_VERSION}")
+            raise ValueError(f"format_version {fields.get('format_version')!r}; "
+                             f"this classify.py reads version {FORMAT_VERSION}")
         missing = {"gpt", "label_names", "pooling", "max_length", "tokenizer"} - fields.keys()
         if missing:
             raise ValueError(f"field {sorted(missing)[0]!r} is missing")
@@ -437,68 +435,11 @@ def predict(model: GPTClassifier, config: ClassifierConfig, texts: list[str], ba
     finally:
         model.train(was_training)
     names = config.label_names
-    return [Prediction(text, names[row.index(max(row))], dict(zip(names, row))) for text, row in zip(texts, probabilities)]
+    return [Prediction(text, names[row.index(max(row))], dict(zip(names, row)))
+            for text, row in zip(texts, probabilities)]
 
 
-def read_texts(source: str) -> list[str]:
-    """One text per line of the file `source` ("-": standard input). Every line counts, blank
-    lines included, so output i always answers input line i."""
-    try:
-        content = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {source}: {' '.join(str(error).split())}") from error
-    lines = content.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
-    return [line.removesuffix("\r") for line in lines]
+if __name__ == "__main__":  # the command's reading and printing live in report.py
+    import report
 
-
-def shorten(text: str, width: int = 70) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit code (0, or 2 with one line on stderr)."""
-    parser = argparse.ArgumentParser(
-        prog="classify.py", description="Classify texts with a fine-tuned GPT-2 classifier saved by train.py.",
-        epilog="An empty text is classified as the single token <|endoftext|> (the model's view of 'no text'). "
-        "A text longer than the run's max_length keeps its first max_length tokens, as in training. "
-        "Messages per second are reported on stderr.")
-    parser.add_argument("texts", nargs="*", help="texts to classify")
-    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="folder written by train.py --out")
-    parser.add_argument("--file", metavar="F", help="read one text per line from F ('-' for stdin)")
-    parser.add_argument("--json", action="store_true", help="print a JSON list of {text, label, probabilities}")
-    parser.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, or a usage error argparse already reported
-        return int(exit_.code or 0)
-    try:
-        texts = list(args.texts) + (read_texts(args.file) if args.file else [])
-        if not texts:
-            raise ValueError("nothing to classify: give texts as arguments or --file F ('-' for stdin)")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
-        device = distributed.pick_device(args.device)
-        model, config = load_classifier(args.model, device)
-        start = time.perf_counter()
-        predictions = predict(model, config, texts, args.batch_size)
-        seconds = time.perf_counter() - start
-    except ValueError as error:
-        print(f"classify.py: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps([asdict(p) for p in predictions], ensure_ascii=False, indent=2))
-    else:
-        for p in predictions:
-            probabilities = " ".join(f"{name}={value:.3f}" for name, value in p.probabilities.items())
-            print(f"{p.label}\t{probabilities}\t{shorten(p.text)}")
-    print(f"{len(texts)} texts in {seconds:.2f} s: {len(texts) / max(seconds, 1e-9):.1f} messages/s on {device}",
-          file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report.classify_command())

@@ -58,7 +58,8 @@ class LabelledTexts:
 
     def subset(self, indices: Sequence[int]) -> LabelledTexts:
         """The examples at `indices`, in that order, with the same label names."""
-        return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices], list(self.label_names))
+        texts, labels = [self.texts[i] for i in indices], [self.labels[i] for i in indices]
+        return LabelledTexts(texts, labels, list(self.label_names))
 
     def class_counts(self) -> list[int]:
         """How many examples each class has, in label_names order."""

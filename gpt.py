@@ -1,14 +1,11 @@
 """GPT-2 in pure PyTorch: the pretrained model that chapter 06 turns into a classifier.
 
 Step 3 of the chapter's pipeline ("GPT"): token ids in, one hidden vector per token out. The file
-reads in the order data flows: configuration, attention, feed-forward, block, model. Module names
-are the GPT-2 checkpoint's own (`wte`, `h.0.attn.c_attn`, `ln_f`, ...), so mapping pretrained
-weights onto the model (`load_gpt2`) is a rename table, not a wall of assignments. Last comes the
-reader of the .safetensors files the weights arrive in.
-
-The file needs torch alone and can be copied into another project on its own: it builds GPT-2 and
-loads a local Hugging Face folder or .safetensors file. Downloading a preset's weights is hub.py's
-job, as is the check that loaded weights speak English: `python gpt.py "Every effort moves"`.
+reads in the order data flows: configuration, attention, feed-forward, block, model; then mapping
+pretrained weights onto it (`load_gpt2`: module names are the checkpoint's own, `wte`,
+`h.0.attn.c_attn`, `ln_f`..., so that is a rename table) and reading the .safetensors files they
+come in. It needs torch alone, copied into another project on its own. Downloading a preset is
+hub.py's job, as is the check that weights speak English: `python gpt.py "Every effort moves"`.
 """
 
 from __future__ import annotations
@@ -30,10 +27,6 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
-
-
 @dataclass(frozen=True)
 class GPTConfig:
     """The shape of a GPT-2 model; the defaults are gpt2-small (124M parameters)."""
@@ -47,12 +40,11 @@ class GPTConfig:
     qkv_bias: bool = True  # GPT-2's query/key/value projection has a bias
 
     def __post_init__(self) -> None:
-        sizes = {"vocab_size": self.vocab_size, "context_length": self.context_length,
-                 "emb_dim": self.emb_dim, "n_heads": self.n_heads}
-        wrong = {name: size for name, size in sizes.items() if not (_is_int(size) and size >= 1)}
-        if wrong or not (_is_int(self.n_layers) and self.n_layers >= 0):
-            raise ValueError(f"GPTConfig: sizes must be integers >= 1 (n_layers >= 0); "
-                             f"got {wrong or {'n_layers': self.n_layers}}")
+        sizes = {"vocab_size": self.vocab_size, "context_length": self.context_length, "emb_dim": self.emb_dim,
+                 "n_heads": self.n_heads, "n_layers": self.n_layers}  # type() is int: JSON true is no size
+        wrong = {name: size for name, size in sizes.items() if type(size) is not int or size < (name != "n_layers")}
+        if wrong:
+            raise ValueError(f"GPTConfig: sizes must be integers >= 1 (n_layers >= 0); got {wrong}")
         if self.emb_dim % self.n_heads:
             raise ValueError(f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
         if not (isinstance(self.drop_rate, (int, float)) and 0 <= self.drop_rate < 1) or self.qkv_bias not in (0, 1):
@@ -70,11 +62,9 @@ PRESETS: dict[str, GPTConfig] = {
 
 def causal_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      dropout: nn.Module) -> torch.Tensor:
-    """Scaled dot-product attention under a causal mask, written out step by step.
-
-    queries, keys, values: (B, H, T, hs). This is the version a reader follows; by default
-    `CausalSelfAttention` calls PyTorch's fused kernel instead, and a test proves them equal.
-    """
+    """Scaled dot-product attention under a causal mask, step by step: queries, keys, values (B, H,
+    T, hs). The version a reader follows; `CausalSelfAttention` calls PyTorch's fused kernel by
+    default, and a test proves them equal."""
     num_tokens, head_dim = queries.shape[-2], queries.shape[-1]
     attn_scores = queries @ keys.transpose(-2, -1)  # (B, H, T, T)
     attn_scores = attn_scores / math.sqrt(head_dim)  # keeps softmax out of its flat tails
@@ -144,12 +134,10 @@ class Block(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """GPT-2: token + position embeddings, a stack of blocks, a final LayerNorm, and an output
-    head tied to the token embedding.
-
-    `model(token_ids)` with token_ids (B, T) returns next-token logits (B, T, V);
-    `model.hidden_states(token_ids)` returns the final hidden states (B, T, C), which is what
-    the classifier reads instead of the vocabulary logits.
+    """GPT-2: token + position embeddings, a stack of blocks, a final LayerNorm, and an output head
+    tied to the token embedding. `model(token_ids (B, T))` gives next-token logits (B, T, V);
+    `model.hidden_states(token_ids)` the final hidden states (B, T, C), which the classifier reads
+    instead of the vocabulary logits (chapter section "Extraindo representações do modelo").
     """
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -211,8 +199,7 @@ LOADABLE_DTYPES = {"F32", "F16", "BF16"}
 
 
 def gpt2_name(hf_name: str) -> str | None:
-    """GPTModel's name for a Hugging Face GPT-2 tensor (hub or save_pretrained style); None for a
-    buffer to skip."""
+    """GPTModel's name for a Hugging Face GPT-2 tensor (hub or save_pretrained style); None: skip it."""
     name = hf_name.removeprefix("transformer.")
     return None if HF_IGNORED.fullmatch(name) else name
 
@@ -221,13 +208,18 @@ def load_gpt2(source: str | Path, *, config: GPTConfig | None = None) -> GPTMode
     """Pretrained GPT-2 in eval mode from a Hugging Face folder (config.json + model.safetensors)
     or a .safetensors file, strictly: every tensor present, none unknown, each shape right.
 
-    `config` overrides the architecture read or inferred from the source. F32, F16 and BF16
-    files load into float32. Tensors become the parameters of a model built on the meta device,
-    so loading holds one copy of the weights, not two. A preset name is refused with a pointer
-    to hub.py, which downloads it: `gpt.load_gpt2(hub.fetch("gpt2-small"))`.
+    `config` overrides the architecture read or inferred from the source. F32, F16 and BF16 files
+    load into float32, each tensor becoming a parameter of a model built on the meta device: one
+    copy of the weights in memory, not two. A preset's weights come through hub.py:
+    `gpt.load_gpt2(hub.fetch("gpt2-small"))`.
     """
     cfg = config if config is not None else load_config(source)
-    path = _weights_file(source)
+    if isinstance(source, str) and source in PRESETS:
+        raise ValueError(f"{source} is a preset: download its weights with hub.py, "
+                         f"gpt.load_gpt2(hub.fetch({source!r})), or pass a local folder or .safetensors file")
+    path = _local(source)
+    if path.is_dir() and not (path := path / "model.safetensors").is_file():
+        raise ValueError(f"{path.parent} has no model.safetensors (save with safe_serialization=True)")
     infos, _, _ = read_header(path)
     blocks = {match.group(1) for name in infos if (match := re.match(r"(?:transformer\.)?h\.(\d+)\.", name))}
     if cfg.n_layers > len(blocks):  # checked before building anything: a config may claim a billion blocks
@@ -245,7 +237,7 @@ def load_gpt2(source: str | Path, *, config: GPTConfig | None = None) -> GPTMode
         if info.shape != want:
             raise ValueError(f"{path}: tensor {name}: shape {info.shape} in file, model expects {want}")
         if info.dtype not in LOADABLE_DTYPES:
-            raise ValueError(f"{path}: tensor {name} is {info.dtype}; GPT-2 weights load from {sorted(LOADABLE_DTYPES)}")
+            raise ValueError(f"{path}: tensor {name} is {info.dtype}; weights load from {sorted(LOADABLE_DTYPES)}")
     state = {}
     for hf_name, tensor in iter_safetensors(path):
         name = gpt2_name(hf_name)
@@ -266,23 +258,13 @@ def _meta_model(cfg: GPTConfig) -> GPTModel:
         return GPTModel(cfg)
 
 
-def _weights_file(source: str | Path) -> Path:
+def _local(source: str | Path) -> Path:
+    """`source` as a local Hugging Face folder or .safetensors file."""
     path = Path(source)
-    if path.is_dir():
-        if not (path / "model.safetensors").is_file():
-            raise ValueError(f"{path} has no model.safetensors (save with safe_serialization=True)")
-        return path / "model.safetensors"
-    if path.is_file() and path.suffix == ".safetensors":
+    if path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
         return path
-    if isinstance(source, str) and source in PRESETS:
-        raise ValueError(f"{source} is a preset: download its weights with hub.py, "
-                         f"gpt.load_gpt2(hub.fetch({source!r})), or pass a local folder or .safetensors file")
-    raise _unknown_source(source)
-
-
-def _unknown_source(source: object) -> ValueError:
-    return ValueError(f"{source!r} is neither a preset ({', '.join(PRESETS)}), a Hugging Face model directory "
-                      "(config.json + model.safetensors) nor a .safetensors file")
+    raise ValueError(f"{source!r} is neither a preset ({', '.join(PRESETS)}), a Hugging Face model directory "
+                     "(config.json + model.safetensors) nor a .safetensors file")
 
 
 def load_config(source: str | Path) -> GPTConfig:
@@ -290,15 +272,13 @@ def load_config(source: str | Path) -> GPTConfig:
     .safetensors file (inferred from the tensor shapes in its header)."""
     if isinstance(source, str) and source in PRESETS:
         return PRESETS[source]
-    path = Path(source)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path} has no config.json: {_unknown_source(source)}")
-        return config_from_hf_json(path / "config.json")
-    if path.is_file() and path.suffix == ".safetensors":
+    path = _local(source)
+    if not path.is_dir():
         infos, metadata, _ = read_header(path)
         return config_from_shapes({name: info.shape for name, info in infos.items()}, metadata, path)
-    raise _unknown_source(source)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
+    return config_from_hf_json(path / "config.json")
 
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], source: object) -> GPTConfig:
@@ -332,7 +312,7 @@ def config_from_hf_json(path: Path) -> GPTConfig:
         raise ValueError(f"{path}: a config.json must hold a JSON object")
     sizes = {"vocab_size": hf.get("vocab_size"), "context_length": hf.get("n_positions", hf.get("n_ctx")),
              "emb_dim": hf.get("n_embd"), "n_layers": hf.get("n_layer"), "n_heads": hf.get("n_head")}
-    wrong = {name: value for name, value in sizes.items() if not (_is_int(value) and value > 0)}
+    wrong = {name: value for name, value in sizes.items() if type(value) is not int or value < 1}
     if wrong:
         raise ValueError(f"{path}: vocab_size, n_positions, n_embd, n_layer and n_head must be positive "
                          f"integers; got {wrong} (in GPTConfig's names)")
@@ -391,9 +371,9 @@ def _tensor_info(where: str, entry: object, data_size: int) -> TensorInfo:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
-    if not isinstance(shape, list) or not all(_is_int(size) and size >= 0 for size in shape):
+    if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
         raise ValueError(f"{where}: shape {shape!r} is not a list of sizes >= 0")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(offset) is int for offset in offsets)):
         raise ValueError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
@@ -464,8 +444,6 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 if __name__ == "__main__":  # the command lives in hub.py: it downloads presets and tokenizes (tiktoken)
-    import sys
-
     import hub
 
-    sys.exit(hub.generate_command())
+    raise SystemExit(hub.generate_command())

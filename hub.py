@@ -90,7 +90,8 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
 DTYPE_NAMES = {dtype: name for name, dtype in gpt.SAFETENSORS_DTYPES.items()}
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
     """Write tensors (and optional string metadata) as a .safetensors file, atomically.
 
     Tensors that share storage, like GPT-2's tied embedding and output head, are each written in
@@ -344,10 +345,10 @@ def generate_command(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gpt2-small", help=f"preset ({', '.join(gpt.PRESETS)}), Hugging Face "
                         "directory or .safetensors file (default: gpt2-small)")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="tokens to add (default: 20)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: greedy)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --top-k (default: 1.0)")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default: greedy)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="with --top-k (default: 1.0)")
     parser.add_argument("--seed", type=int, default=123, help="random seed for sampling (default: 123)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help=f"download folder (default: {default_cache_dir()})")
+    parser.add_argument("--cache-dir", type=Path, help=f"download folder (default: {default_cache_dir()})")
     args = parser.parse_args(argv)
     try:
         cfg = gpt.load_config(args.model)  # a bad --model fails here, before any download

@@ -1,17 +1,20 @@
-"""What a run tells and leaves behind: machinery the chapter never mentions.
+"""What the commands tell and leave behind: machinery the chapter never mentions.
 
 The log lines train.py prints, the records of training (`EpochRecord`, `Training`, `RunResult`),
 metrics.json, the optional plots, the --compare table, and the run folder, which is built aside
-and appears only when complete (`staged_output`). Library code never prints: train.py hands a
+and appears only when complete (`staged_output`); and the reading and printing of the
+`python classify.py` command (`classify_command`). Library code never prints: train.py hands a
 `Log` around, and only rank 0's prints (distributed.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -218,7 +221,8 @@ def metrics_document(result: RunResult, facts: RunFacts) -> dict:
     """Everything metrics.json holds. Timings sit under "timing" alone, so two runs with one seed
     on one device give identical documents once "timing" is dropped."""
     training, tokens = result.training, facts.tokens
-    document: dict = {name: {**report.to_dict(), "loss": result.losses[name]} for name, report in result.reports.items()}
+    document: dict = {name: {**report.to_dict(), "loss": result.losses[name]}
+                      for name, report in result.reports.items()}
     document.update({
         "history": [asdict(record) for record in training.history],
         "validation_checks": training.step_checks,
@@ -316,8 +320,8 @@ def format_comparison(rows: list[dict]) -> str:
               *(f"{row[key]:.2%}" for key in ("train_accuracy", "validation_accuracy", "test_accuracy")),
               *(f"{row[key]:.4f}" for key in ("test_precision", "test_recall", "test_f1"))] for row in rows]
     widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-                     for line in [header, *table])
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(line, widths))) for line in [header, *table])
 
 
 def write_comparison(folder: Path, results: list[RunResult], cfg, argv: list[str]) -> str:
@@ -364,3 +368,66 @@ def staged_output(out: Path, runtime: distributed.Runtime) -> Iterator[Path | No
     with contextlib.ExitStack() as stack:
         yield distributed.together(runtime, (lambda: stack.enter_context(_staged(out))) if runtime.is_main_process
                                    else None)
+
+
+# --------------------------------------------------------------------------- the classify.py command
+
+
+def read_texts(source: str) -> list[str]:
+    """One text per line of the file `source` ("-": standard input). Every line counts, blank
+    lines included, so output i always answers input line i."""
+    try:
+        content = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {source}: {' '.join(str(error).split())}") from error
+    lines = content.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return [line.removesuffix("\r") for line in lines]
+
+
+def shorten(text: str, width: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def classify_command(argv: list[str] | None = None) -> int:
+    """`python classify.py --model RUN_DIR "text" ...`: returns the exit code (0, or 2 with one line on stderr)."""
+    parser = argparse.ArgumentParser(
+        prog="classify.py", description="Classify texts with a fine-tuned GPT-2 classifier saved by train.py.",
+        epilog="An empty text is classified as the single token <|endoftext|> (the model's view of 'no text'). "
+        "A text longer than the run's max_length keeps its first max_length tokens, as in training. "
+        "Messages per second are reported on stderr.")
+    parser.add_argument("texts", nargs="*", help="texts to classify")
+    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="folder written by train.py --out")
+    parser.add_argument("--file", metavar="F", help="read one text per line from F ('-' for stdin)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of {text, label, probabilities}")
+    parser.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error argparse already reported
+        return int(exit_.code or 0)
+    try:
+        texts = list(args.texts) + (read_texts(args.file) if args.file else [])
+        if not texts:
+            raise ValueError("nothing to classify: give texts as arguments or --file F ('-' for stdin)")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
+        device = distributed.pick_device(args.device)
+        model, config = classify.load_classifier(args.model, device)
+        start = time.perf_counter()
+        predictions = classify.predict(model, config, texts, args.batch_size)
+        seconds = time.perf_counter() - start
+    except ValueError as error:
+        print(f"classify.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([asdict(p) for p in predictions], ensure_ascii=False, indent=2))
+    else:
+        for p in predictions:
+            probabilities = " ".join(f"{name}={value:.3f}" for name, value in p.probabilities.items())
+            print(f"{p.label}\t{probabilities}\t{shorten(p.text)}")
+    print(f"{len(texts)} texts in {seconds:.2f} s: {len(texts) / max(seconds, 1e-9):.1f} messages/s on {device}",
+          file=sys.stderr)
+    return 0

@@ -105,7 +105,7 @@ def load_labelled_text(cfg: TrainConfig) -> data.Splits:
                               label_column=cfg.label_column, validation_path=cfg.validation_data,
                               test_path=cfg.test_data, cache_dir=cfg.cache_dir, progress=hub.print_progress)
     if len({label for label in splits.train.labels}) < 2:
-        raise ValueError(f"the training data has one class only; a classifier needs two or more")
+        raise ValueError("the training data has one class only; a classifier needs two or more")
     for name in ("train", "validation", "test"):
         if len(getattr(splits, name)) == 0:
             raise ValueError(f"the {name} split is empty: the data set is too small to split 70/10/20")
@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the longest training text, at most the model's context length")
     group = parser.add_argument_group("3. GPT")
     group.add_argument("--model", default=defaults.model, metavar="NAME_OR_PATH", help=f"a preset "
-                       f"({', '.join(gpt.PRESETS)}), a Hugging Face folder or a .safetensors file (default: %(default)s)")
+                       f"({', '.join(gpt.PRESETS)}), a Hugging Face folder or a .safetensors file "
+                       "(default: %(default)s)")
     group.add_argument("--init", default=defaults.init, choices=("pretrained", "random"),
                        help="'random': the same architecture with random weights (what does pretraining buy? "
                        "also runs offline; default: %(default)s)")
@@ -457,7 +458,8 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
             raise ValueError(f"{flag} {value}: must be {requirement}")
     if (cfg.validation_data is None) != (cfg.test_data is None):
         raise ValueError("give both --validation-data and --test-data, or neither (to split --data 70/10/20)")
-    for flag, path in (("--data", cfg.data), ("--validation-data", cfg.validation_data), ("--test-data", cfg.test_data)):
+    for flag, path in (("--data", cfg.data), ("--validation-data", cfg.validation_data),
+                       ("--test-data", cfg.test_data)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{flag} {path}: no such file")
     longest = shape.context_length - (cfg.pooling == "special")

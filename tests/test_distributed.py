@@ -31,7 +31,7 @@ import fastpath
 import gpt
 import report
 import train
-from test_train import TINY_GPT, load_metrics, run_in, tiny_args, without_timing, workspace  # noqa: F401
+from test_train import TINY_GPT, load_metrics, tiny_args, without_timing, workspace  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]  # torchrun runs this file with the repository on PYTHONPATH
 STRATEGIES = ["head", "last-block", "last-2-blocks", "all", "gradual", "lora"]

@@ -15,7 +15,7 @@ import classify
 import fastpath
 from classify import GPTClassifier
 from fastpath import PrefixCache
-from test_classify import (FEW, VOCAB, assert_close_to_scale, batch_lengths, configs, padded, random_token_lists, seeds,
+from test_classify import (FEW, assert_close_to_scale, batch_lengths, configs, padded, random_token_lists, seeds,
                            tiny_classifier, tiny_gpt)
 
 SEEDS = st.integers(min_value=0, max_value=2**32)

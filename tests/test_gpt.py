@@ -4,15 +4,11 @@ weights loading to the same logits as transformers, and downloads that resume an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import socket
 import struct
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest

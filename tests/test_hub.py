@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
-import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
