@@ -312,6 +312,8 @@ class ClassifierConfig:
         if config.pooling not in POOLINGS or config.tokenizer != "gpt2":
             raise ValueError(f"pooling {config.pooling!r} and tokenizer {config.tokenizer!r}: expected one of "
                              f"{', '.join(POOLINGS)}, and gpt2")
+        if config.gpt.vocab_size <= data.END_OF_TEXT_ID:
+            raise ValueError(f"vocab_size {config.gpt.vocab_size}: GPT-2's tokenizer needs {data.END_OF_TEXT_ID + 1}")
         longest = config.gpt.context_length - (config.pooling == "special")  # room for the special token
         if not (type(max_length) is int and 1 <= max_length <= longest):
             raise ValueError(f"max_length {max_length!r}: must be an integer in 1..{longest}")

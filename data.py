@@ -29,7 +29,7 @@ import torch
 
 import hub
 
-END_OF_TEXT_ID = 50256  # <|endoftext|>, GPT-2's one special token
+END_OF_TEXT_ID = 50256  # <|endoftext|>, GPT-2's one special token, and its last: 50,257 tokens in all
 PAD_TOKEN_ID = END_OF_TEXT_ID  # the book pads with it too: `lengths` say where each text ends
 SMS_SPAM_LABELS = ["ham", "spam"]  # ham = 0, spam = 1, as in the book
 BOOK_FRACTIONS = (0.7, 0.1, 0.2)  # train, validation, test
@@ -168,20 +168,19 @@ def _parse_table(path: Path, content: str, text_column: str, label_column: str,
     if label_names is not None and (len(set(label_names)) != len(label_names) or len(label_names) < 2):
         raise ValueError(f"label_names {label_names}: need two or more distinct names")
     reader = csv.reader(io.StringIO(content, newline=""), delimiter=_delimiter(path, content))
-    header = [name.strip() for name in next(reader)]
+    rows = _csv_rows(reader, path)
+    header = [name.strip() for name in next(rows)]
     columns = []
     for column in (text_column, label_column):
         if column not in header:
-            raise ValueError(
-                f"{path}, line 1: no column {column!r}; the columns are {header} "
-                f"(choose them with text_column= and label_column=; a file without a header "
-                f"must be in the SMS format, ham|spam<TAB>text)"
-            )
+            raise ValueError(f"{path}, line 1: no column {column!r}; the columns are {header[:20]} (choose them "
+                             f"with text_column= and label_column=; a file without a header must be in the SMS "
+                             f"format, ham|spam<TAB>text)")
         columns.append(header.index(column))
     text_index, label_index = columns
 
     texts, label_strings = [], []
-    for row in reader:
+    for row in rows:
         if not row:
             continue  # a blank line
         if len(row) != len(header):
@@ -208,6 +207,15 @@ def _parse_table(path: Path, content: str, text_column: str, label_column: str,
     if label_names is None:
         _require_two_classes(data, path)  # (given names: a small test file may lack a class)
     return data
+
+
+def _csv_rows(reader, path: Path):
+    """The reader's rows; the csv module's own errors (a field longer than its limit of 131,072
+    characters, a NUL byte) become a ValueError naming the line."""
+    try:
+        yield from reader
+    except csv.Error as error:
+        raise ValueError(f"{path}, line {reader.line_num}: {error}") from None
 
 
 def _delimiter(path: Path, content: str) -> str:

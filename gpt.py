@@ -371,8 +371,9 @@ def _tensor_info(where: str, entry: object, data_size: int) -> TensorInfo:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
-    if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
-        raise ValueError(f"{where}: shape {shape!r} is not a list of sizes >= 0")
+    if not (isinstance(shape, list) and all(type(size) is int and size >= 0 for size in shape)
+            and math.prod(max(size, 1) for size in shape) < 2**63):  # even an empty tensor's sizes must fit int64
+        raise ValueError(f"{where}: shape {shape!r} is not a list of sizes >= 0 that fit 64 bits")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(offset) is int for offset in offsets)):
         raise ValueError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
     begin, end = offsets

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,6 +37,11 @@ import torch
 
 import gpt
 
+try:
+    import fcntl  # file locks, on every system but Windows
+except ImportError:
+    fcntl = None
+
 Progress = Callable[[int, "int | None"], None]  # (bytes done, total bytes or None when unknown)
 
 HF_HUB_URL = "https://huggingface.co"
@@ -47,7 +53,17 @@ SMS_SPAM_SIZE = 477_907
 SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 USER_AGENT = "gpt2-classification/0.1 (urllib)"
 CHUNK_BYTES = 1 << 20
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+SLOW_WINDOW_SECONDS, MIN_BYTES_PER_WINDOW = 60, 64 * 1024  # slower than about 1 KB/s for a minute: give up
 NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
+def printable(text: str, keep: str = "") -> str:
+    """`text` with control characters (ANSI escape sequences among them), bidirectional overrides
+    and undecodable bytes shown as escapes (\\x1b), so printing untrusted text cannot drive the
+    terminal; characters in `keep` (say "\\n") stay as they are."""
+    return UNPRINTABLE.sub(lambda m: m.group() if m.group() in keep else m.group().encode("unicode_escape",
+                           "backslashreplace").decode("ascii"), text)
 
 
 def default_cache_dir() -> Path:
@@ -138,74 +154,103 @@ def file_sha256(path: str | Path) -> str:
     return hasher.hexdigest()
 
 
-def _fetch(url: str, partial: Path, progress: Progress | None, timeout: float) -> str | None:
-    """Append the rest of `url` to `partial` (all of it when the server ignores Range).
+@contextlib.contextmanager
+def cache_lock(folder: Path) -> Iterator[None]:
+    """One process at a time in a cache folder: two runs downloading the same file into one cache
+    take turns (the second then finds the first one's verified file). An flock on the folder
+    itself, so no lock file is left behind and a crashed process releases it; where the system
+    has no flock (Windows), no lock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
-    Returns the sha256 of the whole partial file, or None when the server says (HTTP 416) that
-    `partial` already holds every byte, or more: the caller must then check it.
+
+def _open_partial(partial: Path, append: bool) -> BinaryIO:
+    """The partial download, never through a symbolic link (which would write wherever it points)."""
+    if partial.is_symlink():
+        raise ValueError(f"{partial} is a symbolic link; refusing to write through it (delete it and run again)")
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC) | getattr(os, "O_NOFOLLOW", 0)
+    return os.fdopen(os.open(partial, flags, 0o644), "ab" if append else "wb")
+
+
+def _fetch(url: str, partial: Path, progress: Progress | None, timeout: float) -> bool:
+    """Append the rest of `url` to `partial` (all of it when the server ignores Range); False when the
+    server says (HTTP 416) that `partial` already holds every byte, or more.
+
+    Each read waits at most `timeout` seconds, and the download as a whole must keep up
+    MIN_BYTES_PER_WINDOW bytes in every SLOW_WINDOW_SECONDS: a server that trickles a byte at a
+    time cannot hold it forever.
     """
-    hasher, done = hashlib.sha256(), 0
-    if partial.exists():  # resuming: hash the bytes we already have
-        with open(partial, "rb") as file:
-            while chunk := file.read(CHUNK_BYTES):
-                hasher.update(chunk)
-                done += len(chunk)
+    done = partial.lstat().st_size if partial.exists() else 0
     headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={done}-"} if done else {})}
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as error:
         if error.code == 416 and done:  # "range not satisfiable": nothing left after byte `done`
-            return None
+            return False
         raise
     with response:
         if done and response.status != 206:  # the server ignored Range and sends it all: restart
-            hasher, done = hashlib.sha256(), 0
+            done = 0
         elif done and not response.headers.get("Content-Range", "").startswith(f"bytes {done}-"):
             raise ConnectionError(f"asked for bytes {done}- but got {response.headers.get('Content-Range')!r}")
         length = response.headers.get("Content-Length")
         total = done + int(length) if length and length.isdigit() else None
-        with open(partial, "ab" if done else "wb") as file:
+        window_start, window_bytes = time.monotonic(), 0
+        with _open_partial(partial, append=done > 0) as file:
             if progress:
                 progress(done, total)
-            while chunk := response.read(CHUNK_BYTES):
+            while chunk := response.read1(CHUNK_BYTES):  # read1: whatever has arrived, not a full chunk
                 file.write(chunk)
-                hasher.update(chunk)
-                done += len(chunk)
+                done, window_bytes = done + len(chunk), window_bytes + len(chunk)
                 if progress:
                     progress(done, total)
+                if time.monotonic() - window_start >= SLOW_WINDOW_SECONDS:
+                    if window_bytes < MIN_BYTES_PER_WINDOW:
+                        raise ConnectionError(f"too slow: {window_bytes} bytes in {SLOW_WINDOW_SECONDS} s")
+                    window_start, window_bytes = time.monotonic(), 0
     if total is not None and done < total:
         raise ConnectionError(f"the connection closed after {done} of {total} bytes")
-    return hasher.hexdigest()
+    return True
 
 
 def download(url: str, dest: str | Path, sha256: str | None = None, progress: Progress | None = None,
              *, timeout: float = 60.0) -> Path:
     """Download `url` to `dest`, resumably and atomically; returns `dest`.
 
-    Returns at once, with no request, when `dest` exists. Bytes go to `<dest>.part` first; an
-    interrupted download resumes from there on the next call. With `sha256`, a mismatch deletes
-    the partial file and raises ValueError, leaving nothing at `dest`. Network failures raise
-    ConnectionError naming the URL and the reason.
+    Returns at once, with no request, when `dest` exists. Bytes go to `<dest>.part` first (never
+    through a symbolic link); an interrupted download resumes from there on the next call. With
+    `sha256`, the bytes on disk are checked before `dest` appears: a mismatch deletes the partial
+    file and raises ValueError. Processes downloading into one folder take turns (`cache_lock`).
+    Network failures raise ConnectionError naming the URL and the reason.
     """
     dest = Path(dest)
+    with cache_lock(dest.parent):
+        return _download_locked(url, dest, sha256, progress, timeout)
+
+
+def _download_locked(url: str, dest: Path, sha256: str | None, progress: Progress | None, timeout: float) -> Path:
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
     try:
-        digest = _fetch(url, partial, progress, timeout)
-        if digest is None:  # the partial file already held everything the server has
-            if sha256 is None:  # nothing to check it against: fetch it again from scratch
-                partial.unlink()
-                digest = _fetch(url, partial, progress, timeout)
-            else:
-                digest = file_sha256(partial)
+        if not _fetch(url, partial, progress, timeout) and sha256 is None:
+            partial.unlink()  # complete or too long, and nothing to check it against: fetch it afresh
+            _fetch(url, partial, progress, timeout)
     except urllib.error.HTTPError as error:
         raise ConnectionError(f"could not download {url}: HTTP {error.code} {error.reason}") from None
     except NETWORK_ERRORS as error:
         kept = (f"; the {partial.stat().st_size} bytes so far stay in {partial} for the next try"
                 if partial.exists() else "")
         raise ConnectionError(f"could not download {url}: {getattr(error, 'reason', None) or error!r}{kept}") from None
+    digest = file_sha256(partial)  # the bytes on disk, not the bytes we believe we wrote
     if sha256 is not None and digest != sha256.lower():
         partial.unlink()
         raise ValueError(f"{url}: the download's sha256 is {digest}, expected {sha256.lower()}; "
@@ -272,37 +317,48 @@ def download_sms_spam(cache_dir: str | Path | None = None, progress: Progress | 
                       url: str | None = None) -> Path:
     """The SMS Spam Collection file, downloaded from UCI once and cached.
 
-    Downloads the archive, extracts `SMSSpamCollection`, checks its size and sha256, and writes it
-    atomically to `<cache_dir>/sms_spam/SMSSpamCollection`; once that file exists this returns at
-    once, without the network. `url` (default SMS_SPAM_URL) may point at a mirror. ConnectionError
-    when the download fails; ValueError (and nothing cached) when the archive does not hold the
-    expected file.
+    Downloads the archive, extracts `SMSSpamCollection` (reading no more than its known size),
+    checks its size and sha256, and writes it atomically to `<cache_dir>/sms_spam/SMSSpamCollection`.
+    A cached copy is checked the same way on every call (half a megabyte) and fetched again when
+    damaged. `url` (default SMS_SPAM_URL) may point at a mirror. ConnectionError when the download
+    fails; ValueError (and nothing cached) when the archive does not hold the expected file.
     """
     url = url or SMS_SPAM_URL
     target = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "sms_spam" / SMS_SPAM_MEMBER
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    archive = target.parent / "sms+spam+collection.zip"
-    try:
-        download(url, archive, sha256=None, progress=progress)
+    with cache_lock(target.parent):
+        if target.is_file() and _is_sms_spam(target.read_bytes()):
+            return target
+        archive = target.parent / "sms+spam+collection.zip"
         try:
-            with zipfile.ZipFile(archive) as zipped:
-                names = [name for name in zipped.namelist() if Path(name).name == SMS_SPAM_MEMBER]
-                if not names:
-                    raise ValueError(f"{url}: the archive has no {SMS_SPAM_MEMBER} (it holds {zipped.namelist()})")
-                content = zipped.read(names[0])
-        except zipfile.BadZipFile as error:
-            raise ValueError(f"{url}: not a valid zip archive ({error})") from error
-    finally:
-        archive.unlink(missing_ok=True)  # only the extracted, verified file is kept
-    digest = hashlib.sha256(content).hexdigest()
-    if len(content) != SMS_SPAM_SIZE or digest != SMS_SPAM_SHA256:
-        raise ValueError(f"{url}: {SMS_SPAM_MEMBER} has {len(content)} bytes and sha256 {digest}, expected "
-                         f"{SMS_SPAM_SIZE} bytes and sha256 {SMS_SPAM_SHA256}; pass the path of a good copy instead")
-    with atomic_open(target) as file:
-        file.write(content)
+            _download_locked(url, archive, None, progress, 60.0)
+            content = _zip_member(archive, SMS_SPAM_MEMBER, SMS_SPAM_SIZE, url)
+        finally:
+            archive.unlink(missing_ok=True)  # only the extracted, verified file is kept
+        if not _is_sms_spam(content):
+            raise ValueError(f"{url}: {SMS_SPAM_MEMBER} has {len(content)} bytes and sha256 "
+                             f"{hashlib.sha256(content).hexdigest()}, expected {SMS_SPAM_SIZE} bytes and sha256 "
+                             f"{SMS_SPAM_SHA256}; pass the path of a good copy instead")
+        with atomic_open(target) as file:
+            file.write(content)
     return target
+
+
+def _is_sms_spam(content: bytes) -> bool:
+    return len(content) == SMS_SPAM_SIZE and hashlib.sha256(content).hexdigest() == SMS_SPAM_SHA256
+
+
+def _zip_member(archive: Path, member: str, size: int, url: str) -> bytes:
+    """The bytes of the archive member named `member`, at most size + 1 of them: an archive that
+    inflates to gigabytes costs no more memory than the right file."""
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            names = [name for name in zipped.namelist() if Path(name).name == member]
+            if not names:
+                raise ValueError(f"{url}: the archive has no {member} (it holds {zipped.namelist()[:5]})")
+            with zipped.open(names[0]) as file:
+                return file.read(size + 1)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as error:
+        raise ValueError(f"{url}: not a valid zip archive ({error})") from error
 
 
 # --------------------------------------------------------------------------- the gpt.py command
@@ -310,19 +366,19 @@ def download_sms_spam(cache_dir: str | Path | None = None, progress: Progress | 
 
 @torch.no_grad()
 def generate(model: gpt.GPTModel, token_ids: torch.Tensor, max_new_tokens: int, top_k: int | None = None,
-             temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+             temperature: float = 1.0, generator: torch.Generator | None = None,
+             vocab_limit: int | None = None) -> torch.Tensor:
     """Extend token_ids (B, T) by max_new_tokens tokens: (B, T + max_new_tokens).
 
     Greedy (the most likely next token) when top_k is None or temperature is 0; otherwise samples
-    among the top_k most likely tokens, their logits divided by temperature. Call model.eval()
-    first if the model has dropout.
+    among the top_k most likely tokens, their logits divided by temperature. With `vocab_limit`,
+    only tokens below it are chosen (a model whose vocabulary is larger than the tokenizer's).
+    Call model.eval() first if the model has dropout.
     """
-    if not (max_new_tokens >= 0 and (top_k is None or top_k >= 1) and 0 <= temperature < math.inf):
-        raise ValueError(f"need max_new_tokens >= 0, top_k >= 1, a finite temperature >= 0; "
-                         f"got {max_new_tokens}, {top_k}, {temperature}")
+    check_generation(max_new_tokens, top_k, temperature)
     for _ in range(max_new_tokens):
         context = token_ids[:, -model.cfg.context_length :]  # (B, <= context_length)
-        logits = model(context)[:, -1, :]  # (B, V): only the last position predicts the next token
+        logits = model(context)[:, -1, :vocab_limit]  # (B, V): only the last position predicts the next token
         if top_k is None or temperature == 0:
             next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
         else:
@@ -331,6 +387,12 @@ def generate(model: gpt.GPTModel, token_ids: torch.Tensor, max_new_tokens: int, 
             next_token = top_ids.gather(-1, torch.multinomial(probabilities, 1, generator=generator))  # (B, 1)
         token_ids = torch.cat([token_ids, next_token], dim=1)  # (B, T + 1)
     return token_ids
+
+
+def check_generation(max_new_tokens: int, top_k: int | None, temperature: float) -> None:
+    if not (max_new_tokens >= 0 and (top_k is None or top_k >= 1) and 0 <= temperature < math.inf):
+        raise ValueError(f"need max_new_tokens >= 0, top_k >= 1 and a finite temperature >= 0; "
+                         f"got {max_new_tokens}, {top_k} and temperature {temperature}")
 
 
 def generate_command(argv: list[str] | None = None) -> int:
@@ -351,6 +413,7 @@ def generate_command(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, help=f"download folder (default: {default_cache_dir()})")
     args = parser.parse_args(argv)
     try:
+        check_generation(args.max_new_tokens, args.top_k, args.temperature)
         cfg = gpt.load_config(args.model)  # a bad --model fails here, before any download
         import tiktoken
 
@@ -366,9 +429,10 @@ def generate_command(argv: list[str] | None = None) -> int:
             raise ValueError(f"--model {args.model} has {cfg.vocab_size} tokens, fewer than GPT-2's tokenizer")
         model = gpt.load_gpt2(fetch(args.model, args.cache_dir, print_progress), config=cfg)
         output = generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, top_k=args.top_k,
-                              temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
+                          temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed),
+                          vocab_limit=tokenizer.n_vocab)
     except (ValueError, OSError) as error:  # OSError covers ConnectionError and unwritable caches
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(' '.join(str(error).split()))}", file=sys.stderr)
         return 2
-    print(tokenizer.decode(output[0].tolist()))
+    print(printable(tokenizer.decode(output[0].tolist()), keep="\n"))
     return 0

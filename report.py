@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,13 +27,14 @@ from torch import nn
 import classify
 import distributed
 import fastpath
+import hub
 import metrics
 
 Log = Callable[[str], None]
 
 
 def print_line(message: str) -> None:
-    print(message, flush=True)
+    print(hub.printable(message, keep="\n"), flush=True)  # class names and paths come from the user
 
 
 def quiet(message: str) -> None:
@@ -40,7 +42,7 @@ def quiet(message: str) -> None:
 
 
 def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    return hub.printable(" ".join(str(error).split())) or type(error).__name__
 
 
 # --------------------------------------------------------------------------- records of training
@@ -77,6 +79,9 @@ class Training:
 
     def add_epoch(self, record: EpochRecord, seconds: float) -> bool:
         """Record an epoch; True when it is the best so far."""
+        if not math.isfinite(record.validation_loss):
+            raise ValueError(f"the validation loss became {record.validation_loss} in epoch {record.epoch}: "
+                             "training diverged (try a lower --lr); no run folder was written")
         self.history.append(record)
         self.epoch_seconds.append(seconds)
         best = max(self.history, key=lambda r: (r.validation_accuracy, -r.validation_loss))  # first of equals
@@ -104,7 +109,13 @@ class Tally:
         self.texts += batch.size
 
     def mean_loss(self) -> float:
-        return self.sum_over_processes(self.loss).item() / self.texts
+        """The mean so far; ValueError when it stopped being finite: a diverged run stops, and no
+        model of NaNs is saved as if it had trained."""
+        loss = self.sum_over_processes(self.loss).item() / self.texts
+        if not math.isfinite(loss):
+            raise ValueError(f"the training loss became {loss} after {self.texts} texts: training diverged "
+                             "(try a lower --lr, or --lora-alpha for lora); no run folder was written")
+        return loss
 
     def accuracy(self) -> float:
         return self.sum_over_processes(self.correct).item() / self.texts
@@ -259,7 +270,8 @@ def write_run(run_dir: Path, result: RunResult, facts: RunFacts) -> None:
 
 def write_plots(result: RunResult, folder: Path, final_folder: Path) -> str:
     """Loss and accuracy curves and the confusion matrices as PNG in `folder` (the run folder
-    being built, which becomes `final_folder`); matplotlib is optional."""
+    being built, which becomes `final_folder`); matplotlib is optional, and a plot that fails
+    is a note, never the end of a finished run."""
     try:
         import matplotlib
 
@@ -268,6 +280,14 @@ def write_plots(result: RunResult, folder: Path, final_folder: Path) -> str:
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         return "--plot: matplotlib is not installed, no plots written (pip install matplotlib)"
+    try:
+        _plot(result, folder, plt, MaxNLocator)
+    except Exception as error:  # noqa: BLE001 - matplotlib's failures are many; the run is what matters
+        return f"--plot: no plots written ({type(error).__name__}: {one_line(error)})"
+    return f"plots written: loss.png, accuracy.png, confusion_matrix_*.png in {final_folder}"
+
+
+def _plot(result: RunResult, folder: Path, plt, MaxNLocator) -> None:  # noqa: N803 - matplotlib's class
     epochs = [record.epoch for record in result.training.history]
     for quantity in ("loss", "accuracy"):
         figure, axes = plt.subplots(figsize=(5, 3.5))
@@ -294,7 +314,6 @@ def write_plots(result: RunResult, folder: Path, final_folder: Path) -> str:
         figure.tight_layout()
         figure.savefig(folder / f"confusion_matrix_{split}.png", dpi=120)
         plt.close(figure)
-    return f"plots written: loss.png, accuracy.png, confusion_matrix_*.png in {final_folder}"
 
 
 def comparison_rows(results: list[RunResult]) -> list[dict]:
@@ -339,6 +358,8 @@ def _staged(out: Path) -> Iterator[Path]:
     """A hidden folder beside `out` that becomes `out` only when everything in it is written: an
     error or Ctrl-C leaves no half-written run. Creating it first also proves `out` is writable
     before any training starts."""
+    if out.is_symlink():  # a link to an empty folder: the run goes there (renaming onto a link would fail)
+        out = Path(os.path.realpath(out))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out}: already exists and is not empty; choose a new folder")
     missing = [parent for parent in [out.parent, *out.parent.parents] if not parent.exists()]
@@ -350,9 +371,15 @@ def _staged(out: Path) -> Iterator[Path]:
         raise ValueError(f"--out {out}: cannot write there ({error.strerror or error})") from None
     try:
         yield staging
-        if out.exists():
-            out.rmdir()  # an empty folder, checked above
-        staging.rename(out)
+        try:
+            if out.exists():
+                out.rmdir()  # empty when the run started: it fails if something was put there since
+            staging.rename(out)
+        except OSError as error:  # never throw the finished run away: keep it under a visible name
+            kept = out.parent / f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            staging.rename(kept)
+            raise ValueError(f"--out {out}: {error.strerror or error} (created by something else while this "
+                             f"run trained?); the finished run is in {kept}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for parent in missing:  # nearest first: remove the folders made for this run
@@ -373,13 +400,23 @@ def staged_output(out: Path, runtime: distributed.Runtime) -> Iterator[Path | No
 # --------------------------------------------------------------------------- the classify.py command
 
 
+MAX_INPUT_BYTES = 64 * 2**20
+
+
 def read_texts(source: str) -> list[str]:
-    """One text per line of the file `source` ("-": standard input). Every line counts, blank
-    lines included, so output i always answers input line i."""
+    """One text per line of the file `source` ("-": standard input, read the same way: UTF-8, at
+    most MAX_INPUT_BYTES). Every line counts, blank lines included, so output i answers line i."""
     try:
-        content = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {source}: {' '.join(str(error).split())}") from error
+        if source == "-":
+            raw = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+        else:
+            with open(source, "rb") as file:
+                raw = file.read(MAX_INPUT_BYTES + 1)
+        if len(raw) > MAX_INPUT_BYTES:
+            raise ValueError(f"more than {MAX_INPUT_BYTES // 2**20} MiB of text; classify it in parts")
+        content = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"cannot read {source}: {' '.join(str(error).split())}") from None
     lines = content.split("\n")
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line
@@ -387,7 +424,7 @@ def read_texts(source: str) -> list[str]:
 
 
 def shorten(text: str, width: int = 70) -> str:
-    text = " ".join(text.split())
+    text = hub.printable(" ".join(text.split()))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -420,14 +457,17 @@ def classify_command(argv: list[str] | None = None) -> int:
         predictions = classify.predict(model, config, texts, args.batch_size)
         seconds = time.perf_counter() - start
     except ValueError as error:
-        print(f"classify.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"classify.py: error: {one_line(error)}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps([asdict(p) for p in predictions], ensure_ascii=False, indent=2))
+    if hasattr(sys.stdout, "reconfigure"):  # an emoji to an ASCII-only terminal: \U0001f600, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
+    if args.json:  # JSON escapes C0 controls itself (its own newlines stay); the rest as \uXXXX, still valid JSON
+        document = json.dumps([asdict(p) for p in predictions], ensure_ascii=False, indent=2)
+        print(hub.UNPRINTABLE.sub(lambda m: m.group() if m.group() < " " else f"\\u{ord(m.group()):04x}", document))
     else:
         for p in predictions:
-            probabilities = " ".join(f"{name}={value:.3f}" for name, value in p.probabilities.items())
-            print(f"{p.label}\t{probabilities}\t{shorten(p.text)}")
+            probabilities = " ".join(f"{shorten(name, 30)}={value:.3f}" for name, value in p.probabilities.items())
+            print(f"{shorten(p.label, 30)}\t{probabilities}\t{shorten(p.text)}")
     print(f"{len(texts)} texts in {seconds:.2f} s: {len(texts) / max(seconds, 1e-9):.1f} messages/s on {device}",
           file=sys.stderr)
     return 0

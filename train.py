@@ -35,6 +35,7 @@ if __name__ == "__main__":  # torch warns at import when NumPy is missing; this 
 import argparse
 import copy
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -440,6 +441,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
     """Reject bad arguments before anything is downloaded or trained; returns the model's shape."""
     shape = gpt.load_config(cfg.model)  # ValueError on an unknown name or bad path
+    if shape.vocab_size <= data.END_OF_TEXT_ID:
+        raise ValueError(f"--model {cfg.model}: {shape.vocab_size} tokens, fewer than GPT-2's tokenizer needs "
+                         f"({data.END_OF_TEXT_ID + 1})")
     for name in cfg.compare or [cfg.strategy]:
         classify.trainable_blocks(name, shape.n_layers)  # ValueError: unknown, or more blocks than the model has
     if cfg.pooling not in classify.POOLINGS:
@@ -470,6 +474,10 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
     return shape
 
 
+def stop_like_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 OFFLINE_HINT = ("offline, use local files: --data PATH (the SMS Spam Collection file or your CSV), --model PATH "
                 "(a Hugging Face folder or a .safetensors file), or --init random (no weights needed)")
 
@@ -478,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     label = distributed.process_label()  # '[rank 1] ' under torchrun: every process reports its own failure
+    if hasattr(sys.stdout, "reconfigure"):  # class names a terminal cannot show: escaped, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
+    previous_handler = signal.signal(signal.SIGTERM, stop_like_ctrl_c)  # kill, docker stop, a scheduler
     try:
         return run(config_from_args(args), argv, report.print_line)
     except BrokenPipeError:  # the output went to a pipe that closed (`| head`): stop quietly
@@ -496,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         if label:  # a bug or out of memory on one process: name it, then the traceback
             print(f"{label}error: {type(error).__name__}: {report.one_line(error)}", file=sys.stderr, flush=True)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return 2
 
 

@@ -467,7 +467,7 @@ def test_cli_reads_one_text_per_line_from_a_file_or_stdin(saved_run, tmp_path, c
     texts_file.write_text("first message\r\n\nthird message\n", encoding="utf-8")
     assert report.classify_command(["--model", str(run_dir), "--json", "--file", str(texts_file)]) == 0
     assert [item["text"] for item in json.loads(capsys.readouterr().out)] == ["first message", "", "third message"]
-    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\nand another"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"from stdin\nand another"), encoding="utf-8"))
     assert report.classify_command(["--model", str(run_dir), "--json", "--file", "-"]) == 0
     assert [item["text"] for item in json.loads(capsys.readouterr().out)] == ["from stdin", "and another"]
 

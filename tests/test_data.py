@@ -458,11 +458,23 @@ def test_an_unreachable_server_is_a_connection_error_and_nothing_is_cached(tmp_p
     assert not (cache / "sms_spam" / "SMSSpamCollection").exists()
 
 
-def test_the_default_cache_is_used_without_the_network(tmp_path, monkeypatch):
+def test_the_default_cache_is_used_without_the_network(sms_spam_file, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_CLASSIFICATION_CACHE", str(tmp_path))
     monkeypatch.setattr(hub, "SMS_SPAM_URL", "http://127.0.0.1:9/unreachable.zip")
     cached = tmp_path / "sms_spam" / "SMSSpamCollection"
     cached.parent.mkdir()
-    cached.write_text("ham\toi\nspam\tpromo\n" * 10, encoding="utf-8")
+    cached.write_bytes(sms_spam_file.read_bytes())
     assert hub.download_sms_spam() == cached
-    assert len(data.load_splits(balanced=False).train) == 14
+    assert [len(part) for part in parts(data.load_splits())] == [1045, 149, 300]
+
+
+def test_a_damaged_cached_copy_is_not_trusted(sms_spam_file, tmp_path, monkeypatch):
+    """A cached file that is not the collection (cut short, or another file) is fetched again;
+    offline that is a connection error, never a silently different data set."""
+    monkeypatch.setenv("GPT2_CLASSIFICATION_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "SMS_SPAM_URL", "http://127.0.0.1:9/unreachable.zip")
+    cached = tmp_path / "sms_spam" / "SMSSpamCollection"
+    cached.parent.mkdir()
+    cached.write_bytes(sms_spam_file.read_bytes()[:-100])
+    with pytest.raises(ConnectionError, match="127.0.0.1:9"):
+        data.load_splits()

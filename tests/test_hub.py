@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import time
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -67,14 +69,21 @@ class Handler(BaseHTTPRequestHandler):
         payload = body[start:]
         if server.cut_after is not None:  # one broken response: part of the body, then hang up
             payload, server.cut_after = payload[: server.cut_after], None
-        self.wfile.write(payload)
+        if server.trickle is None:
+            self.wfile.write(payload)
+            return
+        piece, pause = server.trickle  # a slow server: `piece` bytes, then a pause, over and over
+        for start in range(0, len(payload), piece):
+            self.wfile.write(payload[start : start + piece])
+            self.wfile.flush()
+            time.sleep(pause)
 
 
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.files, httpd.hub_headers, httpd.requests = {}, {}, []
-    httpd.honour_range, httpd.cut_after = True, None
+    httpd.honour_range, httpd.cut_after, httpd.trickle = True, None, None
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -217,4 +226,71 @@ def test_print_progress_rewrites_one_line_and_ends_it(capsys):
     err = capsys.readouterr().err
     assert err.count("\r") == 3 and err.count("\n") == 1 and "100%" in err
 
+
+# --------------------------------------------------------------------------- hostile servers and caches
+
+
+def test_two_downloads_into_one_cache_end_with_one_verified_file(server, tmp_path):
+    """Two runs fetching the same file into one cache take turns: the second finds the first one's
+    verified file; no bytes are ever written twice into one partial file."""
+    server.files["/data.bin"] = CONTENT
+    server.trickle = (2048, 0.02)  # slow enough that both are in flight together
+    dest, results = tmp_path / "data.bin", []
+
+    def fetch():
+        try:
+            results.append(hub.download(f"{server.url}/data.bin", dest, CONTENT_SHA256))
+        except Exception as error:  # noqa: BLE001 - collected for the assertion
+            results.append(error)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [dest, dest]
+    assert dest.read_bytes() == CONTENT and hub.file_sha256(dest) == CONTENT_SHA256
+    assert [request for request in server.requests if request[0] == "GET"] == [("GET", "/data.bin", None)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+
+
+def test_a_partial_file_that_is_a_symlink_is_never_written_through(server, tmp_path):
+    server.files["/data.bin"] = CONTENT
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "data.bin.part").symlink_to(victim)
+    with pytest.raises(ValueError, match="symbolic link"):
+        hub.download(f"{server.url}/data.bin", tmp_path / "data.bin", CONTENT_SHA256)
+    assert victim.read_text() == "precious" and not (tmp_path / "data.bin").exists()
+
+
+def test_a_server_that_trickles_bytes_is_given_up_on(server, tmp_path, monkeypatch):
+    """Each read arrives within the timeout, but the download as a whole is too slow."""
+    monkeypatch.setattr(hub, "SLOW_WINDOW_SECONDS", 0.3)
+    monkeypatch.setattr(hub, "MIN_BYTES_PER_WINDOW", 5000)
+    server.files["/data.bin"] = CONTENT
+    server.trickle = (100, 0.05)  # 2,000 bytes/s
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="too slow"):
+        hub.download(f"{server.url}/data.bin", tmp_path / "data.bin", CONTENT_SHA256)
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "data.bin").exists()
+
+
+def test_an_archive_that_inflates_to_far_more_is_read_no_further_than_the_file(server, tmp_path):
+    """A zip bomb in place of the SMS archive: 64 MB of zeros, about 60 KB compressed. The reader
+    stops one byte past the collection's size, and nothing is cached."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr("SMSSpamCollection", b"\0" * (64 * 2**20))
+    server.files["/sms.zip"] = archive.read_bytes()
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=f"has {hub.SMS_SPAM_SIZE + 1} bytes"):
+        hub.download_sms_spam(cache, url=f"{server.url}/sms.zip")
+    assert list((cache / "sms_spam").iterdir()) == []
+
+
+def test_printable_escapes_what_could_drive_a_terminal():
+    assert hub.printable("ok \x1b[31mred\x07 \u202eevil\udcff é 😀\n") == "ok \\x1b[31mred\\x07 \\u202eevil\\udcff é 😀\\n"
+    assert hub.printable("two\nlines\t", keep="\n") == "two\nlines\\t"
 
