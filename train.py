@@ -35,6 +35,7 @@ if __name__ == "__main__":  # torch warns at import when NumPy is missing; this 
 import argparse
 import copy
 import math
+import os
 import signal
 import sys
 import time
@@ -446,6 +447,12 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
                          f"({data.END_OF_TEXT_ID + 1})")
     for name in cfg.compare or [cfg.strategy]:
         classify.trainable_blocks(name, shape.n_layers)  # ValueError: unknown, or more blocks than the model has
+    if len(set(cfg.compare)) != len(cfg.compare):
+        raise ValueError(f"--compare {','.join(cfg.compare)}: name each strategy once")
+    parameters = (shape.vocab_size + shape.context_length) * shape.emb_dim + shape.n_layers * 12 * shape.emb_dim**2
+    if cfg.init == "random" and parameters * 4 > _memory_bytes():  # before building a model that cannot fit
+        raise ValueError(f"--model {cfg.model}: about {parameters:,} parameters, {parameters * 4 / 2**30:,.0f} GiB "
+                         f"in float32, more than this machine's {_memory_bytes() / 2**30:,.0f} GiB")
     if cfg.pooling not in classify.POOLINGS:
         raise ValueError(f"unknown pooling {cfg.pooling!r}; choose one of {', '.join(classify.POOLINGS)}")
     lora = "lora" in (cfg.compare or [cfg.strategy])
@@ -457,6 +464,7 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
         ("--weight-decay", cfg.weight_decay, 0 <= cfg.weight_decay < math.inf, "a finite number, 0 or more"),
         ("--lora-rank", cfg.lora_rank, not lora or cfg.lora_rank >= 1, "at least 1"),
         ("--lora-alpha", cfg.lora_alpha, not lora or math.isfinite(cfg.lora_alpha), "a finite number"),
+        ("--seed", cfg.seed, 0 <= cfg.seed < 2**63, "in 0..2**63-1"),
     ):
         if not ok:
             raise ValueError(f"{flag} {value}: must be {requirement}")
@@ -472,6 +480,13 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
                          f"(its context length{', less the special token' if cfg.pooling == 'special' else ''})")
     distributed.pick_device(cfg.device)  # ValueError: unknown or absent
     return shape
+
+
+def _memory_bytes() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # a system that does not say
+        return math.inf
 
 
 def stop_like_ctrl_c(signum, frame) -> None:
@@ -500,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{label}interrupted: no run folder was written", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"{label}error: out of memory (try a smaller --batch-size or --max-length, or --model); "
+              "no run folder was written", file=sys.stderr)
     except (distributed.OtherProcessFailed, distributed.StoppedByTorchrun) as error:
         if label == "[rank 0] ":  # another process failed and said why; rank 0 says that this one stopped
             print(f"{label}{report.one_line(error)}", file=sys.stderr)

@@ -147,6 +147,8 @@ HOSTILE_FLAGS = {
     "lr inf": (["--lr", "inf"], "--lr inf"),
     "weight decay nan": (["--weight-decay", "nan"], "--weight-decay nan"),
     "device meta": (["--device", "meta"], "--device meta"),
+    "seed beyond 64 bits": (["--seed", str(2**64)], "--seed"),  # was torch's "Overflow when unpacking long"
+    "a strategy compared with itself": (["--compare", "head,head"], "each strategy once"),  # one folder, two runs
 }
 
 
@@ -167,6 +169,16 @@ def test_a_model_with_a_smaller_vocabulary_than_the_tokenizer_is_refused(workspa
     args[args.index("--model") + 1] = str(small)
     code, _, stderr = run_in(workspace / "small-vocab-run", args, monkeypatch, capsys)
     assert code == 2 and "1000 tokens" in stderr
+
+
+def test_a_random_model_too_large_for_memory_is_refused_before_it_is_built(workspace, monkeypatch, capsys):  # noqa: F811
+    huge = workspace / "huge"
+    huge.mkdir(exist_ok=True)
+    (huge / "config.json").write_text(json.dumps({**TINY_GPT, "n_layer": 10**9}))  # building it never ended
+    args = tiny_args(workspace, "--out", "run")
+    args[args.index("--model") + 1] = str(huge)
+    code, _, stderr = run_in(workspace / "huge-run", args, monkeypatch, capsys)
+    assert code == 2 and "more than this machine's" in stderr
 
 
 def test_a_diverging_run_stops_and_saves_nothing(workspace, monkeypatch, capsys):  # noqa: F811
