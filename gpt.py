@@ -224,8 +224,10 @@ def load_gpt2(source: str | Path, *, config: GPTConfig | None = None) -> GPTMode
     blocks = {match.group(1) for name in infos if (match := re.match(r"(?:transformer\.)?h\.(\d+)\.", name))}
     if cfg.n_layers > len(blocks):  # checked before building anything: a config may claim a billion blocks
         raise ValueError(f"{path}: the config says {cfg.n_layers} blocks, the file holds {len(blocks)}")
+    with torch.device("meta"):  # shapes only: no memory, no random initialisation
+        model = GPTModel(cfg)
     expected = {name: tuple(param.shape)[:: -1 if HF_CONV1D_WEIGHTS.fullmatch(name) else 1]
-                for name, param in _meta_model(cfg).named_parameters()}  # as the file stores them
+                for name, param in model.named_parameters()}  # as the file stores them
     found = {gpt2_name(name): info for name, info in infos.items() if gpt2_name(name)}
     for name, want in expected.items():
         if name not in found:
@@ -247,15 +249,9 @@ def load_gpt2(source: str | Path, *, config: GPTConfig | None = None) -> GPTMode
     if "lm_head.weight" in state and not torch.equal(state.pop("lm_head.weight"), state["wte.weight"]):
         raise ValueError(f"{path}: lm_head.weight differs from wte.weight, but GPTModel ties its output head "
                          "to the token embedding (as GPT-2 does); this checkpoint cannot load into it")
-    model = _meta_model(cfg)
     model.load_state_dict(state, strict=False, assign=True)  # the checks above were the strict ones
     model.lm_head.weight = model.wte.weight  # assign replaced wte's Parameter: tie the head again
     return model.eval()
-
-
-def _meta_model(cfg: GPTConfig) -> GPTModel:
-    with torch.device("meta"):  # shapes only: no memory, no random initialisation
-        return GPTModel(cfg)
 
 
 def _local(source: str | Path) -> Path:
@@ -389,6 +385,8 @@ def _tensor_info(where: str, entry: object, data_size: int) -> TensorInfo:
 def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Parse and validate a safetensors header: (tensor infos, metadata, offset of the data)."""
     try:
+        if not Path(path).is_file():  # a folder, FIFO or device: opening one could block forever
+            raise OSError("not a regular file")
         file_size = Path(path).stat().st_size
         with open(path, "rb") as file:
             prefix = file.read(8)

@@ -111,6 +111,16 @@ def test_config_edits_that_once_misbehaved_are_refused(saved_run, tmp_path, edit
         classify.load_classifier(tmp_path)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
+def test_a_weights_file_that_is_a_pipe_is_refused_not_waited_on(saved_run, tmp_path):
+    (tmp_path / "config.json").write_bytes((saved_run / "config.json").read_bytes())
+    os.mkfifo(tmp_path / "classifier.safetensors")  # opening it for reading would wait for a writer forever
+    with pytest.raises(ValueError, match="classifier.safetensors"):
+        classify.load_classifier(tmp_path)
+    with pytest.raises(ValueError, match="not a regular file"):
+        gpt.read_safetensors(tmp_path / "classifier.safetensors")
+
+
 def test_a_config_nested_100000_deep_is_one_value_error(saved_run, tmp_path):
     (tmp_path / "classifier.safetensors").write_bytes((saved_run / "classifier.safetensors").read_bytes())
     (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
