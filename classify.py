@@ -75,7 +75,7 @@ def last_token_index(lengths: torch.Tensor) -> torch.Tensor:
     """Index of each sequence's last real token.
 
     Under a causal mask only the last position has seen the whole text, which is why the
-    chapter classifies from it (section "Como escolher a representação do texto").
+    book classifies from it (chapter section "Como escolher a representação do texto").
     """
     return lengths - 1  # (B,)
 
@@ -99,13 +99,13 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
     """One vector per text from its hidden states (B, T, C) -> (B, C).
 
     Padding sits on the right, after each text's `lengths[b]` real tokens:
-    - "last": the last real token, the chapter's choice: the only position whose attention has
+    - "last": the last real token, the book's choice: the only position whose attention has
       read every token of the text;
     - "mean": the mean over real tokens (pads are masked out);
     - "special": the <|endoftext|> appended to each text (`append_special_token`), which is then
       its last real token;
     - "first": position 0, which under the causal mask has seen only the first token: the
-      contrast that shows why the chapter reads the last.
+      contrast that shows why GPT classifiers read the last.
     """
     if pooling in ("last", "special"):
         rows = torch.arange(hidden.shape[0], device=hidden.device)  # (B,)

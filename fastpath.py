@@ -1,10 +1,10 @@
-"""The trainer's speed paths: the same numbers as the chapter's computation, with less work.
+"""The trainer's speed paths: the same numbers as the plain computation, with less work.
 
-Nothing here changes a result; tests/test_fastpath.py proves each path equal to the plain one
-(`classify.GPTClassifier.forward`):
+Nothing here changes a result (on CUDA, beyond bfloat16 rounding); tests/test_fastpath.py proves
+each path equal to the plain one (`classify.GPTClassifier.forward`):
 
 - `FastClassifier`: the final block runs only at the position the head reads (`last_position_block`),
-  in bfloat16 mixed precision on CUDA;
+  and on CUDA in bfloat16 mixed precision;
 - `PrefixCache`: when the embeddings and the first k blocks are frozen and dropout is 0, their
   output for a text never changes, so it is computed once per text instead of once per step;
 - `BucketBatchSampler`: batches of texts of similar length, padded only to their own longest.

@@ -33,69 +33,6 @@ AVERAGES = ("binary", "macro", "micro", "weighted", None)
 Labels = torch.Tensor | Sequence[int]
 
 
-# --------------------------------------------------------------------------- checking the input
-
-
-def _as_label_tensor(values: Labels, name: str) -> torch.Tensor:
-    """A 1-D int64 tensor of class indices from an integer tensor or a list of ints."""
-    if isinstance(values, torch.Tensor):
-        if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
-            raise ValueError(
-                f"{name} has dtype {values.dtype}; labels must be integer class indices "
-                f"(from logits use logits.argmax(-1); from a float tensor use .long())"
-            )
-        if values.dim() != 1:
-            raise ValueError(f"{name} has shape {tuple(values.shape)}; labels must be a 1-D tensor (N,)")
-        return values.long()
-    if isinstance(values, (list, tuple)):
-        for i, value in enumerate(values):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(
-                    f"{name}[{i}] = {value!r} ({type(value).__name__}); labels must be int class indices"
-                )
-        return torch.tensor(values, dtype=torch.long)
-    raise ValueError(f"{name} is a {type(values).__name__}; pass a 1-D integer tensor or a list of ints")
-
-
-def _check_num_classes(num_classes: int) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-
-
-def _check_range(labels: torch.Tensor, name: str, num_classes: int | None) -> None:
-    """Labels index classes: each must lie in [0, num_classes) (or be >= 0 when K is not given)."""
-    outside = labels < 0
-    if num_classes is not None:
-        outside |= labels >= num_classes
-    if outside.any():
-        i = int(outside.nonzero()[0, 0])
-        allowed = f"[0, {num_classes})" if num_classes is not None else "[0, inf)"
-        raise ValueError(
-            f"{name}[{i}] = {int(labels[i])} is outside {allowed}: labels are class indices "
-            f"0..num_classes-1; check num_classes or the mapping from names to indices"
-        )
-
-
-def _label_pair(y_true: Labels, y_pred: Labels, num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both label vectors checked and on one device (y_true's when it is a tensor)."""
-    if num_classes is not None:
-        _check_num_classes(num_classes)
-    true = _as_label_tensor(y_true, "y_true")
-    pred = _as_label_tensor(y_pred, "y_pred")
-    if len(true) != len(pred):
-        raise ValueError(f"y_true has {len(true)} labels but y_pred has {len(pred)}; pass one prediction per example")
-    device = true.device if isinstance(y_true, torch.Tensor) else pred.device
-    true, pred = true.to(device), pred.to(device)
-    _check_range(true, "y_true", num_classes)
-    _check_range(pred, "y_pred", num_classes)
-    return true, pred
-
-
-def _check_not_empty(num_samples: int) -> None:
-    if num_samples == 0:
-        raise ValueError("y_true and y_pred are empty: a metric over no examples is undefined")
-
-
 # --------------------------------------------------------------------------- the confusion matrix
 
 
@@ -377,3 +314,66 @@ def format_report(report: ClassificationReport, digits: int = 4) -> str:
     for name, row in zip(report.label_names, report.confusion_matrix):
         lines.append(f"{name:<{first_width}}" + "".join(f"  {count:>{cell_width}}" for count in row))
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- checking the input
+
+
+def _as_label_tensor(values: Labels, name: str) -> torch.Tensor:
+    """A 1-D int64 tensor of class indices from an integer tensor or a list of ints."""
+    if isinstance(values, torch.Tensor):
+        if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
+            raise ValueError(
+                f"{name} has dtype {values.dtype}; labels must be integer class indices "
+                f"(from logits use logits.argmax(-1); from a float tensor use .long())"
+            )
+        if values.dim() != 1:
+            raise ValueError(f"{name} has shape {tuple(values.shape)}; labels must be a 1-D tensor (N,)")
+        return values.long()
+    if isinstance(values, (list, tuple)):
+        for i, value in enumerate(values):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(
+                    f"{name}[{i}] = {value!r} ({type(value).__name__}); labels must be int class indices"
+                )
+        return torch.tensor(values, dtype=torch.long)
+    raise ValueError(f"{name} is a {type(values).__name__}; pass a 1-D integer tensor or a list of ints")
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+
+
+def _check_range(labels: torch.Tensor, name: str, num_classes: int | None) -> None:
+    """Labels index classes: each must lie in [0, num_classes) (or be >= 0 when K is not given)."""
+    outside = labels < 0
+    if num_classes is not None:
+        outside |= labels >= num_classes
+    if outside.any():
+        i = int(outside.nonzero()[0, 0])
+        allowed = f"[0, {num_classes})" if num_classes is not None else "[0, inf)"
+        raise ValueError(
+            f"{name}[{i}] = {int(labels[i])} is outside {allowed}: labels are class indices "
+            f"0..num_classes-1; check num_classes or the mapping from names to indices"
+        )
+
+
+def _label_pair(y_true: Labels, y_pred: Labels, num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both label vectors checked and on one device (y_true's when it is a tensor)."""
+    if num_classes is not None:
+        _check_num_classes(num_classes)
+    true = _as_label_tensor(y_true, "y_true")
+    pred = _as_label_tensor(y_pred, "y_pred")
+    if len(true) != len(pred):
+        raise ValueError(f"y_true has {len(true)} labels but y_pred has {len(pred)}; pass one prediction per example")
+    device = true.device if isinstance(y_true, torch.Tensor) else pred.device
+    true, pred = true.to(device), pred.to(device)
+    _check_range(true, "y_true", num_classes)
+    _check_range(pred, "y_pred", num_classes)
+    return true, pred
+
+
+def _check_not_empty(num_samples: int) -> None:
+    if num_samples == 0:
+        raise ValueError("y_true and y_pred are empty: a metric over no examples is undefined")
