@@ -14,17 +14,16 @@ with the same results (fastpath.py; tests prove them equal).
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # torch warns at import when NumPy is missing; this project does not use NumPy
-    import warnings
-
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-
 import json
 import math
 import re
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+if __name__ == "__main__":  # torch warns at import when NumPy is missing; this project does not use NumPy
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 import torch
 from torch import nn
@@ -148,9 +147,9 @@ def parse_strategy(name: str) -> Strategy:
 def trainable_blocks(strategy: Strategy | str, n_layers: int, epoch: int = 0) -> int:
     """How many transformer blocks, counted from the top, train under `strategy` at `epoch`.
 
-    "gradual" is the chapter's "liberar gradualmente": epoch 0 trains the head and the final
-    LayerNorm only, and each later epoch unfreezes one more block from the top. "lora" trains
-    adapters inside every block but no block's own weights, so it counts 0 here.
+    "gradual" unfreezes gradually: epoch 0 trains the head and the final LayerNorm only, and each
+    later epoch one more block from the top. "lora" trains adapters inside every block but no
+    block's own weights, so it counts 0 here, as does "head".
     """
     strategy = parse_strategy(strategy) if isinstance(strategy, str) else strategy
     if epoch < 0:
@@ -158,7 +157,11 @@ def trainable_blocks(strategy: Strategy | str, n_layers: int, epoch: int = 0) ->
     if strategy.kind == "last-blocks" and strategy.num_blocks > n_layers:
         raise ValueError(f"strategy {strategy.name}: the model has only {n_layers} blocks; "
                          f"choose N in 1..{n_layers} (or 'all')")
-    return {"last-blocks": strategy.num_blocks, "gradual": min(epoch, n_layers), "all": n_layers}.get(strategy.kind, 0)
+    if strategy.kind == "last-blocks":
+        return strategy.num_blocks
+    if strategy.kind == "gradual":
+        return min(epoch, n_layers)
+    return n_layers if strategy.kind == "all" else 0
 
 
 def apply_strategy(model: GPTClassifier, strategy: Strategy | str, epoch: int = 0, lora_rank: int = 8,

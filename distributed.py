@@ -85,9 +85,12 @@ def pick_device(name: str | None) -> torch.device:
     if not _has(kind):
         raise ValueError(f"--device {name}: not available on this machine; use --device auto or cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as error:
         raise ValueError(f"--device {name}: {error}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _has(kind: str) -> bool:

@@ -10,17 +10,16 @@ hub.py's job, as is the check that weights speak English: `python gpt.py "Every 
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # torch warns at import when NumPy is missing; this project does not use NumPy
-    import warnings
-
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+if __name__ == "__main__":  # torch warns at import when NumPy is missing; this project does not use NumPy
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 import torch
 from torch import nn
@@ -41,13 +40,15 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         sizes = {"vocab_size": self.vocab_size, "context_length": self.context_length, "emb_dim": self.emb_dim,
-                 "n_heads": self.n_heads, "n_layers": self.n_layers}  # type() is int: JSON true is no size
-        wrong = {name: size for name, size in sizes.items() if type(size) is not int or size < (name != "n_layers")}
+                 "n_heads": self.n_heads}  # `type(size) is int`: JSON true is not a size
+        wrong = {name: size for name, size in sizes.items() if type(size) is not int or size < 1}
+        if type(self.n_layers) is not int or self.n_layers < 0:
+            wrong["n_layers"] = self.n_layers
         if wrong:
             raise ValueError(f"GPTConfig: sizes must be integers >= 1 (n_layers >= 0); got {wrong}")
         if self.emb_dim % self.n_heads:
             raise ValueError(f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
-        if not (isinstance(self.drop_rate, (int, float)) and 0 <= self.drop_rate < 1) or self.qkv_bias not in (0, 1):
+        if type(self.drop_rate) not in (int, float) or not 0 <= self.drop_rate < 1 or type(self.qkv_bias) is not bool:
             raise ValueError(f"GPTConfig: drop_rate {self.drop_rate!r} must be a number in [0, 1) "
                              f"and qkv_bias {self.qkv_bias!r} true or false")
 
@@ -200,8 +201,7 @@ LOADABLE_DTYPES = {"F32", "F16", "BF16"}
 
 def gpt2_name(hf_name: str) -> str | None:
     """GPTModel's name for a Hugging Face GPT-2 tensor (hub or save_pretrained style); None: skip it."""
-    name = hf_name.removeprefix("transformer.")
-    return None if HF_IGNORED.fullmatch(name) else name
+    return None if HF_IGNORED.fullmatch(name := hf_name.removeprefix("transformer.")) else name
 
 
 def load_gpt2(source: str | Path, *, config: GPTConfig | None = None) -> GPTModel:
@@ -244,6 +244,8 @@ def load_gpt2(source: str | Path, *, config: GPTConfig | None = None) -> GPTMode
     for hf_name, tensor in iter_safetensors(path):
         name = gpt2_name(hf_name)
         if name is not None:
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{path}: tensor {hf_name} holds NaN or infinity")
             tensor = tensor.float()  # F16/BF16 files load into float32; F32 is not copied
             state[name] = tensor.t().contiguous() if HF_CONV1D_WEIGHTS.fullmatch(name) else tensor
     if "lm_head.weight" in state and not torch.equal(state.pop("lm_head.weight"), state["wte.weight"]):
@@ -298,8 +300,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], metadata: dict[str, s
 
 
 def config_from_hf_json(path: Path) -> GPTConfig:
-    """GPTConfig from a Hugging Face GPT-2 config.json; variants GPTModel does not implement
-    are refused, so they never load silently into the wrong architecture."""
+    """GPTConfig from a Hugging Face config.json; variants GPTModel does not implement are refused."""
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:
@@ -331,10 +332,9 @@ def config_from_hf_json(path: Path) -> GPTConfig:
 
 # --------------------------------------------------------------------------- .safetensors files
 #
-# A .safetensors file is: 8 bytes (little-endian header length N), N bytes of JSON
-# {"name": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ..., "__metadata__": {..}},
-# then the raw little-endian bytes of every tensor, back to back. Reading it takes a few lines;
-# the rest checks that a damaged file can never become a wrong tensor. hub.py writes them.
+# A .safetensors file: 8 bytes (little-endian header length N), N bytes of JSON {"name": {"dtype": "F32",
+# "shape": [..], "data_offsets": [begin, end]}, ..., "__metadata__": {..}}, then every tensor's raw bytes.
+# Most of the code checks that a damaged file can never become a wrong tensor. hub.py writes them.
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -442,7 +442,9 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(iter_safetensors(path))
 
 
-if __name__ == "__main__":  # the command lives in hub.py: it downloads presets and tokenizes (tiktoken)
-    import hub
-
+if __name__ == "__main__":  # the command lives in hub.py, which downloads presets and tokenizes (tiktoken)
+    try:
+        import hub
+    except ImportError:  # gpt.py copied alone: the library works, the command needs hub.py
+        raise SystemExit("python gpt.py needs hub.py beside it (and tiktoken); the library needs torch alone")
     raise SystemExit(hub.generate_command())

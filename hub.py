@@ -326,7 +326,7 @@ def download_sms_spam(cache_dir: str | Path | None = None, progress: Progress | 
     url = url or SMS_SPAM_URL
     target = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "sms_spam" / SMS_SPAM_MEMBER
     with cache_lock(target.parent):
-        if target.is_file() and _is_sms_spam(target.read_bytes()):
+        if target.is_file() and target.stat().st_size == SMS_SPAM_SIZE and _is_sms_spam(target.read_bytes()):
             return target
         archive = target.parent / "sms+spam+collection.zip"
         try:
@@ -379,11 +379,14 @@ def generate(model: gpt.GPTModel, token_ids: torch.Tensor, max_new_tokens: int, 
     for _ in range(max_new_tokens):
         context = token_ids[:, -model.cfg.context_length :]  # (B, <= context_length)
         logits = model(context)[:, -1, :vocab_limit]  # (B, V): only the last position predicts the next token
+        if not torch.isfinite(logits).all():
+            raise ValueError("the model's logits are not finite: its weights hold NaN or infinity")
         if top_k is None or temperature == 0:
             next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
         else:
             top_logits, top_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (B, k)
-            probabilities = torch.softmax(top_logits / temperature, dim=-1)  # (B, k)
+            # Shifted so the best logit is 0: even a temperature of 1e-320 gives 0 / t, not inf / inf.
+            probabilities = torch.softmax((top_logits - top_logits[:, :1]) / temperature, dim=-1)  # (B, k)
             next_token = top_ids.gather(-1, torch.multinomial(probabilities, 1, generator=generator))  # (B, 1)
         token_ids = torch.cat([token_ids, next_token], dim=1)  # (B, T + 1)
     return token_ids
@@ -434,5 +437,8 @@ def generate_command(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # OSError covers ConnectionError and unwritable caches
         print(f"error: {printable(' '.join(str(error).split()))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(printable(tokenizer.decode(output[0].tolist()), keep="\n"))
     return 0

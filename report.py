@@ -358,8 +358,7 @@ def _staged(out: Path) -> Iterator[Path]:
     """A hidden folder beside `out` that becomes `out` only when everything in it is written: an
     error or Ctrl-C leaves no half-written run. Creating it first also proves `out` is writable
     before any training starts."""
-    if out.is_symlink():  # a link to an empty folder: the run goes there (renaming onto a link would fail)
-        out = Path(os.path.realpath(out))
+    out = Path(os.path.realpath(out))  # "." has no name to rename onto; a link: the folder it names
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out}: already exists and is not empty; choose a new folder")
     missing = [parent for parent in [out.parent, *out.parent.parents] if not parent.exists()]
@@ -371,21 +370,22 @@ def _staged(out: Path) -> Iterator[Path]:
         raise ValueError(f"--out {out}: cannot write there ({error.strerror or error})") from None
     try:
         yield staging
-        try:
-            if out.exists():
-                out.rmdir()  # empty when the run started: it fails if something was put there since
-            staging.rename(out)
-        except OSError as error:  # never throw the finished run away: keep it under a visible name
-            kept = out.parent / f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-            staging.rename(kept)
-            raise ValueError(f"--out {out}: {error.strerror or error} (created by something else while this "
-                             f"run trained?); the finished run is in {kept}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for parent in missing:  # nearest first: remove the folders made for this run
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
+    try:  # the run is complete: from here on it is never deleted
+        if out.exists():
+            out.rmdir()  # empty when the run started: it fails if something was put there since
+        staging.rename(out)
+    except OSError as error:  # keep the finished run under a visible name, or where it is
+        kept = out.parent / f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        with contextlib.suppress(OSError):
+            staging.rename(kept)
+        raise ValueError(f"--out {out}: {error.strerror or error} (created by something else while this run "
+                         f"trained?); the finished run is in {kept if kept.exists() else staging}") from None
 
 
 @contextlib.contextmanager
@@ -400,7 +400,7 @@ def staged_output(out: Path, runtime: distributed.Runtime) -> Iterator[Path | No
 # --------------------------------------------------------------------------- the classify.py command
 
 
-MAX_INPUT_BYTES = 64 * 2**20
+MAX_INPUT_BYTES, MAX_TEXTS = 64 * 2**20, 200_000  # each text costs about 1 KB in flight: bounded memory
 
 
 def read_texts(source: str) -> list[str]:
@@ -417,6 +417,8 @@ def read_texts(source: str) -> list[str]:
         content = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ValueError(f"cannot read {source}: {' '.join(str(error).split())}") from None
+    if content.count("\n") > MAX_TEXTS:
+        raise ValueError(f"cannot read {source}: more than {MAX_TEXTS:,} lines; classify it in parts")
     lines = content.split("\n")
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line
@@ -451,7 +453,7 @@ def classify_command(argv: list[str] | None = None) -> int:
             raise ValueError("nothing to classify: give texts as arguments or --file F ('-' for stdin)")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
-        device = distributed.pick_device(args.device)
+        device = distributed.pick_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, config = classify.load_classifier(args.model, device)
         start = time.perf_counter()
         predictions = classify.predict(model, config, texts, args.batch_size)
@@ -459,6 +461,9 @@ def classify_command(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"classify.py: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("classify.py: interrupted", file=sys.stderr)
+        return 130
     if hasattr(sys.stdout, "reconfigure"):  # an emoji to an ASCII-only terminal: \U0001f600, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
     if args.json:  # JSON escapes C0 controls itself (its own newlines stay); the rest as \uXXXX, still valid JSON

@@ -27,11 +27,6 @@ hub.py (downloads).
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # torch warns at import when NumPy is missing; this project does not use NumPy
-    import warnings
-
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-
 import argparse
 import copy
 import math
@@ -39,8 +34,12 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if __name__ == "__main__":  # torch warns at import when NumPy is missing; this project does not use NumPy
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 import torch
 from torch import nn
@@ -159,7 +158,7 @@ def build_classifier(gpt_model: gpt.GPTModel, num_classes: int, pooling: str, se
 
 
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Step 6, "Cálculo da loss supervisionada": cross-entropy, minus the log-probability the model
+    """Step 6, the supervised loss: cross-entropy, minus the log-probability the model
     gives each text's true class, averaged over the batch: summed, then divided by the batch's
     size (under torchrun a process holds some of the batch's texts and adds their part)."""
     return F.cross_entropy(logits, labels, reduction="sum") / batch_size  # logits (B, K), labels (B,)
