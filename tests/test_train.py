@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ import fastpath
 import gpt
 import hub
 import train
-from conftest import SMS_SPAM_FILE
+from conftest import REPO, SMS_SPAM_FILE, offline_env
 
 TINY_GPT = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128, "vocab_size": 50257}
 SMS_LINES = 200  # 33 spam among them: a balanced split of 46 / 6 / 14 texts
@@ -271,12 +273,24 @@ def test_no_network_names_the_offline_options(workspace, monkeypatch, capsys):
 
 def test_missing_tokenizer_files_give_one_line(workspace, monkeypatch, capsys):
     def no_tokenizer(name="gpt2"):
-        raise ValueError("tiktoken could not fetch its BPE files for 'gpt2'; offline, set TIKTOKEN_CACHE_DIR")
+        raise ValueError("GPT-2's BPE files: gpt2_bpe/vocab.bpe is damaged; restore gpt2_bpe/ (git checkout -- gpt2_bpe)")
 
     monkeypatch.setattr(data, "get_tokenizer", no_tokenizer)
     code, _, stderr = run_in(workspace / "no-bpe", tiny_args(workspace, "--out", "run"), monkeypatch, capsys)
-    assert code == 2 and "TIKTOKEN_CACHE_DIR" in stderr and stderr.count("\n") == 1
+    assert code == 2 and "git checkout -- gpt2_bpe" in stderr and stderr.count("\n") == 1
     assert list((workspace / "no-bpe").iterdir()) == []
+
+
+def test_a_fresh_clone_trains_and_classifies_with_no_network_and_no_environment(workspace, tmp_path):
+    """`python train.py --data FILE --init random`, then classify.py, as a user types them offline."""
+    env = offline_env(tmp_path)
+    commands = [[sys.executable, str(REPO / "train.py"), *tiny_args(workspace, "--epochs", "1", "--out", "run")],
+                [sys.executable, str(REPO / "classify.py"), "--model", "run", "--device", "cpu", "Win a prize now"]]
+    for command in commands:
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\t")[0] in ("ham", "spam")
+    assert list((tmp_path / "tiktoken-cache").iterdir()) == [] and list((tmp_path / "home").iterdir()) == []
 
 
 def test_unwritable_out_is_refused_before_training(workspace, monkeypatch, capsys):
