@@ -35,6 +35,7 @@ from torch.nn import functional as F
 import data
 import distributed
 import gpt
+import hfformat
 import hub
 
 POOLINGS = ("last", "mean", "special", "first")
@@ -357,8 +358,15 @@ def save_classifier(model: GPTClassifier, run_dir: str | Path, label_names: list
 def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[GPTClassifier, ClassifierConfig]:
     """Rebuild a saved classifier in eval mode on `device`. Nothing is unpickled: the config is
     JSON and the weights are safetensors. ValueError (one line) when the folder is missing,
-    incomplete, corrupt, or its weights do not match its config."""
+    incomplete, corrupt, or its weights do not match its config. A folder saved by transformers'
+    GPT2ForSequenceClassification loads too: its score head (with a zero bias), its id2label names."""
     run_dir = Path(run_dir)
+    if hfformat.saved_by_transformers(run_dir):  # machinery: hfformat.py reads transformers' layout
+        backbone, score, names, max_length = hfformat.read_classifier(run_dir)
+        with torch.device("meta"):  # the head alone is built here, its weights assigned below
+            model = GPTClassifier(backbone, len(names))
+        model.head.load_state_dict({"weight": score, "bias": torch.zeros(len(names))}, assign=True)
+        return model.to(device).eval(), ClassifierConfig(backbone.cfg, names, "last", max_length)
     if not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} does not exist (train one with: python train.py --out {run_dir})")
     config_path, weights_path = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
@@ -421,6 +429,8 @@ def predict(model: GPTClassifier, config: ClassifierConfig, texts: list[str], ba
         model.to(device)
     device = next(model.parameters()).device
     tokenizer = data.get_tokenizer(config.tokenizer)
+    if config.gpt.vocab_size < tokenizer.n_vocab:
+        raise ValueError(f"the model knows {config.gpt.vocab_size} tokens, fewer than GPT-2's tokenizer emits")
     token_ids = [prepare_tokens(tokenizer, text, config.max_length) for text in texts]
     order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
     probabilities: list[list[float]] = [[] for _ in texts]
@@ -466,7 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         "A text longer than the run's max_length keeps its first max_length tokens, as in training. "
         "Messages per second are reported on stderr.")
     parser.add_argument("texts", nargs="*", help="texts to classify")
-    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="folder written by train.py --out")
+    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="folder written by train.py --out, or a "
+                        "GPT2ForSequenceClassification folder saved by transformers")
+    parser.add_argument("--export-hf", metavar="OUT_DIR", help="instead of classifying, write the classifier as a "
+                        "folder that transformers' GPT2ForSequenceClassification.from_pretrained loads")
     parser.add_argument("--file", metavar="F", help="read one text per line from F ('-' for stdin)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of {text, label, probabilities}")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
@@ -476,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or a usage error argparse already reported
         return int(exit_.code or 0)
     try:
+        if args.export_hf:  # machinery: hfformat.py writes transformers' layout
+            model, config = load_classifier(args.model)
+            print(hfformat.export_classifier(classifier_tensors(model), config.gpt, config.label_names, config.pooling,
+                                             config.max_length, args.export_hf).describe())
+            return 0
         texts = list(args.texts) + (read_texts(args.file) if args.file else [])
         if not texts:
             raise ValueError("nothing to classify: give texts as arguments or --file F ('-' for stdin)")

@@ -138,6 +138,20 @@ def test_classify_loads_the_run_and_predicts(base_run):
         assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_a_classifier_exported_for_transformers_is_a_backbone_to_fine_tune(workspace, base_run, monkeypatch, capsys):
+    """train.py --model takes a GPT2ForSequenceClassification folder: its GPT-2, not its head."""
+    exported = workspace / "exported-hf"
+    assert classify.main(["--model", str(base_run[0]), "--export-hf", str(exported)]) == 0
+    args = ["--data", str(workspace / "sms.txt"), "--model", str(exported), "--epochs", "1", "--lr", "1e-3",
+            "--device", "cpu", "--out", "run"]  # --init pretrained, the default: the exported weights
+    code, stdout, stderr = run_in(workspace / "from-hf", args, monkeypatch, capsys)
+    assert code == 0, stderr
+    assert f"3. GPT: weights from {exported}" in stdout and "pretrained weights" in stdout
+    trained, _ = classify.load_classifier(workspace / "from-hf" / "run")
+    backbone = gpt.load_gpt2(exported)
+    assert torch.equal(trained.gpt.wte.weight, backbone.wte.weight)  # last-block: the embeddings stayed as loaded
+
+
 def test_one_seed_gives_identical_metrics(workspace, base_run, monkeypatch, capsys):
     code, _, _ = run_in(workspace / "second", tiny_args(workspace, "--out", "run", "--eval-every", "3"),
                         monkeypatch, capsys)
