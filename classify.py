@@ -430,7 +430,7 @@ def predict(model: GPTClassifier, config: ClassifierConfig, texts: list[str], ba
     device = next(model.parameters()).device
     tokenizer = data.get_tokenizer(config.tokenizer)
     if config.gpt.vocab_size < tokenizer.n_vocab:
-        raise ValueError(f"the model knows {config.gpt.vocab_size} tokens, fewer than GPT-2's tokenizer emits")
+        raise ValueError(f"the model embeds {config.gpt.vocab_size} tokens, GPT-2's tokenizer {tokenizer.n_vocab}")
     token_ids = [prepare_tokens(tokenizer, text, config.max_length) for text in texts]
     order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
     probabilities: list[list[float]] = [[] for _ in texts]
@@ -476,10 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         "A text longer than the run's max_length keeps its first max_length tokens, as in training. "
         "Messages per second are reported on stderr.")
     parser.add_argument("texts", nargs="*", help="texts to classify")
-    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="folder written by train.py --out, or a "
-                        "GPT2ForSequenceClassification folder saved by transformers")
-    parser.add_argument("--export-hf", metavar="OUT_DIR", help="instead of classifying, write the classifier as a "
-                        "folder that transformers' GPT2ForSequenceClassification.from_pretrained loads")
+    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="folder written by train.py or transformers")
+    parser.add_argument("--export-hf", metavar="OUT_DIR", help="instead, write it as a transformers classifier folder")
     parser.add_argument("--file", metavar="F", help="read one text per line from F ('-' for stdin)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of {text, label, probabilities}")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")

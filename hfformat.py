@@ -2,9 +2,10 @@
 
 Out: `export_classifier` writes a trained classifier as a folder that transformers'
 `GPT2ForSequenceClassification.from_pretrained` loads with nothing missing and nothing unused,
-with GPT-2's tokenizer beside it (`python classify.py --model RUN_DIR --export-hf OUT_DIR`). In: `read_classifier` reads a folder
-that transformers saved from a GPT2ForSequenceClassification (classify.load_classifier calls it);
-gpt.load_gpt2 reads the backbone of such a folder, or of a GPT2LMHeadModel's.
+with GPT-2's tokenizer beside it (`python classify.py --model RUN_DIR --export-hf OUT_DIR`).
+In: `read_classifier` reads a folder that transformers saved from a GPT2ForSequenceClassification
+(classify.load_classifier calls it); gpt.load_gpt2 reads the backbone of such a folder, or of a
+GPT2LMHeadModel's.
 
 The two classes compute the same thing in two places where they differ in form:
 
@@ -68,7 +69,8 @@ def hf_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
         inner = name.removeprefix("gpt.")
         if inner == name or inner == "lm_head.weight":  # the head (below), or the tied vocabulary head
             continue
-        converted[f"transformer.{inner}"] = tensor.t().contiguous() if gpt.HF_CONV1D_WEIGHTS.fullmatch(inner) else tensor
+        conv1d = gpt.HF_CONV1D_WEIGHTS.fullmatch(inner)  # stored (in, out) by transformers
+        converted[f"transformer.{inner}"] = tensor.t().contiguous() if conv1d else tensor
     for name in [n for n in converted if n.endswith("attn.c_attn.weight")]:  # transformers' c_attn always has a
         converted.setdefault(name.replace("weight", "bias"), torch.zeros(converted[name].shape[1]))  # bias: 0
     converted["score.weight"] = tensors["head.weight"]  # (K, C), as nn.Linear keeps it

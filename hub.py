@@ -164,8 +164,10 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
 # character: the printable bytes as themselves, the others as chr(256 + n), n counting them in order.
 
 GPT2_BPE_DIR = Path(__file__).resolve().parent / "gpt2_bpe"
-GPT2_BPE_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-                   "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}  # tiktoken's pins
+GPT2_BPE_SHA256 = {  # as tiktoken_ext/openai_public.py pins them
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
 END_OF_TEXT = "<|endoftext|>"  # id 50256, the one special token
 
 

@@ -33,9 +33,10 @@ LABELS = ["negative", "neutral", "positive"]
 
 
 def tiny_classifier(num_classes=3, emb_dim=8, n_layers=2, n_heads=2, seed=0, vocab_size=50257,
-                    pooling="last") -> classify.GPTClassifier:
+                    pooling="last", qkv_bias=True) -> classify.GPTClassifier:
     torch.manual_seed(seed)
-    shape = GPTConfig(vocab_size=vocab_size, context_length=24, emb_dim=emb_dim, n_layers=n_layers, n_heads=n_heads)
+    shape = GPTConfig(vocab_size=vocab_size, context_length=24, emb_dim=emb_dim, n_layers=n_layers, n_heads=n_heads,
+                      qkv_bias=qkv_bias)
     model = classify.GPTClassifier(GPTModel(shape), num_classes, pooling)
     with torch.no_grad():  # biases off 0 (the head's too) and LayerNorm scales off 1
         for param in model.parameters():
@@ -83,9 +84,10 @@ def padded_texts(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Ten
 @FEW
 @given(num_classes=st.integers(2, 4), heads=st.integers(1, 2), head_dim=st.sampled_from([4, 8]),
        n_layers=st.integers(1, 2), lengths=st.lists(st.integers(0, 12), min_size=1, max_size=5),
-       seed=st.integers(0, 2**16))
-def test_an_export_computes_our_logits_on_padded_batches(num_classes, heads, head_dim, n_layers, lengths, seed):
-    model = tiny_classifier(num_classes, heads * head_dim, n_layers, heads, seed)
+       seed=st.integers(0, 2**16), qkv_bias=st.booleans())
+def test_an_export_computes_our_logits_on_padded_batches(num_classes, heads, head_dim, n_layers, lengths, seed,
+                                                         qkv_bias):
+    model = tiny_classifier(num_classes, heads * head_dim, n_layers, heads, seed, qkv_bias=qkv_bias)
     token_ids, text_lengths = padded_texts(lengths, seed)
     with tempfile.TemporaryDirectory() as scratch:
         exported = export(model, Path(scratch) / "hf")
