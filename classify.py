@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 import data
 import gpt
+import hfformat
 import hub
 
 POOLINGS = ("last", "mean", "special", "first")
@@ -315,8 +316,6 @@ class ClassifierConfig:
         if config.pooling not in POOLINGS or config.tokenizer != "gpt2":
             raise ValueError(f"pooling {config.pooling!r} and tokenizer {config.tokenizer!r}: expected one of "
                              f"{', '.join(POOLINGS)}, and gpt2")
-        if config.gpt.vocab_size <= data.END_OF_TEXT_ID:
-            raise ValueError(f"vocab_size {config.gpt.vocab_size}: GPT-2's tokenizer needs {data.END_OF_TEXT_ID + 1}")
         longest = config.gpt.context_length - (config.pooling == "special")  # room for the special token
         if not (type(max_length) is int and 1 <= max_length <= longest):
             raise ValueError(f"max_length {max_length!r}: must be an integer in 1..{longest}")
@@ -360,8 +359,14 @@ def save_classifier(model: GPTClassifier, run_dir: str | Path, label_names: list
 def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[GPTClassifier, ClassifierConfig]:
     """Rebuild a saved classifier in eval mode on `device`. Nothing is unpickled: the config is
     JSON and the weights are safetensors. ValueError (one line) when the folder is missing,
-    incomplete, corrupt, or its weights do not match its config."""
+    incomplete, corrupt, or its weights do not match its config. A folder saved by transformers'
+    GPT2ForSequenceClassification loads too: its score head (with a zero bias), its id2label names."""
     run_dir = Path(run_dir)
+    if hfformat.saved_by_transformers(run_dir):  # machinery: hfformat.py reads transformers' layout
+        backbone, score, names, max_length = hfformat.read_classifier(run_dir)
+        model = GPTClassifier(backbone, len(names))
+        model.head.load_state_dict({"weight": score, "bias": torch.zeros(len(names))})  # score has no bias
+        return model.to(device).eval(), ClassifierConfig(backbone.cfg, names, "last", max_length)
     if not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} does not exist (train one with: python train.py --out {run_dir})")
     config_path, weights_path = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
@@ -424,6 +429,8 @@ def predict(model: GPTClassifier, config: ClassifierConfig, texts: list[str], ba
         model.to(device)
     device = next(model.parameters()).device
     tokenizer = data.get_tokenizer(config.tokenizer)
+    if config.gpt.vocab_size < tokenizer.n_vocab:  # checked here, not at load: a tiny test model loads fine
+        raise ValueError(f"the model embeds {config.gpt.vocab_size} tokens, GPT-2's tokenizer {tokenizer.n_vocab}")
     token_ids = [prepare_tokens(tokenizer, text, config.max_length) for text in texts]
     order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
     probabilities: list[list[float]] = [[] for _ in texts]

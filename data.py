@@ -350,17 +350,11 @@ def load_splits(path: str | Path | None = None, *, seed: int = 123, balanced: bo
 
 
 def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
-    """GPT-2's byte-pair encoding from tiktoken (its files are downloaded once, then cached)."""
-    if name not in tiktoken.list_encoding_names():
-        raise ValueError(f"unknown tokenizer {name!r}; tiktoken has {tiktoken.list_encoding_names()}")
-    try:
-        return tiktoken.get_encoding(name)
-    except Exception as error:
-        reason = " ".join(f"{type(error).__name__}: {error}".split())  # one line
-        raise ValueError(
-            f"tiktoken could not fetch its BPE files for {name!r} ({reason}); "
-            f"offline, set TIKTOKEN_CACHE_DIR to a folder holding them"
-        ) from error
+    """GPT-2's byte-pair encoding (tiktoken), built from the BPE files the repository ships in
+    gpt2_bpe/ (`hub.gpt2_tokenizer`): tokenizing never needs the network."""
+    if name != "gpt2":
+        raise ValueError(f"unknown tokenizer {name!r}; this project reads GPT-2's, 'gpt2'")
+    return hub.gpt2_tokenizer()
 
 
 def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:

@@ -190,10 +190,10 @@ class GPTModel(nn.Module):
 # --------------------------------------------------------------------------- mapping pretrained weights
 #
 # Our module names are the checkpoint's, so loading is a rename table: strip the `transformer.`
-# prefix save_pretrained adds, skip the causal-mask buffers, and transpose GPT-2's Conv1D weights,
-# which it stores as (in, out) where nn.Linear keeps (out, in).
+# prefix save_pretrained adds, skip the causal-mask buffers and a classifier's head, and transpose
+# GPT-2's Conv1D weights, which it stores as (in, out) where nn.Linear keeps (out, in).
 
-HF_IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers, not weights
+HF_IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)|score\.weight")  # mask buffers; a classifier's head
 HF_CONV1D_WEIGHTS = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
 HF_HEAD_DIM = 64  # every GPT-2 size uses 64-wide attention heads
 LOADABLE_DTYPES = {"F32", "F16", "BF16"}

@@ -3,25 +3,30 @@
 - downloads: GPT-2's weights from the Hugging Face hub (`fetch`, `download_preset`) and the SMS
   Spam Collection from UCI (`download_sms_spam`), each resumable, checked against a sha256,
   and renamed into the cache only when complete;
-- writing: `atomic_open` and `write_safetensors` (gpt.py reads the format), so a crash leaves
-  the old file or none, never half a file;
+- writing: `atomic_open`, `write_safetensors` (gpt.py reads the format) and `staged_folder`, so a
+  crash leaves the old file or none, never half a file or folder;
+- GPT-2's tokenizer from the BPE files shipped in `gpt2_bpe/` (`gpt2_tokenizer`), so tokenizing
+  never needs the network;
 - the check that downloaded weights work: `generate` text, the command behind
   `python gpt.py "Every effort moves"` (`generate_command`).
 
 The cache is `$GPT2_CLASSIFICATION_CACHE`, else `$XDG_CACHE_HOME` or `~/.cache`, then
-`gpt2-classification`. `GPT2_HUB_URL` points the weight downloads at a mirror of the hub.
+`gpt2-classification`; a preset already in the Hugging Face cache (`find_in_hf_cache`) is read from
+there. `GPT2_HUB_URL` points the weight downloads at a mirror of the hub.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import urllib.error
@@ -33,7 +38,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import tiktoken
 import torch
+from tiktoken_ext import openai_public
 
 import gpt
 
@@ -103,6 +110,30 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
         raise
 
 
+@contextlib.contextmanager
+def staged_folder(out: str | Path, what: str) -> Iterator[Path]:
+    """A hidden folder beside `out` that becomes `out` only once everything in it is written, so an
+    error or Ctrl-C leaves no half-written folder. `out` must not exist, or be an empty folder;
+    `what` names it in errors ("--export-hf"), which are ValueErrors (one line)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{what} {out}: already exists and is not empty; choose a new folder")
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as error:
+        raise ValueError(f"{what} {out}: cannot write there ({error.strerror or error})") from None
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()  # an empty folder, checked above
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 DTYPE_NAMES = {dtype: name for name, dtype in gpt.SAFETENSORS_DTYPES.items()}
 
 
@@ -140,6 +171,73 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
             if buffer:  # platform PyTorch supports
                 torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat.view(torch.uint8))
             file.write(buffer)
+
+
+# --------------------------------------------------------------------------- GPT-2's tokenizer, shipped
+#
+# tiktoken downloads GPT-2's two BPE files on first use. The repository ships them instead (OpenAI's
+# files, byte for byte: gpt2_bpe/LICENSE), so a fresh clone tokenizes offline. vocab.bpe lists the
+# merges in rank order; encoder.json maps each token to its id. Both write a byte as a printable
+# character: the printable bytes as themselves, the others as chr(256 + n), n counting them in order.
+
+GPT2_BPE_DIR = Path(__file__).resolve().parent / "gpt2_bpe"
+GPT2_BPE_SHA256 = {  # as tiktoken_ext/openai_public.py pins them
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+END_OF_TEXT = "<|endoftext|>"  # id 50256, the one special token
+
+
+def gpt2_mergeable_ranks(vocab_bpe: str, encoder_json: str) -> dict[bytes, int]:
+    """tiktoken's `mergeable_ranks` from GPT-2's two files, as tiktoken.load builds them: the 256
+    single bytes first, then one token per merge; encoder.json must agree token for token."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    to_byte = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+
+    def decode(word: str) -> bytes:
+        return bytes(to_byte[char] for char in word)
+
+    ranks = {bytes([b]): rank for rank, b in enumerate(printable + others)}
+    for rank, merge in enumerate(vocab_bpe.split("\n")[1:-1], start=len(ranks)):  # line 0: "#version: 0.2"
+        first, second = merge.split()
+        ranks[decode(first) + decode(second)] = rank
+    ids = {decode(token): rank for token, rank in json.loads(encoder_json).items() if token != END_OF_TEXT}
+    if ranks != ids:
+        raise ValueError("vocab.bpe and encoder.json disagree: not GPT-2's files")
+    return ranks
+
+
+def read_gpt2_bpe(folder: Path) -> dict[str, str]:
+    """The two files' text, each checked against its sha256."""
+    texts = {}
+    for name, sha256 in GPT2_BPE_SHA256.items():
+        content = (folder / name).read_bytes()
+        if hashlib.sha256(content).hexdigest() != sha256:
+            raise ValueError(f"{folder / name} is damaged (its sha256 is not {sha256[:12]}...)")
+        texts[name] = content.decode("utf-8")
+    return texts
+
+
+@functools.cache  # built once per process (a third of a second), like tiktoken.get_encoding's own cache
+def gpt2_tokenizer(folder: Path = GPT2_BPE_DIR) -> tiktoken.Encoding:
+    """GPT-2's byte-pair encoding, the same tiktoken.Encoding as tiktoken.get_encoding("gpt2"), built
+    from the files in `folder`. Where they are missing or damaged, tiktoken's own cache or download;
+    ValueError (one line) when that fails too."""
+    try:
+        texts = read_gpt2_bpe(folder)
+    except (OSError, ValueError) as error:
+        shipped = " ".join(str(error).split())
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as download_error:  # tiktoken raises whatever its download raised
+            reason = " ".join(f"{type(download_error).__name__}: {download_error}".split())
+            raise ValueError(f"GPT-2's BPE files: {shipped}; tiktoken could not fetch them either ({reason}); "
+                             f"restore {folder}/ from the repository (git checkout -- {folder.name}), or point "
+                             "TIKTOKEN_CACHE_DIR at a folder holding tiktoken's copies") from None
+    return tiktoken.Encoding("gpt2", pat_str=openai_public.r50k_pat_str, explicit_n_vocab=50257,
+                             mergeable_ranks=gpt2_mergeable_ranks(texts["vocab.bpe"], texts["encoder.json"]),
+                             special_tokens={END_OF_TEXT: 50256})
 
 
 # --------------------------------------------------------------------------- downloads
@@ -305,10 +403,47 @@ def download_preset(name: str, cache_dir: str | Path | None = None, progress: Pr
     return download(url, dest, sha256=hub_sha256(url), progress=progress)
 
 
+def hf_hub_cache() -> Path:
+    """Where huggingface_hub (and so transformers) keeps its downloads, by its own rule: $HF_HUB_CACHE,
+    else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")  # the second: its old name
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def find_in_hf_cache(name: str, hf_cache: str | Path | None = None) -> Path | None:
+    """A preset's model.safetensors that transformers or huggingface_hub already downloaded, or None.
+
+    Their cache keeps a repository in models--{owner}--{name}/snapshots/{commit}/, and refs/main names
+    the commit last downloaded; GPT-2's repositories also answer to their old names (models--gpt2).
+    The file is not hashed (huggingface_hub checked its size when it downloaded it, as our own cache
+    is trusted once verified); loading checks every tensor's name and shape against the preset.
+    """
+    cache, repo = Path(hf_cache or hf_hub_cache()), PRESET_REPOS[name]
+    for folder in (cache / f"models--{repo.replace('/', '--')}", cache / f"models--{repo.split('/')[1]}"):
+        try:
+            main = (folder / "refs" / "main").read_text(encoding="utf-8").strip()
+        except (OSError, ValueError):
+            main = ""
+        main = main if re.fullmatch(r"[0-9a-f]{40}", main) else ""  # a commit hash, never a path
+        newest_first = sorted((path for path in (folder / "snapshots").glob("*/model.safetensors") if path.is_file()),
+                              key=lambda path: path.stat().st_mtime, reverse=True)  # is_file: no dangling link
+        for path in [folder / "snapshots" / main / "model.safetensors"] * bool(main) + newest_first:
+            if path.is_file():
+                return path
+    return None
+
+
 def fetch(source: str | Path, cache_dir: str | Path | None = None, progress: Progress | None = None) -> str | Path:
-    """What gpt.load_gpt2 reads for `source`: a preset name becomes its downloaded weights file;
-    a local folder or file is returned as it is."""
+    """What gpt.load_gpt2 reads for `source`: a preset name becomes its weights file (in our cache,
+    else in the Hugging Face cache, else downloaded into ours); a local folder or file is returned
+    as it is."""
     if isinstance(source, str) and source in gpt.PRESETS:
+        ours = Path(cache_dir if cache_dir is not None else default_cache_dir()) / source / "model.safetensors"
+        if not ours.is_file() and (theirs := find_in_hf_cache(source)) is not None:
+            return theirs
         return download_preset(source, cache_dir, progress)
     return source
 
@@ -418,19 +553,15 @@ def generate_command(argv: list[str] | None = None) -> int:
     try:
         check_generation(args.max_new_tokens, args.top_k, args.temperature)
         cfg = gpt.load_config(args.model)  # a bad --model fails here, before any download
-        import tiktoken
-
-        try:
-            tokenizer = tiktoken.get_encoding("gpt2")
-        except Exception as error:  # offline with no cached BPE files; tiktoken raises its download's error
-            raise ValueError(f"cannot load the GPT-2 tokenizer ({type(error).__name__}); "
-                             "offline, set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
+        tokenizer = gpt2_tokenizer()
         prompt_ids = tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if cfg.vocab_size < tokenizer.n_vocab:
             raise ValueError(f"--model {args.model} has {cfg.vocab_size} tokens, fewer than GPT-2's tokenizer")
-        model = gpt.load_gpt2(fetch(args.model, args.cache_dir, print_progress), config=cfg)
+        weights = fetch(args.model, args.cache_dir, print_progress)
+        print(f"weights: {weights}", file=sys.stderr)
+        model = gpt.load_gpt2(weights, config=cfg)
         output = generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, top_k=args.top_k,
                           temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed),
                           vocab_limit=tokenizer.n_vocab)

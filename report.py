@@ -27,6 +27,7 @@ from torch import nn
 import classify
 import distributed
 import fastpath
+import hfformat
 import hub
 import metrics
 
@@ -438,7 +439,8 @@ def classify_command(argv: list[str] | None = None) -> int:
         "A text longer than the run's max_length keeps its first max_length tokens, as in training. "
         "Messages per second are reported on stderr.")
     parser.add_argument("texts", nargs="*", help="texts to classify")
-    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="folder written by train.py --out")
+    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="folder written by train.py or transformers")
+    parser.add_argument("--export-hf", metavar="OUT_DIR", help="instead, write it as a transformers classifier folder")
     parser.add_argument("--file", metavar="F", help="read one text per line from F ('-' for stdin)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of {text, label, probabilities}")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
@@ -448,6 +450,11 @@ def classify_command(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or a usage error argparse already reported
         return int(exit_.code or 0)
     try:
+        if args.export_hf:  # machinery: hfformat.py writes transformers' layout
+            model, config = classify.load_classifier(args.model)
+            print(hfformat.export_classifier(classify.classifier_tensors(model), config.gpt, config.label_names,
+                                             config.pooling, config.max_length, args.export_hf).describe())
+            return 0
         texts = list(args.texts) + (read_texts(args.file) if args.file else [])
         if not texts:
             raise ValueError("nothing to classify: give texts as arguments or --file F ('-' for stdin)")

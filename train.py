@@ -139,12 +139,14 @@ def tokenize(splits: data.Splits, tokenizer, max_length: int | None, longest: in
     return TokenizedSplits(train, validation, test, max_length)
 
 
-def load_gpt(cfg: TrainConfig, shape: gpt.GPTConfig) -> gpt.GPTModel:
+def load_gpt(cfg: TrainConfig, shape: gpt.GPTConfig, log: report.Log = report.quiet) -> gpt.GPTModel:
     """Step 3, "GPT": the pretrained model, or the same architecture with random weights."""
     if cfg.init == "random":
         torch.manual_seed(cfg.seed)
         return gpt.GPTModel(shape)
-    return gpt.load_gpt2(hub.fetch(cfg.model, cfg.cache_dir, hub.print_progress), config=shape)
+    weights = hub.fetch(cfg.model, cfg.cache_dir, hub.print_progress)  # a preset: its file, downloaded once
+    log(f"3. GPT: weights from {weights}")
+    return gpt.load_gpt2(weights, config=shape)
 
 
 def build_classifier(gpt_model: gpt.GPTModel, num_classes: int, pooling: str, seed: int) -> classify.GPTClassifier:
@@ -321,7 +323,7 @@ def run(cfg: TrainConfig, argv: list[str], log: report.Log) -> int:
         out = Path(cfg.out) if cfg.out else report.default_out_dir()
         with report.staged_output(out, runtime) as staging:  # None on every process but rank 0
             splits, tokens = distributed.load_in_turn(runtime, lambda: load_text_and_tokens(cfg, shape))  # 1-2
-            gpt_model = distributed.load_in_turn(runtime, lambda: load_gpt(cfg, shape))  # step 3
+            gpt_model = distributed.load_in_turn(runtime, lambda: load_gpt(cfg, shape, job.log))  # step 3
             initial = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, cfg.seed)  # steps 4-5
             job.log(report.describe_steps(cfg, splits, tokens, gpt_model, runtime))
             results = []

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import http.server
+import inspect
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import zipfile
 from pathlib import Path
 
 import pytest
+import tiktoken
+import tiktoken.load
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiktoken_ext import openai_public
 
 import data
 import fastpath
 import hub
-
+from conftest import offline_env
 SEEDS = st.integers(min_value=0, max_value=2**32)
 
 
@@ -326,16 +335,104 @@ def test_endoftext_inside_a_text_is_ordinary_text(tokenizer):
     assert tokenizer.decode(token_ids) == text
 
 
-def test_an_offline_tokenizer_error_says_how_to_fix_it(monkeypatch):
+def test_the_shipped_bpe_files_are_openais(tmp_path, monkeypatch):
+    for name, sha256 in hub.GPT2_BPE_SHA256.items():
+        assert hashlib.sha256((hub.GPT2_BPE_DIR / name).read_bytes()).hexdigest() == sha256
+    assert hub.GPT2_BPE_SHA256 == {"vocab.bpe": tiktoken_pins()["vocab_bpe_hash"],
+                                   "encoder.json": tiktoken_pins()["encoder_json_hash"]}
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # tiktoken's loader caches what it reads
+    try:
+        theirs = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(hub.GPT2_BPE_DIR / "vocab.bpe"),
+                                                               str(hub.GPT2_BPE_DIR / "encoder.json"))
+    except ImportError:  # tiktoken < 0.10 reads local paths through blobfile only
+        pytest.skip("this tiktoken reads local files only with blobfile installed")
+    assert data.get_tokenizer()._mergeable_ranks == theirs
+
+
+def tiktoken_pins() -> dict[str, str]:
+    """The sha256 tiktoken itself pins for GPT-2's files, read from its source."""
+    source = inspect.getsource(openai_public.gpt2)
+    return dict(re.findall(r'(\w+_hash)="([0-9a-f]{64})"', source))
+
+
+@pytest.fixture(scope="module")
+def tiktokens_gpt2():
+    """tiktoken's own "gpt2" Encoding: its constructor's arguments, the ranks from its own loader."""
+    with pytest.MonkeyPatch.context() as monkeypatch, tempfile.TemporaryDirectory() as cache:
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", cache)
+        try:
+            ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(hub.GPT2_BPE_DIR / "vocab.bpe"),
+                                                                  str(hub.GPT2_BPE_DIR / "encoder.json"))
+        except ImportError:
+            pytest.skip("this tiktoken reads local files only with blobfile installed")
+    return tiktoken.Encoding("gpt2", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=80) | st.from_regex(r"[ \t\nA-Za-z0-9'!?.,]{0,60}", fullmatch=True))
+def test_the_tokenizer_is_tiktokens_gpt2(tokenizer, tiktokens_gpt2, text):
+    token_ids = data.encode(tokenizer, text)
+    assert token_ids == tiktokens_gpt2.encode(text, disallowed_special=())
+    assert tokenizer.decode(token_ids) == text
+
+
+def test_known_gpt2_token_ids(tokenizer):
+    assert data.encode(tokenizer, "Hello world") == [15496, 995]
+    assert data.encode(tokenizer, " the") == [262] and tokenizer.eot_token == data.END_OF_TEXT_ID == 50256
+    assert tokenizer.n_vocab == 50257
+
+
+def test_tokenizing_needs_no_network_and_no_cache(tmp_path):
+    """A fresh clone offline: tiktoken's cache empty, every connection refused."""
+    env = offline_env(tmp_path)
+    code = "import data; print(data.encode(data.get_tokenizer(), 'Hello world'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[15496, 995]", result.stderr
+    assert list((tmp_path / "tiktoken-cache").iterdir()) == []  # nothing fetched, nothing cached
+
+
+def copy_of_the_bpe_files(folder: Path) -> Path:
+    folder.mkdir()
+    for name in hub.GPT2_BPE_SHA256:
+        shutil.copyfile(hub.GPT2_BPE_DIR / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["missing", "changed"])
+def test_damaged_bpe_files_fall_back_to_tiktoken_then_say_how_to_fix_it(tmp_path, monkeypatch, damage):
+    folder = copy_of_the_bpe_files(tmp_path / "gpt2_bpe")
+    if damage == "missing":
+        (folder / "encoder.json").unlink()
+    else:
+        (folder / "vocab.bpe").write_bytes((folder / "vocab.bpe").read_bytes().replace(b"h e", b"e h", 1))
+    fetched = []
+    monkeypatch.setattr(hub.tiktoken, "get_encoding", lambda name: fetched.append(name) or "tiktoken's")
+    assert hub.gpt2_tokenizer(folder) == "tiktoken's" and fetched == ["gpt2"]
+    hub.gpt2_tokenizer.cache_clear()
+
     def offline(name):
         raise ConnectionError("Max retries exceeded with url:\nopenaipublic.blob.core.windows.net")
 
-    monkeypatch.setattr(data.tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(hub.tiktoken, "get_encoding", offline)
     with pytest.raises(ValueError) as error:
-        data.get_tokenizer("gpt2")
+        hub.gpt2_tokenizer(folder)
     message = str(error.value)
-    assert "could not fetch its BPE files" in message and "TIKTOKEN_CACHE_DIR" in message
-    assert "\n" not in message
+    assert ("damaged" if damage == "changed" else "No such file") in message and "\n" not in message
+    assert "git checkout -- gpt2_bpe" in message and "ConnectionError" in message
+
+
+def test_files_that_disagree_are_not_gpt2s():
+    vocab_bpe = (hub.GPT2_BPE_DIR / "vocab.bpe").read_text(encoding="utf-8")
+    encoder_json = (hub.GPT2_BPE_DIR / "encoder.json").read_text(encoding="utf-8")
+    swapped = vocab_bpe.replace("\nh e\ni n\n", "\ni n\nh e\n", 1)  # two merges in the other order
+    assert swapped != vocab_bpe
+    with pytest.raises(ValueError, match="disagree"):
+        hub.gpt2_mergeable_ranks(swapped, encoder_json)
+
+
+def test_only_gpt2s_tokenizer_is_known():
     with pytest.raises(ValueError, match="unknown tokenizer 'gpt5'"):
         data.get_tokenizer("gpt5")
 

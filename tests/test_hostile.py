@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +96,6 @@ def test_any_json_value_in_any_config_field_loads_or_is_one_value_error(saved_ru
 
 @pytest.mark.parametrize("edit", [
     lambda fields: fields["gpt"].update(n_layers=10**9),  # built before the file was checked: forever
-    lambda fields: fields["gpt"].update(vocab_size=1000),  # smaller than the tokenizer: IndexError later
     lambda fields: fields.update(max_length=True),  # JSON true silently became 1 token
     lambda fields: fields.update(max_length=float("inf")),  # 1e999 in the file
     lambda fields: fields["gpt"].update(drop_rate="0.5"),
@@ -119,6 +117,16 @@ def test_a_weights_file_that_is_a_pipe_is_refused_not_waited_on(saved_run, tmp_p
         classify.load_classifier(tmp_path)
     with pytest.raises(ValueError, match="not a regular file"):
         gpt.read_safetensors(tmp_path / "classifier.safetensors")
+
+
+def test_a_run_whose_vocabulary_is_smaller_than_the_tokenizer_cannot_predict(tmp_path):
+    """It loads (a tiny test model may), but classifying would index past its embedding: refused."""
+    model = classify.GPTClassifier(gpt.GPTModel(gpt.GPTConfig(vocab_size=1000, context_length=16, emb_dim=8,
+                                                              n_layers=1, n_heads=2)), 2)
+    classify.save_classifier(model, tmp_path, ["ham", "spam"], max_length=16)
+    loaded, config = classify.load_classifier(tmp_path)
+    with pytest.raises(ValueError, match="1000 tokens"):
+        classify.predict(loaded, config, ["hello"])
 
 
 def test_a_config_nested_100000_deep_is_one_value_error(saved_run, tmp_path):

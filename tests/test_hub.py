@@ -5,6 +5,7 @@ extracted, verified and cached; files are written whole."""
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import threading
 import time
@@ -180,6 +181,7 @@ def serve_tiny_preset(server, etag: str | None) -> bytes:
 
 def test_a_preset_downloads_once_verified_by_the_hubs_sha256(server, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_HUB_URL", server.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     body = serve_tiny_preset(server, f'"{hub.file_sha256(TINY_HUB_FILE)}"')  # quoted, as the hub sends it
     progress = []
     path = hub.fetch("gpt2-small", cache_dir=tmp_path, progress=lambda d, t: progress.append((d, t)))
@@ -205,6 +207,7 @@ def test_a_preset_downloads_once_verified_by_the_hubs_sha256(server, tmp_path, m
 )
 def test_a_preset_that_cannot_be_verified_is_refused(server, tmp_path, monkeypatch, etag, message):
     monkeypatch.setenv("GPT2_HUB_URL", server.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     serve_tiny_preset(server, etag)
     with pytest.raises(ValueError, match=message):
         hub.fetch("gpt2-small", cache_dir=tmp_path)
@@ -294,3 +297,99 @@ def test_printable_escapes_what_could_drive_a_terminal():
     assert hub.printable("ok \x1b[31mred\x07 \u202eevil\udcff é 😀\n") == "ok \\x1b[31mred\\x07 \\u202eevil\\udcff é 😀\\n"
     assert hub.printable("two\nlines\t", keep="\n") == "two\nlines\\t"
 
+
+
+# --------------------------------------------------------------------------- the Hugging Face cache
+
+COMMIT = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
+
+
+def hf_cache_entry(cache: Path, repo_folder: str, commit: str = COMMIT, refs_main: bool = True,
+                   blob_name: str | None = None) -> Path:
+    """What huggingface_hub leaves after downloading model.safetensors: the bytes in blobs/ under
+    their sha256, a link to them in snapshots/<commit>/, and refs/main naming the commit."""
+    folder = cache / repo_folder
+    blob = folder / "blobs" / (blob_name or hub.file_sha256(TINY_HUB_FILE))
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(TINY_HUB_FILE.read_bytes())
+    link = folder / "snapshots" / commit / "model.safetensors"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    if refs_main:
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(commit)
+    return link
+
+
+@pytest.fixture
+def no_network(server, monkeypatch):
+    """A hub that answers nothing (404 to every request), so a download attempt is seen and fails."""
+    monkeypatch.setenv("GPT2_HUB_URL", server.url)
+    return server
+
+
+@pytest.mark.parametrize("repo_folder", ["models--openai-community--gpt2", "models--gpt2"])
+def test_a_preset_in_the_hugging_face_cache_loads_without_a_download(tmp_path, monkeypatch, no_network, repo_folder):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    link = hf_cache_entry(tmp_path / "hf", repo_folder)
+    path = hub.fetch("gpt2-small", cache_dir=tmp_path / "ours")
+    assert path == link and no_network.requests == []
+    reference = gpt.read_safetensors(FIXTURES / "hf_tiny_logits.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(gpt.load_gpt2(path, config=TINY)(reference["input_ids"]), reference["logits"],
+                                   rtol=0, atol=1e-5)
+    assert hub.find_in_hf_cache("gpt2-medium") is None  # another preset is another repository
+
+
+def test_refs_main_wins_then_the_newest_snapshot(tmp_path):
+    older = hf_cache_entry(tmp_path, "models--openai-community--gpt2", "1" * 40, refs_main=False, blob_name="a" * 64)
+    newer = hf_cache_entry(tmp_path, "models--openai-community--gpt2", "2" * 40, refs_main=False, blob_name="b" * 64)
+    os.utime(older.resolve(), (1, 1))
+    os.utime(newer.resolve(), (3, 3))
+    assert hub.find_in_hf_cache("gpt2-small", tmp_path) == newer
+    refs_main = tmp_path / "models--openai-community--gpt2" / "refs" / "main"
+    refs_main.parent.mkdir()
+    refs_main.write_text("1" * 40 + "\n")
+    assert hub.find_in_hf_cache("gpt2-small", tmp_path) == older
+    refs_main.write_text("../../../../tmp")
+    assert hub.find_in_hf_cache("gpt2-small", tmp_path) == newer  # a ref that is not a commit is ignored
+
+
+def test_our_own_cache_comes_first_and_a_dangling_link_is_no_file(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    link = hf_cache_entry(tmp_path / "hf", "models--openai-community--gpt2")
+    ours = tmp_path / "ours" / "gpt2-small" / "model.safetensors"
+    ours.parent.mkdir(parents=True)
+    ours.write_bytes(TINY_HUB_FILE.read_bytes())
+    assert hub.fetch("gpt2-small", cache_dir=tmp_path / "ours") == ours
+    ours.unlink()
+    link.resolve().unlink()  # the blob deleted by hand: the link points nowhere
+    assert hub.find_in_hf_cache("gpt2-small") is None
+    with pytest.raises(ConnectionError):
+        hub.fetch("gpt2-small", cache_dir=tmp_path / "ours")  # so it downloads (and here the hub answers 404)
+    assert no_network.requests
+
+
+def test_the_hugging_face_cache_is_found_by_huggingface_hubs_rule(tmp_path, monkeypatch):
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert hub.hf_hub_cache() == tmp_path / "home" / ".cache" / "huggingface" / "hub"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub.hf_hub_cache() == tmp_path / "xdg" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    assert hub.hf_hub_cache() == tmp_path / "hf-home" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    assert hub.hf_hub_cache() == tmp_path / "hub-cache"
+
+
+def test_the_main_job_says_which_weights_file_it_read(tmp_path, monkeypatch, no_network):
+    import train
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    link = hf_cache_entry(tmp_path / "hf", "models--openai-community--gpt2")
+    lines = []
+    cfg = train.TrainConfig(model="gpt2-small", cache_dir=str(tmp_path / "ours"))
+    model = train.load_gpt(cfg, TINY, lines.append)
+    assert lines == [f"3. GPT: weights from {link}"] and no_network.requests == []
+    assert model.cfg == TINY

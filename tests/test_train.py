@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,9 @@ import distributed
 import fastpath
 import gpt
 import hub
+import report
 import train
-from conftest import SMS_SPAM_FILE
+from conftest import REPO, SMS_SPAM_FILE, offline_env
 
 TINY_GPT = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128, "vocab_size": 50257}
 SMS_LINES = 200  # 33 spam among them: a balanced split of 46 / 6 / 14 texts
@@ -134,6 +137,20 @@ def test_classify_loads_the_run_and_predicts(base_run):
     for prediction in predictions:
         assert prediction.label in ("ham", "spam")
         assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_classifier_exported_for_transformers_is_a_backbone_to_fine_tune(workspace, base_run, monkeypatch, capsys):
+    """train.py --model takes a GPT2ForSequenceClassification folder: its GPT-2, not its head."""
+    exported = workspace / "exported-hf"
+    assert report.classify_command(["--model", str(base_run[0]), "--export-hf", str(exported)]) == 0
+    args = ["--data", str(workspace / "sms.txt"), "--model", str(exported), "--epochs", "1", "--lr", "1e-3",
+            "--device", "cpu", "--out", "run"]  # --init pretrained, the default: the exported weights
+    code, stdout, stderr = run_in(workspace / "from-hf", args, monkeypatch, capsys)
+    assert code == 0, stderr
+    assert f"3. GPT: weights from {exported}" in stdout and "pretrained weights" in stdout
+    trained, _ = classify.load_classifier(workspace / "from-hf" / "run")
+    backbone = gpt.load_gpt2(exported)
+    assert torch.equal(trained.gpt.wte.weight, backbone.wte.weight)  # last-block: the embeddings stayed as loaded
 
 
 def test_one_seed_gives_identical_metrics(workspace, base_run, monkeypatch, capsys):
@@ -271,12 +288,24 @@ def test_no_network_names_the_offline_options(workspace, monkeypatch, capsys):
 
 def test_missing_tokenizer_files_give_one_line(workspace, monkeypatch, capsys):
     def no_tokenizer(name="gpt2"):
-        raise ValueError("tiktoken could not fetch its BPE files for 'gpt2'; offline, set TIKTOKEN_CACHE_DIR")
+        raise ValueError("GPT-2's BPE files: gpt2_bpe/vocab.bpe is damaged; restore gpt2_bpe/ (git checkout -- gpt2_bpe)")
 
     monkeypatch.setattr(data, "get_tokenizer", no_tokenizer)
     code, _, stderr = run_in(workspace / "no-bpe", tiny_args(workspace, "--out", "run"), monkeypatch, capsys)
-    assert code == 2 and "TIKTOKEN_CACHE_DIR" in stderr and stderr.count("\n") == 1
+    assert code == 2 and "git checkout -- gpt2_bpe" in stderr and stderr.count("\n") == 1
     assert list((workspace / "no-bpe").iterdir()) == []
+
+
+def test_a_fresh_clone_trains_and_classifies_with_no_network_and_no_environment(workspace, tmp_path):
+    """`python train.py --data FILE --init random`, then classify.py, as a user types them offline."""
+    env = offline_env(tmp_path)
+    commands = [[sys.executable, str(REPO / "train.py"), *tiny_args(workspace, "--epochs", "1", "--out", "run")],
+                [sys.executable, str(REPO / "classify.py"), "--model", "run", "--device", "cpu", "Win a prize now"]]
+    for command in commands:
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\t")[0] in ("ham", "spam")
+    assert list((tmp_path / "tiktoken-cache").iterdir()) == [] and list((tmp_path / "home").iterdir()) == []
 
 
 def test_unwritable_out_is_refused_before_training(workspace, monkeypatch, capsys):
