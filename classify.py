@@ -71,6 +71,11 @@ class GPTClassifier(nn.Module):
         return self.head(pool(hidden, lengths, self.pooling))  # (B, C) -> (B, K)
 
 
+def longest_text(gpt_config: gpt.GPTConfig, pooling: str) -> int:
+    """The most tokens of a text the classifier reads: the context, less the appended special token."""
+    return gpt_config.context_length - (pooling == "special")
+
+
 def last_token_index(lengths: torch.Tensor) -> torch.Tensor:
     """Index of each sequence's last real token.
 
@@ -211,21 +216,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in trainable_parameters(model)), sum(p.numel() for p in model.parameters())
 
 
-def describe_trainable(model: GPTClassifier) -> str:
-    """What trains, in words: 'head + final LayerNorm + blocks 10-11'."""
-    adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)}
-    blocks = [i for i, block in enumerate(model.gpt.h)
-              if any(p.requires_grad and id(p) not in adapters for p in block.parameters())]
-    parts = [name for name, module in (("head", model.head), ("final LayerNorm", model.gpt.ln_f)) if trains(module)]
-    if blocks:
-        parts.append(f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}")
-    if adapters:
-        parts.append(f"LoRA adapters in blocks 0-{len(model.gpt.h) - 1}")
-    if trains(model.gpt.wte) or trains(model.gpt.wpe):
-        parts.append("embeddings")
-    return " + ".join(parts) or "nothing"
-
-
 class LoRALinear(nn.Module):
     """A frozen Linear plus a trainable low-rank update: y = W x + b + (alpha / r) B A x.
 
@@ -316,7 +306,7 @@ class ClassifierConfig:
         if config.pooling not in POOLINGS or config.tokenizer != "gpt2":
             raise ValueError(f"pooling {config.pooling!r} and tokenizer {config.tokenizer!r}: expected one of "
                              f"{', '.join(POOLINGS)}, and gpt2")
-        longest = config.gpt.context_length - (config.pooling == "special")  # room for the special token
+        longest = longest_text(config.gpt, config.pooling)
         if not (type(max_length) is int and 1 <= max_length <= longest):
             raise ValueError(f"max_length {max_length!r}: must be an integer in 1..{longest}")
         return config
@@ -345,7 +335,7 @@ def save_classifier(model: GPTClassifier, run_dir: str | Path, label_names: list
     if len(label_names) != model.num_classes:
         raise ValueError(f"{len(label_names)} label names {label_names} for a {model.num_classes}-class head")
     cfg = model.gpt.cfg
-    max_length = cfg.context_length - (model.pooling == "special") if max_length is None else max_length
+    max_length = longest_text(cfg, model.pooling) if max_length is None else max_length
     config = ClassifierConfig(cfg, list(label_names), model.pooling, max_length)
     ClassifierConfig.from_dict(config.to_dict())  # the same checks as loading
     run_dir = Path(run_dir)

@@ -112,13 +112,16 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
 
 @contextlib.contextmanager
 def staged_folder(out: str | Path, what: str) -> Iterator[Path]:
-    """A hidden folder beside `out` that becomes `out` only once everything in it is written, so an
-    error or Ctrl-C leaves no half-written folder. `out` must not exist, or be an empty folder;
-    `what` names it in errors ("--export-hf"), which are ValueErrors (one line)."""
-    out = Path(out)
+    """A hidden folder beside `out` that becomes `out` only when everything in it is written: an error
+    or Ctrl-C leaves no half-written folder, nor the parents made for it. Creating it first also
+    proves `out` writable before any work starts. `out` must not exist, or be an empty folder;
+    `what` names it in errors ("--out"), which are ValueErrors (one line). Once the work is done it
+    is never deleted: if `out` cannot take it, it is kept beside it under a visible name."""
+    out = Path(os.path.realpath(out))  # "." has no name to rename onto; a link: the folder it names
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{what} {out}: already exists and is not empty; choose a new folder")
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    missing = [parent for parent in [out.parent, *out.parent.parents] if not parent.exists()]
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
@@ -126,12 +129,22 @@ def staged_folder(out: str | Path, what: str) -> Iterator[Path]:
         raise ValueError(f"{what} {out}: cannot write there ({error.strerror or error})") from None
     try:
         yield staging
-        if out.exists():
-            out.rmdir()  # an empty folder, checked above
-        staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for parent in missing:  # nearest first: remove the folders made for this run
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
+    try:  # the run is complete: from here on it is never deleted
+        if out.exists():
+            out.rmdir()  # empty when the run started: it fails if something was put there since
+        staging.rename(out)
+    except OSError as error:  # keep the finished run under a visible name, or where it is
+        kept = out.parent / f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        with contextlib.suppress(OSError):
+            staging.rename(kept)
+        raise ValueError(f"{what} {out}: {error.strerror or error} (created by something else meanwhile?); "
+                         f"the finished work is in {kept if kept.exists() else staging}") from None
 
 
 DTYPE_NAMES = {dtype: name for name, dtype in gpt.SAFETENSORS_DTYPES.items()}

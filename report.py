@@ -13,8 +13,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -161,6 +159,21 @@ class RunResult:
     training_seconds: float
 
 
+def describe_trainable(model: classify.GPTClassifier) -> str:
+    """What trains, in words: 'head + final LayerNorm + blocks 10-11'."""
+    adapters = {id(p) for m in model.modules() if isinstance(m, classify.LoRALinear) for p in (m.lora_A, m.lora_B)}
+    blocks = [i for i, block in enumerate(model.gpt.h)
+              if any(p.requires_grad and id(p) not in adapters for p in block.parameters())]
+    parts = [name for name, module in (("head", model.head), ("final LayerNorm", model.gpt.ln_f)) if classify.trains(module)]
+    if blocks:
+        parts.append(f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}")
+    if adapters:
+        parts.append(f"LoRA adapters in blocks 0-{len(model.gpt.h) - 1}")
+    if classify.trains(model.gpt.wte) or classify.trains(model.gpt.wpe):
+        parts.append("embeddings")
+    return " + ".join(parts) or "nothing"
+
+
 def parameter_counts(model: nn.Module) -> dict[str, float]:
     trainable, total = classify.count_parameters(model)
     return {"trainable": trainable, "total": total, "share": trainable / total}
@@ -193,7 +206,7 @@ def describe_steps(cfg, splits, tokens, gpt_model: nn.Module, runtime: distribut
 
 def describe_strategy(model: classify.GPTClassifier, strategy: str, epochs: int) -> str:
     parameters = parameter_counts(model)
-    line = (f"strategy {strategy}: training {classify.describe_trainable(model)}: {parameters['trainable']:,} of "
+    line = (f"strategy {strategy}: training {describe_trainable(model)}: {parameters['trainable']:,} of "
             f"{parameters['total']:,} parameters ({parameters['share']:.2%})")
     if strategy != "gradual":
         return line
@@ -355,46 +368,11 @@ def default_out_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A hidden folder beside `out` that becomes `out` only when everything in it is written: an
-    error or Ctrl-C leaves no half-written run. Creating it first also proves `out` is writable
-    before any training starts."""
-    out = Path(os.path.realpath(out))  # "." has no name to rename onto; a link: the folder it names
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out}: already exists and is not empty; choose a new folder")
-    missing = [parent for parent in [out.parent, *out.parent.parents] if not parent.exists()]
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-    except OSError as error:
-        raise ValueError(f"--out {out}: cannot write there ({error.strerror or error})") from None
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for parent in missing:  # nearest first: remove the folders made for this run
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
-    try:  # the run is complete: from here on it is never deleted
-        if out.exists():
-            out.rmdir()  # empty when the run started: it fails if something was put there since
-        staging.rename(out)
-    except OSError as error:  # keep the finished run under a visible name, or where it is
-        kept = out.parent / f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        with contextlib.suppress(OSError):
-            staging.rename(kept)
-        raise ValueError(f"--out {out}: {error.strerror or error} (created by something else while this run "
-                         f"trained?); the finished run is in {kept if kept.exists() else staging}") from None
-
-
-@contextlib.contextmanager
 def staged_output(out: Path, runtime: distributed.Runtime) -> Iterator[Path | None]:
     """The run folder being built, on rank 0 alone (None on the other processes, which write
     nothing); every process learns whether rank 0 could create it before any work starts."""
     with contextlib.ExitStack() as stack:
-        yield distributed.together(runtime, (lambda: stack.enter_context(_staged(out))) if runtime.is_main_process
+        yield distributed.together(runtime, (lambda: stack.enter_context(hub.staged_folder(out, "--out"))) if runtime.is_main_process
                                    else None)
 
 

@@ -223,9 +223,9 @@ def fine_tune(model: classify.GPTClassifier, splits: dict[str, fastpath.SplitInp
             del network  # under torchrun the old DDP and its gradient hooks go first
             network = distributed.wrap(fast, job.runtime)  # DDP must see the new trainable set
             training.set_cache(fastpath.refresh_caches(fast, splits, device))
-            log(f"epoch {epoch + 1}: unfrozen, now training {classify.describe_trainable(model)}; "
+            log(f"epoch {epoch + 1}: unfrozen, now training {report.describe_trainable(model)}; "
                 f"{training.cache.describe()}")
-        trainable = classify.describe_trainable(model)
+        trainable = report.describe_trainable(model)
         tally = report.Tally(device, job.runtime.sum)
         batches.set_epoch(epoch)  # a new batch order every epoch, the same for every run with this seed
         model.train()
@@ -356,8 +356,7 @@ def run(cfg: TrainConfig, argv: list[str], log: report.Log) -> int:
 def load_text_and_tokens(cfg: TrainConfig, shape: gpt.GPTConfig) -> tuple[data.Splits, TokenizedSplits]:
     """Steps 1 and 2."""
     splits = load_labelled_text(cfg)
-    longest = shape.context_length - (cfg.pooling == "special")  # room for the appended special token
-    return splits, tokenize(splits, data.get_tokenizer("gpt2"), cfg.max_length, longest)
+    return splits, tokenize(splits, data.get_tokenizer("gpt2"), cfg.max_length, classify.longest_text(shape, cfg.pooling))
 
 
 # --------------------------------------------------------------------------- the command line
@@ -475,7 +474,7 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
                        ("--test-data", cfg.test_data)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{flag} {path}: no such file")
-    longest = shape.context_length - (cfg.pooling == "special")
+    longest = classify.longest_text(shape, cfg.pooling)
     if cfg.max_length is not None and not 1 <= cfg.max_length <= longest:
         raise ValueError(f"--max-length {cfg.max_length}: must be between 1 and {longest}, what the model reads "
                          f"(its context length{', less the special token' if cfg.pooling == 'special' else ''})")

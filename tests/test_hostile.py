@@ -228,8 +228,8 @@ def test_an_out_folder_filled_during_training_keeps_the_finished_run(workspace, 
 
     monkeypatch.setattr(train, "supervised_loss", loss_while_another_run_writes_there)
     code, _, stderr = run_in(folder, tiny_args(workspace, "--out", "run"), monkeypatch, capsys)
-    assert code == 2 and "the finished run is in" in stderr
-    kept = Path(stderr.rsplit("the finished run is in ", 1)[1].strip())
+    assert code == 2 and "the finished work is in" in stderr
+    kept = Path(stderr.rsplit("the finished work is in ", 1)[1].strip())
     model, config = classify.load_classifier(kept)
     assert config.label_names == ["ham", "spam"] and (kept / "metrics.json").is_file()
     assert sorted(p.name for p in (folder / "run").iterdir()) == ["theirs.txt"]
