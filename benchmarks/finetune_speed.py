@@ -90,7 +90,7 @@ def run_one(method: str, strategy: str, args: argparse.Namespace) -> dict:
     inputs = {name: fastpath.SplitInputs(dataset) for name, dataset in tokens.items()}
     training = train.fine_tune(model, inputs, strategy, job)
     train.restore_state(model, training.best_state)
-    reports, _ = train.evaluate_splits(model, inputs, splits.label_names, job)
+    reports = train.evaluate_splits(model, inputs, splits.label_names, job)[0]
     seconds = time.perf_counter() - started
     examples = len(tokens.train) * args.epochs
     return {
