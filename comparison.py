@@ -185,34 +185,35 @@ def write_plot(document: dict, folder: Path, final_folder: Path) -> str:
     figure, (scores, times) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(rows), 4.2),
                                            gridspec_kw={"width_ratios": [2, 1]})
 
-    def bars(axes, key, offset, width, label, color, scale=1.0):
+    def bars(axes, key: str, offset: float, width: float, label: str, color: str, scale: float, digits: int):
         numbers = [row["spread"][key] for row in rows]
         means = [n["mean"] * scale for n in numbers]
         whiskers = [[m - n["min"] * scale for m, n in zip(means, numbers)],
                     [n["max"] * scale - m for m, n in zip(means, numbers)]]
-        drawn = axes.bar([p + offset for p in positions], means, width, yerr=whiskers, capsize=4, label=label,
-                         color=color)
-        axes.bar_label(drawn, labels=[f"{m:.1f}" if scale == 100 or key == "training_seconds" else f"{m:.3f}"
-                                      for m in means], padding=2, fontsize=8)
+        axes.bar([p + offset for p in positions], means, width, yerr=whiskers, capsize=4, label=label, color=color)
+        for p, m, n in zip(positions, means, numbers):  # the mean, above the top whisker
+            axes.annotate(f"{m:.{digits}f}", (p + offset, n["max"] * scale), xytext=(0, 3), textcoords="offset points",
+                          ha="center", va="bottom", fontsize=8)
         return numbers
 
-    accuracy = bars(scores, "test_accuracy", -0.2, 0.4, "test accuracy (%)", "tab:blue", 100)
-    f1 = bars(scores, "test_f1", 0.2, 0.4, f"test F1 ({positive}) x 100", "tab:orange", 100)
+    accuracy = bars(scores, "test_accuracy", -0.2, 0.4, "test accuracy (%)", "tab:blue", 100, 1)
+    f1 = bars(scores, "test_f1", 0.2, 0.4, f"test F1 ({positive}) x 100", "tab:orange", 100, 1)
     lowest = min(n["min"] for n in accuracy + f1) * 100
-    scores.set_ylim(max(0.0, 10 * int(lowest // 10) - 10), 104)  # the axis starts below the lowest whisker
+    scores.set_ylim(max(0.0, 10 * int(lowest // 10) - 10), 108)  # the axis starts below the lowest whisker
     scores.set_xticks(positions, names)
-    scores.set_ylabel("score on the test set")
-    scores.legend(loc="lower right", fontsize=8)
+    scores.set_ylabel("on the test set")
+    scores.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2, frameon=False, fontsize=8)
     seeds = len(document["seeds"])
     scores.set_title(f"mean of {seeds} seed{'s' if seeds > 1 else ''}, whiskers min-max"
                      f"{'; * differs from ' + document['reference'] + ' (McNemar, 5%)' if len(rows) > 1 else ''}",
                      fontsize=9)
-    durations = bars(times, "training_seconds", 0.0, 0.6, "training time", "tab:gray")
+    durations = bars(times, "training_seconds", 0.0, 0.6, "training time", "tab:gray", 1, 1)
     if max(n["max"] for n in durations) > 20 * max(min(n["min"] for n in durations), 1e-9):
         times.set_yscale("log")  # head and all differ 100-fold: a linear axis hides the short ones
+    times.margins(y=0.15)
     times.set_xticks(positions, [row["strategy"] for row in rows], rotation=30, ha="right")
     times.set_ylabel("seconds per run")
-    times.set_title("training time" + (" (frozen work shared, not included)" if document["frozen_work"] else ""),
+    times.set_title("training time" + (" (the shared frozen work apart)" if document["frozen_work"] else ""),
                     fontsize=9)
     figure.tight_layout()
     figure.savefig(folder / "compare.png", dpi=120)
