@@ -175,7 +175,9 @@ def describe_steps(cfg, splits, tokens, gpt_model: nn.Module, runtime: distribut
             f"4. representation: pooling {cfg.pooling!r}; 5. classification head: "
             f"Linear({gpt_model.cfg.emb_dim} -> {len(splits.label_names)})\n"
             f"6. supervised loss: cross-entropy; 7. weight update: AdamW lr {cfg.lr:g}, weight decay "
-            f"{cfg.weight_decay:g}, {batch}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}")
+            f"{cfg.weight_decay:g}, {batch}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}"
+            + (f"; training seeds {', '.join(map(str, cfg.seeds))} (the split"
+               f"{' and the random GPT' if cfg.init == 'random' else ''}: seed {cfg.seed})" if cfg.seeds else ""))
 
 
 def describe_strategy(model: classify.GPTClassifier, strategy: str, epochs: int, seed: int | None = None) -> str:

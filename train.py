@@ -35,6 +35,7 @@ if __name__ == "__main__":  # torch warns at import when NumPy is missing; this 
 
 import argparse
 import copy
+import itertools
 import math
 import sys
 import time
@@ -337,6 +338,7 @@ def run(cfg: TrainConfig, argv: list[str], log: report.Log) -> int:
     started = time.perf_counter()
     shape = check_config(cfg)
     strategies, seeds = cfg.compare or [cfg.strategy], cfg.seeds or [cfg.seed]
+    comparing = bool(cfg.compare) or len(seeds) > 1  # one folder per run, compare.json beside them
     with distributed.session(cfg.device) as runtime:
         job = Job(cfg, runtime, log if runtime.is_main_process else report.quiet)
         out = Path(cfg.out) if cfg.out else report.default_out_dir()
@@ -345,37 +347,37 @@ def run(cfg: TrainConfig, argv: list[str], log: report.Log) -> int:
             gpt_model = distributed.load_in_turn(runtime, lambda: load_gpt(cfg, shape))  # step 3
             job.log(report.describe_steps(cfg, splits, tokens, gpt_model, runtime))
             shared = (share_frozen_work(gpt_model, tokens, len(splits.label_names), job)
-                      if len(strategies) * len(seeds) > 1 else None)  # computed once for every run
+                      if len(strategies) * len(seeds) > 1 else None)  # the frozen blocks' work, once for every run
             if shared is not None:
                 job.log(shared.describe())
             results = []
-            for strategy in strategies:
-                for seed in seeds:  # --seeds: the training's randomness changes; the split and the backbone do not
-                    seeded = replace(job, seed=seed)
-                    initial = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, seed)  # steps 4-5
-                    model = prepare_strategy(initial, strategy, seeded)
-                    job.log(report.describe_strategy(model, strategy, cfg.epochs, seed if cfg.seeds else None))
-                    inputs = {name: fastpath.SplitInputs(dataset, shelf=shared.caches[name] if shared else {})
-                              for name, dataset in tokens.items()}
-                    training_started = time.perf_counter()
-                    training = fine_tune(model, inputs, strategy, seeded)  # steps 6-7
-                    seconds = time.perf_counter() - training_started
-                    restore_state(model, training.best_state)
-                    job.log(f"kept the weights of epoch {training.best_epoch} (best validation accuracy)")
-                    reports, losses, predictions = evaluate_splits(model, inputs, splits.label_names, job)
-                    result = report.RunResult(strategy, reports, losses, report.parameter_counts(model), training,
-                                              seconds, seed, predictions["test"])
-                    results.append(result)
-                    job.log(report.describe_result(result, tokens))
-                    if staging is not None:
-                        folder = report.run_folder(strategy, seed, bool(cfg.compare) or len(seeds) > 1, len(seeds) > 1)
-                        (staging / folder).mkdir(parents=True, exist_ok=True)
-                        classify.save_classifier(model.cpu(), staging / folder, splits.label_names, tokens.max_length)
-                        report.write_run(staging / folder, result, report.RunFacts(
-                            cfg, argv, tokens, shape, runtime, started, seed if cfg.seeds else None))
-                        if cfg.plot:
-                            job.log(report.write_plots(result, staging / folder, out / folder))
-            if (cfg.compare or len(seeds) > 1) and staging is not None:
+            for strategy, seed in itertools.product(strategies, seeds):  # --seeds: only the training's randomness
+                seeded = replace(job, seed=seed)  # changes; the split and the (random) backbone do not
+                initial = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, seed)  # steps 4-5
+                model = prepare_strategy(initial, strategy, seeded)
+                job.log(report.describe_strategy(model, strategy, cfg.epochs, seed if cfg.seeds else None))
+                inputs = {name: fastpath.SplitInputs(dataset, shelf=shared.caches[name] if shared else {})
+                          for name, dataset in tokens.items()}
+                training_started = time.perf_counter()
+                training = fine_tune(model, inputs, strategy, seeded)  # steps 6-7
+                seconds = time.perf_counter() - training_started
+                restore_state(model, training.best_state)
+                training.best_state.clear()  # in the model now: a comparison keeps many runs' records
+                job.log(f"kept the weights of epoch {training.best_epoch} (best validation accuracy)")
+                reports, losses, predictions = evaluate_splits(model, inputs, splits.label_names, job)
+                result = report.RunResult(strategy, reports, losses, report.parameter_counts(model), training, seconds,
+                                          seed, predictions["test"])
+                results.append(result)
+                job.log(report.describe_result(result, tokens))
+                if staging is not None:
+                    folder = report.run_folder(strategy, seed, comparing, several_seeds=len(seeds) > 1)
+                    (staging / folder).mkdir(parents=True, exist_ok=True)
+                    classify.save_classifier(model.cpu(), staging / folder, splits.label_names, tokens.max_length)
+                    report.write_run(staging / folder, result, report.RunFacts(cfg, argv, tokens, shape, runtime,
+                                                                               started, seed if cfg.seeds else None))
+                    if cfg.plot:
+                        job.log(report.write_plots(result, staging / folder, out / folder))
+            if comparing and staging is not None:
                 experiment = comparison.Experiment(strategies, seeds, reference_strategy(cfg), tokens.test.labels,
                                                    shared, time.perf_counter() - started)
                 job.log(comparison.write_comparison(staging, out, results, experiment, cfg, argv))
