@@ -2,8 +2,8 @@
 
 The log lines train.py prints, the records of training (`EpochRecord`, `Training`, `RunResult`),
 metrics.json, the optional plots, and the run folder, which is built aside and appears only when
-complete (`staged_output`); the --compare table and compare.json are comparison.py's. Library code never prints: train.py hands a
-`Log` around, and only rank 0's prints (distributed.py).
+complete (`staged_output`); the --compare table and compare.json are comparison.py's. Library
+code never prints: train.py hands a `Log` around, and only rank 0's prints (distributed.py).
 """
 
 from __future__ import annotations
