@@ -213,7 +213,7 @@ def write_plot(document: dict, folder: Path, final_folder: Path) -> str:
     times.margins(y=0.15)
     times.set_xticks(positions, [row["strategy"] for row in rows], rotation=30, ha="right")
     times.set_ylabel("seconds per run")
-    times.set_title("training time" + (" (the shared frozen work apart)" if document["frozen_work"] else ""),
+    times.set_title("training time" + ("\n(the frozen work done once apart)" if document["frozen_work"] else ""),
                     fontsize=9)
     figure.tight_layout()
     figure.savefig(folder / "compare.png", dpi=120)
