@@ -19,6 +19,9 @@ A zero denominator gives 0.0 (scikit-learn's `zero_division=0`), never NaN and n
 Names and averages (`binary`, `macro`, `micro`, `weighted`) follow scikit-learn, so the calls look
 familiar, but the file needs torch and the standard library only and can be copied on its own.
 Evaluation step of the pipeline, after step 7 (weight update): how good is the classifier?
+
+Two classifiers scored on the same test texts are compared text by text: `mcnemar_exact` says
+whether the texts one gets right and the other wrong are too lopsided to be chance.
 """
 
 from __future__ import annotations
@@ -314,6 +317,39 @@ def format_report(report: ClassificationReport, digits: int = 4) -> str:
     for name, row in zip(report.label_names, report.confusion_matrix):
         lines.append(f"{name:<{first_width}}" + "".join(f"  {count:>{cell_width}}" for count in row))
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- comparing two classifiers
+
+
+def discordant_counts(y_true: Labels, pred_a: Labels, pred_b: Labels) -> tuple[int, int]:
+    """(b, c): the texts classifier A gets right and B wrong, and the texts B gets right and A
+    wrong. Texts both get right, or both wrong, say nothing about which of the two is better."""
+    true, a = _label_pair(y_true, pred_a, None)
+    b = _label_pair(y_true, pred_b, None)[1].to(true.device)
+    a_right, b_right = a == true, b == true  # (N,), (N,)
+    return int((a_right & ~b_right).sum()), int((~a_right & b_right).sum())
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided p-value of McNemar's exact test, from the discordant counts (`discordant_counts`).
+
+    If A and B were equally good, each of the n = b + c texts on which they disagree would be A's
+    win or B's with probability 1/2, like a fair coin: the smaller count follows Binomial(n, 1/2),
+    and p = min(1, 2 P[X <= min(b, c)]), the chance of a split at least this lopsided either way.
+    p = 1 when they never disagree. Exact integers: the binomial coefficients are summed and
+    divided by 2^n once, so no count overflows or underflows on the way (only a p below ~1e-308
+    rounds to 0.0).
+    """
+    for name, count in (("b", b), ("c", c)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"{name} = {count!r}: discordant counts are ints >= 0 (texts, from discordant_counts)")
+    n, smaller = b + c, min(b, c)
+    term, tail = 1, 1  # C(n, 0), and the sum of C(n, k) for k <= smaller
+    for k in range(smaller):
+        term = term * (n - k) // (k + 1)  # C(n, k + 1), exact
+        tail += term
+    return min(1.0, 2 * tail / 2**n)  # Python divides big integers correctly rounded
 
 
 # --------------------------------------------------------------------------- checking the input

@@ -1,10 +1,10 @@
 """What the commands tell and leave behind: machinery the chapter never mentions.
 
 The log lines train.py prints, the records of training (`EpochRecord`, `Training`, `RunResult`),
-metrics.json, the optional plots, the --compare table, and the run folder, which is built aside
-and appears only when complete (`staged_output`); and the reading and printing of the
-`python classify.py` command (`classify_command`). Library code never prints: train.py hands a
-`Log` around, and only rank 0's prints (distributed.py).
+metrics.json, the optional plots, and the run folder, which is built aside and appears only when
+complete (`staged_output`); the --compare table and compare.json are comparison.py's; and the
+reading and printing of the `python classify.py` command (`classify_command`). Library code never
+prints: train.py hands a `Log` around, and only rank 0's prints (distributed.py).
 """
 
 from __future__ import annotations
@@ -157,6 +157,8 @@ class RunResult:
     parameters: dict[str, float]
     training: Training
     training_seconds: float
+    seed: int | None = None  # the training seed
+    test_predictions: list[int] = field(default_factory=list)  # text by text, in the test split's order
 
 
 def describe_trainable(model: classify.GPTClassifier) -> str:
@@ -201,12 +203,15 @@ def describe_steps(cfg, splits, tokens, gpt_model: nn.Module, runtime: distribut
             f"4. representation: pooling {cfg.pooling!r}; 5. classification head: "
             f"Linear({gpt_model.cfg.emb_dim} -> {len(splits.label_names)})\n"
             f"6. supervised loss: cross-entropy; 7. weight update: AdamW lr {cfg.lr:g}, weight decay "
-            f"{cfg.weight_decay:g}, {batch}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}")
+            f"{cfg.weight_decay:g}, {batch}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}"
+            + (f"; training seeds {', '.join(map(str, cfg.seeds))} (the split"
+               f"{' and the random GPT' if cfg.init == 'random' else ''}: seed {cfg.seed})" if cfg.seeds else ""))
 
 
-def describe_strategy(model: classify.GPTClassifier, strategy: str, epochs: int) -> str:
+def describe_strategy(model: classify.GPTClassifier, strategy: str, epochs: int, seed: int | None = None) -> str:
     parameters = parameter_counts(model)
-    line = (f"strategy {strategy}: training {describe_trainable(model)}: {parameters['trainable']:,} of "
+    line = (f"strategy {strategy}{'' if seed is None else f', training seed {seed}'}: training "
+            f"{describe_trainable(model)}: {parameters['trainable']:,} of "
             f"{parameters['total']:,} parameters ({parameters['share']:.2%})")
     if strategy != "gradual":
         return line
@@ -240,6 +245,16 @@ class RunFacts:
     shape: object  # gpt.GPTConfig
     runtime: distributed.Runtime
     started: float
+    training_seed: int | None = None  # with --seeds: this run's (the split's seed stays cfg.seed)
+
+
+COMPARISON_SETTINGS = ("seeds", "reference")  # compare.json's; one run's metrics.json records its own seed
+
+
+def run_folder(strategy: str, seed: int, comparing: bool, several_seeds: bool) -> Path:
+    """Where a run is written inside --out: the folder itself for one run; <strategy>/ in a
+    comparison; <strategy>/seed-<seed>/ with several training seeds."""
+    return Path(strategy if comparing else "", f"seed-{seed}" if several_seeds else "")
 
 
 def metrics_document(result: RunResult, facts: RunFacts) -> dict:
@@ -257,10 +272,12 @@ def metrics_document(result: RunResult, facts: RunFacts) -> dict:
         "data": {"label_names": result.reports["train"].label_names, "max_length": tokens.max_length,
                  **{name: {"examples": len(d), "truncated": d.num_truncated} for name, d in tokens.items()}},
         "model": {"source": facts.cfg.model, "init": facts.cfg.init, **asdict(facts.shape)},
-        "prefix_cache": {k: v for k, v in asdict(training.cache).items() if k != "seconds"},
+        "prefix_cache": {k: v for k, v in asdict(training.cache).items() if k not in ("seconds", "shared")},
         "device": facts.runtime.device.type,
         "seed": facts.cfg.seed,
-        "arguments": {"argv": facts.argv, "config": asdict(facts.cfg)},
+        **({} if facts.training_seed is None else {"training_seed": facts.training_seed}),
+        "arguments": {"argv": facts.argv, "config": {key: value for key, value in asdict(facts.cfg).items()
+                                                     if key not in COMPARISON_SETTINGS}},
         "timing": {
             "total_seconds": time.perf_counter() - facts.started,  # from the start of the run to these metrics
             "training_seconds": result.training_seconds,  # prefix cache + epochs
@@ -328,39 +345,6 @@ def _plot(result: RunResult, folder: Path, plt, MaxNLocator) -> None:  # noqa: N
         figure.tight_layout()
         figure.savefig(folder / f"confusion_matrix_{split}.png", dpi=120)
         plt.close(figure)
-
-
-def comparison_rows(results: list[RunResult]) -> list[dict]:
-    rows = []
-    for result in results:
-        test = result.reports["test"]
-        rows.append({
-            "strategy": result.strategy, "trainable_parameters": int(result.parameters["trainable"]),
-            "training_seconds": result.training_seconds, "train_accuracy": result.reports["train"].accuracy,
-            "validation_accuracy": result.reports["validation"].accuracy, "test_accuracy": test.accuracy,
-            "positive_class": test.label_names[-1], "test_precision": test.precision[-1],
-            "test_recall": test.recall[-1], "test_f1": test.f1[-1],
-        })
-    return rows
-
-
-def format_comparison(rows: list[dict]) -> str:
-    """One table: what each strategy costs (parameters, time) and what it buys (accuracy, P/R/F1)."""
-    positive = rows[0]["positive_class"]
-    header = ["strategy", "trainable params", "train time", "train acc", "val acc", "test acc",
-              f"test P ({positive})", f"test R ({positive})", f"test F1 ({positive})"]
-    table = [[row["strategy"], f"{row['trainable_parameters']:,}", f"{row['training_seconds']:.1f} s",
-              *(f"{row[key]:.2%}" for key in ("train_accuracy", "validation_accuracy", "test_accuracy")),
-              *(f"{row[key]:.4f}" for key in ("test_precision", "test_recall", "test_f1"))] for row in rows]
-    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                               enumerate(zip(line, widths))) for line in [header, *table])
-
-
-def write_comparison(folder: Path, results: list[RunResult], cfg, argv: list[str]) -> str:
-    rows = comparison_rows(results)
-    write_json(folder / "compare.json", {"rows": rows, "arguments": {"argv": argv, "config": asdict(cfg)}})
-    return "\n" + format_comparison(rows)
 
 
 def default_out_dir() -> Path:

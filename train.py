@@ -17,11 +17,12 @@ loss, zero_grad, backward, step.
 
 Machinery the chapter never mentions enters at one visible seam each: fastpath.py (the same
 numbers with less work), distributed.py (torchrun), report.py (what is printed and written),
-hub.py (downloads).
+comparison.py (strategies side by side over several seeds), hub.py (downloads).
 
     python train.py                                   # the book's experiment
     python train.py --data SMSSpamCollection --init random --epochs 1   # offline
     python train.py --compare head,last-block,all     # the strategies side by side
+    python train.py --compare head,last-block --seeds 3   # ... each trained with 3 seeds: spread, significance
     torchrun --nproc_per_node=4 train.py              # the same experiment on 4 GPUs
 """
 
@@ -29,13 +30,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import math
 import os
 import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 if __name__ == "__main__":  # torch warns at import when NumPy is missing; this project does not use NumPy
@@ -46,6 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import classify
+import comparison
 import data
 import distributed
 import fastpath
@@ -82,6 +85,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end of each epoch
     plot: bool = False
     compare: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)  # training seeds (--seeds); empty: --seed alone
+    reference: str | None = None  # the strategy the others are tested against; None: last-block, or the first
     cache_dir: str | None = None
     compile: bool = False
     use_prefix_cache: bool = True  # False: the plain forward (classify.GPTClassifier), no fast path
@@ -95,6 +100,10 @@ class Job:
     cfg: TrainConfig
     runtime: distributed.Runtime
     log: report.Log
+    seed: int | None = None  # the training seed: the new head, the batch order, LoRA's start (None: cfg.seed)
+
+    def __post_init__(self) -> None:
+        self.seed = self.cfg.seed if self.seed is None else self.seed
 
 
 # --------------------------------------------------------------------------- steps 1-5
@@ -213,7 +222,7 @@ def fine_tune(model: classify.GPTClassifier, splits: dict[str, fastpath.SplitInp
     fast = fastpath.FastClassifier(model) if cfg.use_prefix_cache else model  # same logits, less work
     network = distributed.wrap(fast, job.runtime)  # torchrun: gradients summed over processes
     batches = distributed.shard(fastpath.BucketBatchSampler(splits["train"].dataset.lengths, cfg.batch_size,
-                                                            cfg.seed), job.runtime)  # torchrun: this process's share
+                                                            job.seed), job.runtime)  # torchrun: this process's share
     training = report.Training(cache=fastpath.refresh_caches(fast, splits, device), best_state=trainable_state(model))
     log(training.cache.describe())
     progress = report.Progress(total_steps=cfg.epochs * len(batches), log_every=max(1, len(batches) // 10))
@@ -289,7 +298,7 @@ def prepare_strategy(initial: classify.GPTClassifier, strategy: str, job: Job) -
     """A copy of the starting classifier with `strategy` applied: every strategy starts from the
     same weights. Under --compile (CUDA) each block is compiled."""
     model = copy.deepcopy(initial)
-    torch.manual_seed(job.cfg.seed)  # LoRA adapters are initialised at random
+    torch.manual_seed(job.seed)  # LoRA adapters are initialised at random
     classify.apply_strategy(model, strategy, lora_rank=job.cfg.lora_rank, lora_alpha=job.cfg.lora_alpha)
     model.to(job.runtime.device)
     if job.cfg.compile and job.runtime.device.type != "cuda":
@@ -301,54 +310,80 @@ def prepare_strategy(initial: classify.GPTClassifier, strategy: str, job: Job) -
 
 
 def evaluate_splits(model: classify.GPTClassifier, splits: dict[str, fastpath.SplitInputs], label_names: list[str],
-                    job: Job) -> tuple[dict[str, metrics.ClassificationReport], dict[str, float]]:
-    """The chapter's metrics ("Avaliando classificadores de texto") on every split."""
+                    job: Job) -> tuple[dict[str, metrics.ClassificationReport], dict[str, float], dict[str, list[int]]]:
+    """The chapter's metrics ("Avaliando classificadores de texto") on every split; also each
+    split's predictions, text by text (to compare strategies on the same texts)."""
     fast = fastpath.FastClassifier(model) if job.cfg.use_prefix_cache else model
     fastpath.refresh_caches(fast, splits, job.runtime.device)  # kept from training, unless the boundary moved
-    reports, losses = {}, {}
+    reports, losses, predictions = {}, {}, {}
     for name, split in splits.items():
         evaluation = evaluate(fast, split, max(job.cfg.batch_size, 32), job.runtime.device)
         reports[name] = metrics.classification_report(evaluation.y_true, evaluation.y_pred, label_names)
-        losses[name] = evaluation.loss
-    return reports, losses
+        losses[name], predictions[name] = evaluation.loss, evaluation.y_pred
+    return reports, losses, predictions
+
+
+def share_frozen_work(gpt_model: gpt.GPTModel, tokens: TokenizedSplits, num_classes: int, job: Job
+                      ) -> fastpath.SharedPrefix | None:
+    """Several runs (--compare, --seeds) start from the same frozen weights, so the frozen blocks
+    compute the same for all of them: once here, for every frozen boundary the runs will ask
+    for (nested: each deeper one from the one below), then each run takes its own."""
+    if not job.cfg.use_prefix_cache:
+        return None
+    frozen = prepare_strategy(build_classifier(gpt_model, num_classes, job.cfg.pooling, job.seed), "head", job)
+    lengths = fastpath.planned_prefix_lengths(frozen, job.cfg.compare or [job.cfg.strategy], job.cfg.epochs)
+    return fastpath.share_frozen_work(frozen, dict(tokens.items()), lengths, job.runtime.device)
 
 
 def run(cfg: TrainConfig, argv: list[str], log: report.Log) -> int:
-    """The main job: check the arguments, steps 1-5 once, then for each strategy: freeze, fine-tune
-    (steps 6-7), evaluate, and write the run folder (only when complete)."""
+    """The main job: check the arguments, steps 1-5 once, then for each strategy (and training
+    seed): freeze, fine-tune (steps 6-7), evaluate, and write the run folder (only when complete)."""
     started = time.perf_counter()
     shape = check_config(cfg)
+    strategies, seeds = cfg.compare or [cfg.strategy], cfg.seeds or [cfg.seed]
+    comparing = bool(cfg.compare) or len(seeds) > 1  # one folder per run, compare.json beside them
     with distributed.session(cfg.device) as runtime:
         job = Job(cfg, runtime, log if runtime.is_main_process else report.quiet)
         out = Path(cfg.out) if cfg.out else report.default_out_dir()
         with report.staged_output(out, runtime) as staging:  # None on every process but rank 0
             splits, tokens = distributed.load_in_turn(runtime, lambda: load_text_and_tokens(cfg, shape))  # 1-2
             gpt_model = distributed.load_in_turn(runtime, lambda: load_gpt(cfg, shape, job.log))  # step 3
-            initial = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, cfg.seed)  # steps 4-5
             job.log(report.describe_steps(cfg, splits, tokens, gpt_model, runtime))
+            shared = (share_frozen_work(gpt_model, tokens, len(splits.label_names), job)
+                      if len(strategies) * len(seeds) > 1 else None)  # the frozen blocks' work, once for every run
+            if shared is not None:
+                job.log(shared.describe())
             results = []
-            for strategy in cfg.compare or [cfg.strategy]:
-                model = prepare_strategy(initial, strategy, job)
-                job.log(report.describe_strategy(model, strategy, cfg.epochs))
-                inputs = {name: fastpath.SplitInputs(dataset) for name, dataset in tokens.items()}
+            for strategy, seed in itertools.product(strategies, seeds):  # --seeds: only the training's randomness
+                seeded = replace(job, seed=seed)  # changes; the split and the (random) backbone do not
+                initial = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, seed)  # steps 4-5
+                model = prepare_strategy(initial, strategy, seeded)
+                job.log(report.describe_strategy(model, strategy, cfg.epochs, seed if cfg.seeds else None))
+                inputs = {name: fastpath.SplitInputs(dataset, shelf=shared.caches[name] if shared else {})
+                          for name, dataset in tokens.items()}
                 training_started = time.perf_counter()
-                training = fine_tune(model, inputs, strategy, job)  # steps 6-7
+                training = fine_tune(model, inputs, strategy, seeded)  # steps 6-7
                 seconds = time.perf_counter() - training_started
                 restore_state(model, training.best_state)
+                training.best_state.clear()  # in the model now: a comparison keeps many runs' records
                 job.log(f"kept the weights of epoch {training.best_epoch} (best validation accuracy)")
-                reports, losses = evaluate_splits(model, inputs, splits.label_names, job)
-                result = report.RunResult(strategy, reports, losses, report.parameter_counts(model), training, seconds)
+                reports, losses, predictions = evaluate_splits(model, inputs, splits.label_names, job)
+                result = report.RunResult(strategy, reports, losses, report.parameter_counts(model), training, seconds,
+                                          seed, predictions["test"])
                 results.append(result)
                 job.log(report.describe_result(result, tokens))
                 if staging is not None:
-                    run_dir = staging / strategy if cfg.compare else staging
-                    run_dir.mkdir(exist_ok=True)
-                    classify.save_classifier(model.cpu(), run_dir, splits.label_names, tokens.max_length)
-                    report.write_run(run_dir, result, report.RunFacts(cfg, argv, tokens, shape, runtime, started))
+                    folder = report.run_folder(strategy, seed, comparing, several_seeds=len(seeds) > 1)
+                    (staging / folder).mkdir(parents=True, exist_ok=True)
+                    classify.save_classifier(model.cpu(), staging / folder, splits.label_names, tokens.max_length)
+                    report.write_run(staging / folder, result, report.RunFacts(cfg, argv, tokens, shape, runtime,
+                                                                               started, seed if cfg.seeds else None))
                     if cfg.plot:
-                        job.log(report.write_plots(result, run_dir, out / (strategy if cfg.compare else "")))
-            if cfg.compare and staging is not None:
-                job.log(report.write_comparison(staging, results, cfg, argv))
+                        job.log(report.write_plots(result, staging / folder, out / folder))
+            if comparing and staging is not None:
+                experiment = comparison.Experiment(strategies, seeds, reference_strategy(cfg), tokens.test.labels,
+                                                   shared, time.perf_counter() - started)
+                job.log(comparison.write_comparison(staging, out, results, experiment, cfg, argv))
         job.log(f"\ntotal time {time.perf_counter() - started:.1f} s; written to {out}")
     return 0
 
@@ -415,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, metavar="W",
                        help="AdamW weight decay (default: %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, metavar="N",
-                       help="one seed for the splits, the new weights and the batch order (default: %(default)s)")
+                       help="one seed for the split, the new weights, the batch order and (with --init random) "
+                       "the random GPT (default: %(default)s)")
     group.add_argument("--eval-every", type=int, default=defaults.eval_every, metavar="STEPS",
                        help="also print the validation loss every this many steps (default 0: only after each epoch)")
     group = parser.add_argument_group("running and output")
@@ -426,7 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--plot", action="store_true",
                        help="also write loss/accuracy curves and confusion matrices as PNG (needs matplotlib)")
     group.add_argument("--compare", default="", metavar="STRATEGY,STRATEGY,...", help="train each listed strategy "
-                       "from the same starting weights and data, then print one table (e.g. head,last-block,all)")
+                       "from the same starting weights and data, then print one table (e.g. head,last-block,all); "
+                       "the frozen blocks' work is done once for all of them")
+    group.add_argument("--seeds", default="1", metavar="N|SEED,SEED,...", help="train each strategy N times, with "
+                       "the training seeds --seed, --seed+1, ... (or with the seeds listed; '7,' is a list of one), "
+                       "and report mean, std, min and max. A training seed sets the new head's initial weights, the "
+                       "batch order and LoRA's initial adapters; the split and, with --init random, the random GPT "
+                       "stay fixed by --seed, so the spread is the training's alone (default: 1, as today)")
+    group.add_argument("--reference", metavar="STRATEGY", help="with --compare: test every strategy against this "
+                       "one, text by text on the test set (McNemar's exact test, per seed pair); default: last-block "
+                       "when compared, else the first strategy")
     group.add_argument("--compile", action="store_true", help="torch.compile the blocks (CUDA only)")
     group.add_argument("--no-cache", dest="use_prefix_cache", action="store_false", help="train through the plain "
                        "forward pass: no frozen-prefix cache, no shortcut in the last block (slower, same result)")
@@ -436,7 +481,32 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = vars(args).copy()
     values["compare"] = [name.strip() for name in args.compare.split(",") if name.strip()]
+    values["seeds"] = parse_seeds(args.seeds, args.seed)
     return TrainConfig(**values)
+
+
+def parse_seeds(text: str, seed: int) -> list[int]:
+    """--seeds: a count N gives the training seeds seed, seed + 1, ..., seed + N - 1 (N = 1 gives
+    [], the plain run); a comma-separated list gives its own seeds."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        seeds = [int(part) for part in parts if part]
+    except ValueError:
+        seeds = []
+    if len(parts) == 1 and seeds:  # a count
+        seeds = [seed + i for i in range(seeds[0])]
+        if seeds == [seed]:
+            return []
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise ValueError(f"--seeds {text}: give a number of seeds (e.g. 3) or a list of different seeds (e.g. 1,2,3)")
+    return seeds
+
+
+def reference_strategy(cfg: TrainConfig) -> str:
+    """The strategy the others are tested against: --reference, else the book's last-block when it
+    is compared, else the first one."""
+    strategies = cfg.compare or [cfg.strategy]
+    return cfg.reference or ("last-block" if "last-block" in strategies else strategies[0])
 
 
 def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
@@ -447,8 +517,11 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
                          f"({data.END_OF_TEXT_ID + 1})")
     for name in cfg.compare or [cfg.strategy]:
         classify.trainable_blocks(name, shape.n_layers)  # ValueError: unknown, or more blocks than the model has
-    if len(set(cfg.compare)) != len(cfg.compare):
-        raise ValueError(f"--compare {','.join(cfg.compare)}: name each strategy once")
+    if len(set(cfg.compare)) < len(cfg.compare):
+        raise ValueError(f"--compare {','.join(cfg.compare)}: a strategy is listed twice (use --seeds to repeat one)")
+    if cfg.reference is not None and cfg.reference not in (cfg.compare or [cfg.strategy]):
+        raise ValueError(f"--reference {cfg.reference}: not among the strategies compared "
+                         f"({', '.join(cfg.compare or [cfg.strategy])})")
     parameters = (shape.vocab_size + shape.context_length) * shape.emb_dim + shape.n_layers * 12 * shape.emb_dim**2
     if cfg.init == "random" and parameters * 4 > _memory_bytes():  # before building a model that cannot fit
         raise ValueError(f"--model {cfg.model}: about {parameters:,} parameters, {parameters * 4 / 2**30:,.0f} GiB "

@@ -259,3 +259,84 @@ def test_bucketing_reshuffles_every_epoch_and_saves_padding():
     assert len(list(full)) == len(full) == 125 and all(len(batch) == 8 for batch in full)
 
 
+
+
+# --------------------------------------------------------------------------- frozen work shared by several runs
+
+
+@FEW
+@given(pooling=st.sampled_from(classify.POOLINGS), sdpa=st.booleans(), seed=seeds,
+       lengths=st.lists(st.integers(1, 12), min_size=1, max_size=40), first=st.integers(1, 3))
+def test_a_deepened_cache_is_the_built_one_to_the_last_bit(pooling, sdpa, seed, lengths, first):
+    """The deeper boundary computed from the stored states of a shallower one (only the blocks
+    between them run) equals the cache built from the token ids: exactly, not approximately, so
+    a comparison's runs give the numbers separate runs give."""
+    model = tiny_classifier(pooling, n_layers=4, seed=seed)
+    model.gpt.set_fast_attention(sdpa)
+    classify.apply_strategy(model, "head")  # every block frozen
+    token_lists = random_token_lists(lengths, seed)
+    base = PrefixCache.build(model, token_lists, first, "cpu", batch_size=8)
+    for deeper in range(first + 1, 5):
+        built = PrefixCache.build(model, token_lists, deeper, "cpu", batch_size=8)
+        deepened = base.deepen(model, deeper, batch_size=8)
+        assert deepened.start_block == deeper and deepened.order == built.order
+        assert torch.equal(deepened.lengths, built.lengths) and torch.equal(deepened.offsets, built.offsets)
+        assert torch.equal(deepened.states, built.states)
+
+
+def test_only_a_float32_cache_of_every_position_deepens():
+    model = tiny_classifier("last", n_layers=3)
+    classify.apply_strategy(model, "head")
+    token_lists = random_token_lists([5, 8, 2, 6], seed=7)
+    half = PrefixCache.build(model, token_lists, 1, "cpu", memory_budget_bytes=21 * 16 * 4 - 1)
+    assert half.dtype == torch.float16
+    with pytest.raises(ValueError, match="float32"):
+        half.deepen(model, 2)
+    last_only = PrefixCache.build(model, token_lists, 3, "cpu")  # every block frozen: the last position alone
+    with pytest.raises(ValueError, match="must be deeper"):
+        last_only.deepen(model, 3)
+    full = PrefixCache.build(model, token_lists, 2, "cpu")
+    with pytest.raises(ValueError, match="must be deeper"):
+        full.deepen(model, 1)
+    classify.apply_strategy(model, "last-2-blocks")  # blocks 1 and 2 now train
+    with pytest.raises(ValueError, match="must be frozen"):
+        PrefixCache.build(model, token_lists, 1, "cpu").deepen(model, 2)
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 6])
+def test_planned_prefix_lengths_are_those_training_asks_for(epochs):
+    strategies = ["head", "last-block", "last-2-blocks", "last-4-blocks", "all", "gradual", "lora"]
+    for strategy in strategies:
+        asked = set()
+        for epoch in range(epochs if strategy == "gradual" else 1):
+            model = tiny_classifier(n_layers=4)
+            classify.apply_strategy(model, strategy, epoch=epoch, lora_rank=2)
+            asked.add(fastpath.frozen_prefix_length(model))
+        planned = fastpath.planned_prefix_lengths(tiny_classifier(n_layers=4), [strategy], epochs)
+        assert set(planned) == asked - {None}, strategy
+    with_dropout = GPTClassifier(tiny_gpt(n_layers=4, drop_rate=0.1), 2)
+    assert fastpath.planned_prefix_lengths(with_dropout, strategies, epochs) == []
+
+
+@pytest.mark.parametrize("pooling", classify.POOLINGS)
+def test_runs_take_the_shared_frozen_work_and_get_what_they_would_build(pooling):
+    datasets = {name: fastpath.data.ClassificationDataset(random_token_lists(lengths, seed), [0, 1] * (len(lengths) // 2))
+                for seed, (name, lengths) in enumerate([("train", [5, 1, 9, 3, 7, 2]), ("test", [4, 6])])}
+    frozen = tiny_classifier(pooling, n_layers=3)
+    classify.apply_strategy(frozen, "head")
+    lengths = fastpath.planned_prefix_lengths(frozen, ["head", "last-block", "last-2-blocks"], epochs=1)
+    shared = fastpath.share_frozen_work(frozen, datasets, lengths, torch.device("cpu"))
+    assert lengths == [1, 2, 3] and len(shared.steps) == 3 and "embeddings and block 0" in shared.steps[0]
+    assert "block 1 over" in shared.steps[1] and shared.nbytes > 0
+    for strategy in ("head", "last-block", "last-2-blocks"):
+        model = tiny_classifier(pooling, n_layers=3)
+        classify.apply_strategy(model, strategy)
+        fresh = {name: fastpath.SplitInputs(dataset) for name, dataset in datasets.items()}
+        shelved = {name: fastpath.SplitInputs(dataset, shelf=shared.caches[name]) for name, dataset in datasets.items()}
+        built = fastpath.refresh_caches(fastpath.FastClassifier(model), fresh, torch.device("cpu"))
+        taken = fastpath.refresh_caches(fastpath.FastClassifier(model), shelved, torch.device("cpu"))
+        assert taken.shared and not built.shared and "done once" in taken.describe()
+        assert (taken.start_block, taken.nbytes, taken.dtype) == (built.start_block, built.nbytes, built.dtype)
+        for name in datasets:
+            assert shelved[name].cache is shared.caches[name][taken.start_block]  # taken, not recomputed
+            assert torch.equal(shelved[name].cache.states, fresh[name].cache.states)

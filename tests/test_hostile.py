@@ -166,7 +166,7 @@ HOSTILE_FLAGS = {
     "weight decay nan": (["--weight-decay", "nan"], "--weight-decay nan"),
     "device meta": (["--device", "meta"], "--device meta"),
     "seed beyond 64 bits": (["--seed", str(2**64)], "--seed"),  # was torch's "Overflow when unpacking long"
-    "a strategy compared with itself": (["--compare", "head,head"], "each strategy once"),  # one folder, two runs
+    "a strategy compared with itself": (["--compare", "head,head"], "listed twice"),  # one folder, two runs
 }
 
 

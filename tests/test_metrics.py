@@ -381,3 +381,83 @@ def test_format_report_widens_columns_for_long_names_and_digits():
     matrix_lines = text.splitlines()[-4:]
     assert len({len(line) for line in matrix_lines}) == 1
     assert matrix_lines[2].split()[-3:] == ["0", "2", "0"]  # the long-named class row
+
+
+# --------------------------------------------------------------------------- McNemar's exact test
+
+
+def brute_force_mcnemar(b: int, c: int) -> float:
+    """Every one of the 2^n ways n = b + c disagreements could fall if A and B were equally good
+    (each text a fair coin: A's win or B's), counted one by one: the share of them at least as
+    lopsided as (b, c), either way."""
+    n, observed = b + c, min(b, c)
+    lopsided = sum(1 for outcome in range(2**n) if min(bin(outcome).count("1"), n - bin(outcome).count("1")) <= observed)
+    return lopsided / 2**n
+
+
+small_counts = st.tuples(st.integers(0, 7), st.integers(0, 7))
+
+
+@FAST
+@given(counts=small_counts)
+def test_mcnemar_exact_equals_counting_every_outcome(counts):
+    assert metrics.mcnemar_exact(*counts) == brute_force_mcnemar(*counts)  # to the last bit
+
+
+@FAST
+@given(b=st.integers(0, 400), c=st.integers(0, 400))
+def test_mcnemar_exact_is_symmetric_and_a_probability(b, c):
+    p = metrics.mcnemar_exact(b, c)
+    assert p == metrics.mcnemar_exact(c, b)  # which classifier is called A does not matter
+    assert 0.0 <= p <= 1.0 and (p > 0 or b + c > 1000)  # only astronomically lopsided splits reach 0.0
+    if b == c:
+        assert p == 1.0  # a perfectly even split is no evidence at all
+
+
+@FAST
+@given(b=st.integers(0, 200), c=st.integers(0, 200))
+def test_mcnemar_exact_falls_as_the_split_grows_more_lopsided(b, c):
+    """One more text won by the side that already wins more never makes the difference less
+    significant; one more text won by the losing side never makes it more significant."""
+    low, high = min(b, c), max(b, c)
+    assert metrics.mcnemar_exact(low, high + 1) <= metrics.mcnemar_exact(low, high)
+    if low < high:
+        assert metrics.mcnemar_exact(low + 1, high) >= metrics.mcnemar_exact(low, high)
+
+
+def test_mcnemar_exact_known_values_and_large_counts():
+    assert metrics.mcnemar_exact(0, 0) == 1.0  # they never disagree
+    assert metrics.mcnemar_exact(1, 9) == 22 / 1024  # 2 * (C(10,0) + C(10,1)) / 2^10
+    assert metrics.mcnemar_exact(0, 5) == 2 / 32 and metrics.mcnemar_exact(0, 6) == 2 / 64
+    assert metrics.mcnemar_exact(2, 3) == 1.0
+    p = metrics.mcnemar_exact(900, 1100)  # 2,000 disagreements: no overflow, no underflow
+    assert 1e-6 < p < 1e-4
+    assert metrics.mcnemar_exact(0, 3000) == 0.0  # 2 / 2^3000 is below the smallest float
+    assert metrics.mcnemar_exact(1500, 1500) == 1.0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3", None])
+def test_mcnemar_exact_wants_counts(bad):
+    with pytest.raises(ValueError, match="discordant counts"):
+        metrics.mcnemar_exact(bad, 3)
+
+
+@FAST
+@given(data=st.data())
+def test_discordant_counts_are_the_texts_one_gets_right_and_the_other_wrong(data):
+    size = data.draw(st.integers(0, 30))
+    labels = st.lists(st.integers(0, 2), min_size=size, max_size=size)
+    y_true, pred_a, pred_b = data.draw(labels), data.draw(labels), data.draw(labels)
+    b, c = metrics.discordant_counts(y_true, pred_a, pred_b)
+    assert b == sum(1 for t, a, p in zip(y_true, pred_a, pred_b) if a == t and p != t)
+    assert c == sum(1 for t, a, p in zip(y_true, pred_a, pred_b) if a != t and p == t)
+    right_a = sum(a == t for t, a in zip(y_true, pred_a))
+    right_b = sum(p == t for t, p in zip(y_true, pred_b))
+    assert b - c == right_a - right_b  # the accuracy difference lives in the discordant texts alone
+    assert metrics.discordant_counts(y_true, pred_b, pred_a) == (c, b)
+
+
+def test_discordant_counts_check_their_input():
+    with pytest.raises(ValueError, match="3 labels but y_pred has 2"):
+        metrics.discordant_counts([0, 1, 1], [0, 1, 1], [0, 1])
+    assert metrics.discordant_counts(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 1]), [1, 1, 1, 1]) == (1, 1)

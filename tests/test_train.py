@@ -24,6 +24,7 @@ import distributed
 import fastpath
 import gpt
 import hub
+import metrics
 import report
 import train
 from conftest import REPO, SMS_SPAM_FILE, offline_env
@@ -200,6 +201,114 @@ def test_compare_trains_each_strategy_and_prints_one_table(workspace, monkeypatc
     assert schedule[0] != schedule[1], "gradual unfreezes more of the model in its second epoch"
 
 
+def results_of(document: dict) -> dict:
+    """What a run found, without how it was asked for (argv, --out) or how long it took."""
+    return {key: value for key, value in document.items() if key not in ("timing", "arguments")}
+
+
+def test_a_comparison_gives_each_strategy_what_a_run_of_its_own_gives(workspace, monkeypatch, capsys):
+    """The frozen work is done once for the comparison (head's cache deepened from last-block's),
+    and changes no number: each strategy's metrics.json equals a separate run's."""
+    strategies = ["head", "last-block", "gradual"]
+    code, stdout, _ = run_in(workspace / "shared", tiny_args(workspace, "--out", "run", "--compare",
+                                                             ",".join(strategies)), monkeypatch, capsys)
+    assert code == 0
+    assert "frozen work, done once for every run: embeddings and block 0 over 66 texts" in stdout
+    assert "then block 1 (the last at the last position only)" in stdout
+    assert stdout.count("from the frozen work done once for every run") == 3 + 1  # gradual's second epoch too
+    for strategy in strategies:
+        code, _, _ = run_in(workspace / "alone" / strategy, tiny_args(workspace, "--out", "run", "--strategy", strategy),
+                            monkeypatch, capsys)
+        assert code == 0
+        alone = load_metrics(workspace / "alone" / strategy / "run")
+        assert results_of(load_metrics(workspace / "shared" / "run" / strategy)) == results_of(alone), strategy
+    rows = json.loads((workspace / "shared" / "run" / "compare.json").read_text())["rows"]
+    old_keys = {"strategy", "trainable_parameters", "training_seconds", "train_accuracy", "validation_accuracy",
+                "test_accuracy", "positive_class", "test_precision", "test_recall", "test_f1"}
+    assert all(old_keys <= set(row) for row in rows), "compare.json keeps the keys it always had"
+    assert rows[1]["test_accuracy"] == load_metrics(workspace / "alone" / "last-block" / "run")["test"]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def seeded_run(workspace: Path) -> tuple[Path, str]:
+    """--compare head,last-block --seeds 2, with --plot and without matplotlib."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where it is not installed
+        folder = workspace / "seeded"
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            code = train.main(tiny_args(workspace, "--out", "run", "--compare", "head,last-block", "--seeds", "2",
+                                        "--plot"))
+    assert code == 0
+    return folder / "run", stdout.getvalue()
+
+
+def test_several_seeds_keep_every_run_and_the_first_is_the_plain_run(seeded_run, base_run):
+    run_dir, stdout = seeded_run
+    assert sorted(p.name for p in run_dir.iterdir()) == ["compare.json", "head", "last-block"]
+    assert sorted(p.name for p in (run_dir / "last-block").iterdir()) == ["seed-123", "seed-124"]
+    first, second = load_metrics(run_dir / "last-block" / "seed-123"), load_metrics(run_dir / "last-block" / "seed-124")
+    assert (first["seed"], first["training_seed"], second["seed"], second["training_seed"]) == (123, 123, 123, 124)
+    plain = load_metrics(base_run[0])  # --seed 123 alone (with --eval-every 3, which adds checks only)
+    same = {key for key in results_of(plain) if key not in ("validation_checks", "training_seed")}
+    assert {key: first[key] for key in same} == {key: plain[key] for key in same}
+    assert first["data"] == second["data"], "the split stays: only the training's randomness changes"
+    assert first["history"] != second["history"]
+    assert "seeds" not in first["arguments"]["config"] and "--seeds" in first["arguments"]["argv"]
+    assert "strategy last-block, training seed 124:" in stdout
+
+
+def test_compare_json_holds_each_run_the_spread_and_the_paired_tests(seeded_run):
+    run_dir, stdout = seeded_run
+    document = json.loads((run_dir / "compare.json").read_text())
+    assert document["seeds"] == [123, 124] and document["reference"] == "last-block"
+    assert document["frozen_work"]["seconds"] > 0 and document["total_seconds"] > 0
+    head, last_block = document["rows"]
+    for row in (head, last_block):
+        runs = [load_metrics(run_dir / row["strategy"] / f"seed-{seed}") for seed in (123, 124)]
+        accuracies = [run["test"]["accuracy"] for run in runs]
+        assert [run["test_accuracy"] for run in row["runs"]] == accuracies
+        spread = row["spread"]["test_accuracy"]
+        assert (spread["min"], spread["max"]) == (min(accuracies), max(accuracies))
+        assert spread["mean"] == pytest.approx(sum(accuracies) / 2) == row["test_accuracy"]
+        assert spread["std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2**0.5)
+        assert set(row["spread"]) >= {"training_seconds", "test_f1", "validation_accuracy"}
+    assert "vs_reference" not in last_block
+    pairs = head["vs_reference"]["pairs"]
+    assert [(pair["seed"], pair["reference_seed"]) for pair in pairs] == [(123, 123), (124, 124)]
+    for pair in pairs:
+        assert pair["p_value"] == metrics.mcnemar_exact(pair["right_only_here"], pair["right_only_reference"])
+    table = stdout[stdout.index("strategy  "):]
+    assert "vs last-block" in table and " ± " in table and "reference" in table
+    assert "mean ± standard deviation over 2 training seeds (123, 124)" in table
+    assert "no compare.png written (pip install matplotlib)" in stdout  # optional: a note, not an error
+
+
+def test_seeds_without_compare_repeat_the_one_strategy(workspace, monkeypatch, capsys):
+    code, stdout, _ = run_in(workspace / "one-strategy", tiny_args(workspace, "--out", "run", "--strategy", "head",
+                                                                   "--seeds", "5,6"), monkeypatch, capsys)
+    assert code == 0
+    run_dir = workspace / "one-strategy" / "run"
+    assert sorted(p.name for p in (run_dir / "head").iterdir()) == ["seed-5", "seed-6"]
+    document = json.loads((run_dir / "compare.json").read_text())
+    assert document["reference"] == "head" and [row["seeds"] for row in document["rows"]] == [[5, 6]]
+
+
+def test_the_seeds_option():
+    assert train.parse_seeds("1", 123) == [] and train.parse_seeds("3", 123) == [123, 124, 125]
+    assert train.parse_seeds("7,", 123) == [7] and train.parse_seeds(" 7, 9 ", 123) == [7, 9]
+    for bad in ("0", "-2", "x", "1,1", ",", ""):
+        with pytest.raises(ValueError, match="--seeds"):
+            train.parse_seeds(bad, 123)
+    help_text = " ".join(train.build_parser().format_help().split())
+    assert "the split and, with --init random, the random GPT stay fixed by --seed" in help_text
+    cfg = train.TrainConfig(compare=["head", "lora"])
+    assert train.reference_strategy(cfg) == "head"
+    assert train.reference_strategy(train.TrainConfig(compare=["head", "last-block"])) == "last-block"
+
+
 def test_your_own_csv_files_with_three_classes(workspace, monkeypatch, capsys):
     """Separate train/validation/test CSV files, named columns, more than two classes."""
     lines = (workspace / "sms.txt").read_text(encoding="utf-8").splitlines()
@@ -250,6 +359,9 @@ BAD_INPUTS = {
     "max-length beyond the context": (["--max-length", "129"], "context length"),
     "unknown device": (["--device", "tpu"], "--device"),
     "validation file without a test file": (["--validation-data", "no/such/val.csv"], "--test-data"),
+    "a reference that is not compared": (["--compare", "head,all", "--reference", "lora"], "not among"),
+    "a strategy compared twice": (["--compare", "head,head"], "--seeds"),
+    "no seeds": (["--seeds", "0"], "number of seeds"),
 }
 
 

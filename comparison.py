@@ -1,0 +1,221 @@
+"""Strategies side by side, as an experiment: several training seeds, their spread, and which
+differences the test set can tell from noise. Machinery around the chapter's "Estratégias de
+Fine-Tuning" (`python train.py --compare head,last-block --seeds 3`).
+
+On a 300-text test set one accuracy point is 3 texts, and near 95% accuracy the binomial
+standard error is about 1.3 points: one run per strategy cannot separate most differences. So
+each strategy trains with N training seeds (a new head, another batch order, another LoRA
+start) on the same split and from the same backbone, and this module reports, per strategy and
+per metric, the mean, standard deviation, min and max over the seeds, then tests each strategy
+against a reference on the same test texts with McNemar's exact test (`metrics.mcnemar_exact`).
+
+Pairing: run i of a strategy against run i of the reference (the same training seed, so the
+same batch order), one test per pair; a difference is marked significant (*) when every pair's
+p-value is below 5%. Pooling the pairs into one test would count each text N times, as if the
+N runs had seen N different test sets.
+
+compare.json: "rows", one per strategy, with the keys a one-seed comparison always had (holding
+means over the seeds), then "seeds", "spread", "runs" (each seed's numbers) and "vs_reference";
+beside the rows, the reference, the test, the frozen work done once and the whole wall time.
+With --plot, compare.png.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import fastpath
+import metrics
+import report
+
+LEVEL = 0.05  # a difference is significant when p < 5%
+METRICS = ("training_seconds", "train_accuracy", "validation_accuracy", "test_accuracy", "test_precision",
+           "test_recall", "test_f1")
+
+
+@dataclass
+class Experiment:
+    """What a comparison ran: the strategies in order, the training seeds, the reference, the
+    test labels (the same for every run), the frozen work done once, and the wall time so far."""
+
+    strategies: list[str]
+    seeds: list[int]
+    reference: str
+    test_labels: Sequence[int]
+    shared: fastpath.SharedPrefix | None
+    total_seconds: float
+
+
+def run_row(result: report.RunResult) -> dict:
+    """One run's line of the table: what it cost (parameters, time) and what it bought."""
+    test = result.reports["test"]
+    return {
+        "strategy": result.strategy, "trainable_parameters": int(result.parameters["trainable"]),
+        "training_seconds": result.training_seconds, "train_accuracy": result.reports["train"].accuracy,
+        "validation_accuracy": result.reports["validation"].accuracy, "test_accuracy": test.accuracy,
+        "positive_class": test.label_names[-1], "test_precision": test.precision[-1],
+        "test_recall": test.recall[-1], "test_f1": test.f1[-1],
+    }
+
+
+def spread(values: Sequence[float]) -> dict[str, float | None]:
+    """Mean, sample standard deviation (None for one value), min and max."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values)}
+
+
+def paired_test(run: report.RunResult, reference: report.RunResult, test_labels: Sequence[int]) -> dict:
+    """McNemar's exact test of one run against one reference run, on the same test texts."""
+    b, c = metrics.discordant_counts(list(test_labels), run.test_predictions, reference.test_predictions)
+    p_value = metrics.mcnemar_exact(b, c)
+    return {"seed": run.seed, "reference_seed": reference.seed, "right_only_here": b, "right_only_reference": c,
+            "p_value": p_value, "significant": p_value < LEVEL}
+
+
+def comparison_document(results: list[report.RunResult], experiment: Experiment, cfg, argv: list[str]) -> dict:
+    """Everything compare.json holds."""
+    runs = {strategy: [r for r in results if r.strategy == strategy] for strategy in experiment.strategies}
+    rows = []
+    for strategy, strategy_runs in runs.items():
+        per_seed = [{"seed": result.seed, **run_row(result)} for result in strategy_runs]
+        row = run_row(strategy_runs[0])
+        row["seeds"] = [result.seed for result in strategy_runs]
+        row["spread"] = {key: spread([run[key] for run in per_seed]) for key in METRICS}
+        row.update({key: row["spread"][key]["mean"] for key in METRICS})  # one seed: the run's own numbers
+        if strategy != experiment.reference:
+            pairs = [paired_test(run, reference, experiment.test_labels)
+                     for run, reference in zip(strategy_runs, runs[experiment.reference])]
+            row["vs_reference"] = {"reference": experiment.reference, "pairs": pairs,
+                                   "significant_pairs": sum(pair["significant"] for pair in pairs),
+                                   "significant": all(pair["significant"] for pair in pairs)}
+        row["runs"] = per_seed
+        rows.append(row)
+    shared = experiment.shared
+    return {
+        "rows": rows,
+        "seeds": experiment.seeds,
+        "reference": experiment.reference,
+        "significance": {"test": "McNemar's exact test, two-sided, on the test texts", "level": LEVEL,
+                         "pairing": "run i of each strategy against run i of the reference (the same training seed)",
+                         "marked": "significant when every pair's p-value is below the level"},
+        "frozen_work": None if shared is None else {"seconds": shared.seconds, "steps": shared.steps,
+                                                    "bytes": shared.nbytes},
+        "total_seconds": experiment.total_seconds,  # the whole comparison, from the start to this table
+        "arguments": {"argv": argv, "config": asdict(cfg)},
+    }
+
+
+def _mean_cell(row: dict, key: str, percent: bool = False, digits: int = 4) -> str:
+    numbers = row["spread"][key]
+    scale, unit = (100, "%") if percent else (1, "")
+    mean = f"{numbers['mean'] * scale:.{2 if percent else digits}f}"
+    if numbers["std"] is None:
+        return mean + unit
+    return f"{mean} ± {numbers['std'] * scale:.{2 if percent else digits}f}{unit}"
+
+
+def _significance_cell(row: dict) -> str:
+    versus = row.get("vs_reference")
+    if versus is None:
+        return "reference"
+    p_values = [pair["p_value"] for pair in versus["pairs"]]
+    mark = " *" if versus["significant"] else ""
+    if len(p_values) == 1:
+        return f"p {p_values[0]:.2g}{mark}"
+    return f"p {min(p_values):.2g}-{max(p_values):.2g}, {versus['significant_pairs']}/{len(p_values)}{mark}"
+
+
+def format_comparison(document: dict) -> str:
+    """One table: what each strategy costs (parameters, time) and what it buys (accuracy, P/R/F1),
+    mean ± std over the seeds, and its test against the reference; then how to read it."""
+    rows, reference, seeds = document["rows"], document["reference"], document["seeds"]
+    positive = rows[0]["positive_class"]
+    header = ["strategy", "trainable params", "train time", "train acc", "val acc", "test acc",
+              f"test P ({positive})", f"test R ({positive})", f"test F1 ({positive})", f"vs {reference}"]
+    table = [[row["strategy"], f"{row['trainable_parameters']:,}", _mean_cell(row, "training_seconds", digits=1) + " s",
+              *(_mean_cell(row, key, percent=True) for key in ("train_accuracy", "validation_accuracy", "test_accuracy")),
+              *(_mean_cell(row, key) for key in ("test_precision", "test_recall", "test_f1")),
+              _significance_cell(row)] for row in rows]
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i in (0, len(header) - 1) else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(line, widths))).rstrip() for line in [header, *table]]
+    if len(seeds) > 1:
+        lines.append(f"\nmean ± standard deviation over {len(seeds)} training seeds ({', '.join(map(str, seeds))}); "
+                     f"min and max in compare.json")
+    lines.append(f"vs {reference}: McNemar's exact test on the same test texts (two-sided), "
+                 + ("run i against the reference's run i: p range, pairs below 5%; " if len(seeds) > 1 else "")
+                 + "* = significant at 5%" + (" in every pair" if len(seeds) > 1 else ""))
+    frozen = document["frozen_work"]
+    if frozen is not None:
+        lines.append(f"train time: each run's own training; the frozen work done once for all runs took "
+                     f"{frozen['seconds']:.1f} s more")
+    lines.append(f"whole comparison: {document['total_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def write_comparison(folder: Path, final_folder: Path, results: list[report.RunResult], experiment: Experiment,
+                     cfg, argv: list[str]) -> str:
+    """compare.json (and with --plot compare.png) in `folder`, the run folder being built, which
+    becomes `final_folder`; returns the table for the log."""
+    document = comparison_document(results, experiment, cfg, argv)
+    report.write_json(folder / "compare.json", document)
+    text = "\n" + format_comparison(document)
+    if cfg.plot:
+        text += "\n" + write_plot(document, folder, final_folder)
+    return text
+
+
+def write_plot(document: dict, folder: Path, final_folder: Path) -> str:
+    """compare.png: per strategy, test accuracy and the positive class's F1 (bars: the mean;
+    whiskers: min to max over the seeds; * beside a significant difference from the reference),
+    and beside them the training time. matplotlib is optional."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "--plot: matplotlib is not installed, no compare.png written (pip install matplotlib)"
+    rows, positive = document["rows"], document["rows"][0]["positive_class"]
+    names = [row["strategy"] + (" *" if row.get("vs_reference", {}).get("significant") else "") for row in rows]
+    positions = list(range(len(rows)))
+    figure, (scores, times) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(rows), 4.2),
+                                           gridspec_kw={"width_ratios": [2, 1]})
+
+    def bars(axes, key: str, offset: float, width: float, label: str, color: str, scale: float, digits: int):
+        numbers = [row["spread"][key] for row in rows]
+        means = [n["mean"] * scale for n in numbers]
+        whiskers = [[m - n["min"] * scale for m, n in zip(means, numbers)],
+                    [n["max"] * scale - m for m, n in zip(means, numbers)]]
+        axes.bar([p + offset for p in positions], means, width, yerr=whiskers, capsize=4, label=label, color=color)
+        for p, m, n in zip(positions, means, numbers):  # the mean, above the top whisker
+            axes.annotate(f"{m:.{digits}f}", (p + offset, n["max"] * scale), xytext=(0, 3), textcoords="offset points",
+                          ha="center", va="bottom", fontsize=8)
+        return numbers
+
+    accuracy = bars(scores, "test_accuracy", -0.2, 0.4, "test accuracy (%)", "tab:blue", 100, 1)
+    f1 = bars(scores, "test_f1", 0.2, 0.4, f"test F1 ({positive}) x 100", "tab:orange", 100, 1)
+    lowest = min(n["min"] for n in accuracy + f1) * 100
+    scores.set_ylim(max(0.0, 10 * int(lowest // 10) - 10), 108)  # the axis starts below the lowest whisker
+    scores.set_xticks(positions, names)
+    scores.set_ylabel("on the test set")
+    scores.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2, frameon=False, fontsize=8)
+    seeds = len(document["seeds"])
+    scores.set_title(f"mean of {seeds} seed{'s' if seeds > 1 else ''}, whiskers min-max"
+                     f"{'; * differs from ' + document['reference'] + ' (McNemar, 5%)' if len(rows) > 1 else ''}",
+                     fontsize=9)
+    durations = bars(times, "training_seconds", 0.0, 0.6, "training time", "tab:gray", 1, 1)
+    if max(n["max"] for n in durations) > 20 * max(min(n["min"] for n in durations), 1e-9):
+        times.set_yscale("log")  # head and all differ 100-fold: a linear axis hides the short ones
+    times.margins(y=0.15)
+    times.set_xticks(positions, [row["strategy"] for row in rows], rotation=30, ha="right")
+    times.set_ylabel("seconds per run")
+    times.set_title("training time" + ("\n(the frozen work done once apart)" if document["frozen_work"] else ""),
+                    fontsize=9)
+    figure.tight_layout()
+    figure.savefig(folder / "compare.png", dpi=120)
+    plt.close(figure)
+    return f"plot written: {final_folder / 'compare.png'}"
