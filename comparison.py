@@ -136,7 +136,8 @@ def format_comparison(document: dict) -> str:
     header = ["strategy", "trainable params", "train time", "train acc", "val acc", "test acc",
               f"test P ({positive})", f"test R ({positive})", f"test F1 ({positive})", f"vs {reference}"]
     table = [[row["strategy"], f"{row['trainable_parameters']:,}", _mean_cell(row, "training_seconds", digits=1) + " s",
-              *(_mean_cell(row, key, percent=True) for key in ("train_accuracy", "validation_accuracy", "test_accuracy")),
+              *(_mean_cell(row, key, percent=True)
+                for key in ("train_accuracy", "validation_accuracy", "test_accuracy")),
               *(_mean_cell(row, key) for key in ("test_precision", "test_recall", "test_f1")),
               _significance_cell(row)] for row in rows]
     widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
@@ -219,3 +220,26 @@ def write_plot(document: dict, folder: Path, final_folder: Path) -> str:
     figure.savefig(folder / "compare.png", dpi=120)
     plt.close(figure)
     return f"plot written: {final_folder / 'compare.png'}"
+
+
+def parse_seeds(text: str, seed: int) -> list[int]:
+    """--seeds: a count N gives the training seeds seed, seed + 1, ..., seed + N - 1 (N = 1 gives
+    [], the plain run); a comma-separated list gives its own seeds."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        seeds = [int(part) for part in parts if part]
+    except ValueError:
+        seeds = []
+    if len(parts) == 1 and seeds:  # a count
+        seeds = [seed + i for i in range(seeds[0])]
+        if seeds == [seed]:
+            return []
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise ValueError(f"--seeds {text}: give a number of seeds (e.g. 3) or a list of different seeds (e.g. 1,2,3)")
+    return seeds
+
+
+def reference_strategy(reference: str | None, strategies: list[str]) -> str:
+    """The strategy the others are tested against: --reference, else the book's last-block when it
+    is compared, else the first one."""
+    return reference or ("last-block" if "last-block" in strategies else strategies[0])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -95,6 +96,14 @@ def pick_device(name: str | None) -> torch.device:
 
 def _has(kind: str) -> bool:
     return {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[kind]
+
+
+def memory_bytes() -> float:
+    """This machine's memory (inf where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # a system that does not say
+        return math.inf
 
 
 def process_label() -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -305,6 +305,11 @@ class SplitInputs:
         batch = data.collate([self.dataset[i] for i in indices]).to(device)
         return Batch(batch.token_ids, batch.lengths, labels, size or len(indices))
 
+    def batches(self, sampler: Iterable[tuple[list[int], int]], device: torch.device) -> Iterator[Batch]:
+        """The batches of `sampler`'s (indices, size of the whole batch) pairs (distributed.shard)."""
+        for indices, size in sampler:
+            yield self.batch(indices, device, size)
+
 
 @dataclass
 class CacheStatus:
@@ -329,12 +334,13 @@ class CacheStatus:
                 f"{size} ({self.dtype}), built in {self.seconds:.1f} s")
 
 
-def refresh_caches(network: nn.Module, splits: dict[str, SplitInputs], device: torch.device) -> CacheStatus:
+def refresh_caches(network: nn.Module, splits: dict[str, SplitInputs], device: torch.device,
+                   enabled: bool = True) -> CacheStatus:
     """Cache what the frozen prefix computes, for every split, and point `network` (a
     FastClassifier) at it; rebuilt only when the boundary between frozen and trainable blocks
     moved (the "gradual" strategy moves it every epoch), and taken from a split's shelf when
-    the frozen work was done beforehand."""
-    if not isinstance(network, FastClassifier):
+    the frozen work was done beforehand. `enabled` False (--no-cache): no cache."""
+    if not (enabled and isinstance(network, FastClassifier)):
         return CacheStatus(used=False, reason="--no-cache")
     model, start_block = network.classifier, frozen_prefix_length(network.classifier)
     started, caches, shelved = time.perf_counter(), {}, set()

@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -166,7 +166,8 @@ def describe_trainable(model: classify.GPTClassifier) -> str:
     adapters = {id(p) for m in model.modules() if isinstance(m, classify.LoRALinear) for p in (m.lora_A, m.lora_B)}
     blocks = [i for i, block in enumerate(model.gpt.h)
               if any(p.requires_grad and id(p) not in adapters for p in block.parameters())]
-    parts = [name for name, module in (("head", model.head), ("final LayerNorm", model.gpt.ln_f)) if classify.trains(module)]
+    parts = [name for name, module in (("head", model.head), ("final LayerNorm", model.gpt.ln_f))
+             if classify.trains(module)]
     if blocks:
         parts.append(f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}")
     if adapters:
@@ -242,7 +243,7 @@ class RunFacts:
     cfg: object  # train.TrainConfig
     argv: list[str]
     tokens: object  # train.TokenizedSplits
-    shape: object  # gpt.GPTConfig
+    gpt_config: object  # gpt.GPTConfig
     runtime: distributed.Runtime
     started: float
     training_seed: int | None = None  # with --seeds: this run's (the split's seed stays cfg.seed)
@@ -271,7 +272,7 @@ def metrics_document(result: RunResult, facts: RunFacts) -> dict:
         "trainable_parameters": result.parameters,
         "data": {"label_names": result.reports["train"].label_names, "max_length": tokens.max_length,
                  **{name: {"examples": len(d), "truncated": d.num_truncated} for name, d in tokens.items()}},
-        "model": {"source": facts.cfg.model, "init": facts.cfg.init, **asdict(facts.shape)},
+        "model": {"source": facts.cfg.model, "init": facts.cfg.init, **asdict(facts.gpt_config)},
         "prefix_cache": {k: v for k, v in asdict(training.cache).items() if k not in ("seconds", "shared")},
         "device": facts.runtime.device.type,
         "seed": facts.cfg.seed,
@@ -295,8 +296,13 @@ def write_json(path: Path, document: dict) -> None:
     path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def write_run(run_dir: Path, result: RunResult, facts: RunFacts) -> None:
-    write_json(run_dir / "metrics.json", metrics_document(result, facts))
+def write_run(run_dir: Path, final_dir: Path, result: RunResult, facts: RunFacts, log: Log) -> None:
+    """metrics.json, and the plots with --plot, in `run_dir` (the folder being built, which
+    becomes `final_dir`)."""
+    seeded = replace(facts, training_seed=result.seed if facts.cfg.seeds else None)
+    write_json(run_dir / "metrics.json", metrics_document(result, seeded))
+    if facts.cfg.plot:
+        log(write_plots(result, run_dir, final_dir))
 
 
 def write_plots(result: RunResult, folder: Path, final_folder: Path) -> str:
@@ -356,8 +362,8 @@ def staged_output(out: Path, runtime: distributed.Runtime) -> Iterator[Path | No
     """The run folder being built, on rank 0 alone (None on the other processes, which write
     nothing); every process learns whether rank 0 could create it before any work starts."""
     with contextlib.ExitStack() as stack:
-        yield distributed.together(runtime, (lambda: stack.enter_context(hub.staged_folder(out, "--out"))) if runtime.is_main_process
-                                   else None)
+        create = (lambda: stack.enter_context(hub.staged_folder(out, "--out"))) if runtime.is_main_process else None
+        yield distributed.together(runtime, create)
 
 
 # --------------------------------------------------------------------------- the classify.py command

@@ -32,7 +32,6 @@ import argparse
 import copy
 import itertools
 import math
-import os
 import signal
 import sys
 import time
@@ -89,7 +88,7 @@ class TrainConfig:
     reference: str | None = None  # the strategy the others are tested against; None: last-block, or the first
     cache_dir: str | None = None
     compile: bool = False
-    use_prefix_cache: bool = True  # False: the plain forward (classify.GPTClassifier), no fast path
+    use_prefix_cache: bool = True  # False (--no-cache): the frozen blocks run at every step
 
 
 @dataclass
@@ -101,9 +100,19 @@ class Job:
     runtime: distributed.Runtime
     log: report.Log
     seed: int | None = None  # the training seed: the new head, the batch order, LoRA's start (None: cfg.seed)
+    fast_path: bool = True  # False: the plain forward (classify.GPTClassifier), as benchmarks/ runs the book's
 
     def __post_init__(self) -> None:
         self.seed = self.cfg.seed if self.seed is None else self.seed
+
+    @property
+    def eval_batch_size(self) -> int:
+        return max(self.cfg.batch_size, 32)  # no gradients kept: larger batches cost little memory
+
+    def network(self, model: classify.GPTClassifier) -> nn.Module:
+        """What computes the logits: fastpath's FastClassifier (the same numbers, less work), or the
+        plain forward."""
+        return fastpath.FastClassifier(model) if self.fast_path else model
 
 
 # --------------------------------------------------------------------------- steps 1-5
@@ -148,14 +157,21 @@ def tokenize(splits: data.Splits, tokenizer, max_length: int | None, longest: in
     return TokenizedSplits(train, validation, test, max_length)
 
 
-def load_gpt(cfg: TrainConfig, shape: gpt.GPTConfig, log: report.Log = report.quiet) -> gpt.GPTModel:
+def load_gpt(cfg: TrainConfig, gpt_config: gpt.GPTConfig, log: report.Log = report.quiet) -> gpt.GPTModel:
     """Step 3, "GPT": the pretrained model, or the same architecture with random weights."""
     if cfg.init == "random":
         torch.manual_seed(cfg.seed)
-        return gpt.GPTModel(shape)
+        return gpt.GPTModel(gpt_config)
     weights = hub.fetch(cfg.model, cfg.cache_dir, hub.print_progress)  # a preset: its file, downloaded once
     log(f"3. GPT: weights from {weights}")
-    return gpt.load_gpt2(weights, config=shape)
+    return gpt.load_gpt2(weights, config=gpt_config)
+
+
+def load_text_and_tokens(cfg: TrainConfig, gpt_config: gpt.GPTConfig) -> tuple[data.Splits, TokenizedSplits]:
+    """Steps 1 and 2."""
+    splits = load_labelled_text(cfg)
+    longest = classify.longest_text(gpt_config, cfg.pooling)
+    return splits, tokenize(splits, data.get_tokenizer("gpt2"), cfg.max_length, longest)
 
 
 def build_classifier(gpt_model: gpt.GPTModel, num_classes: int, pooling: str, seed: int) -> classify.GPTClassifier:
@@ -168,11 +184,11 @@ def build_classifier(gpt_model: gpt.GPTModel, num_classes: int, pooling: str, se
 # --------------------------------------------------------------------------- steps 6-7 and the loop
 
 
-def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Step 6, the supervised loss: cross-entropy, minus the log-probability the model
-    gives each text's true class, averaged over the batch: summed, then divided by the batch's
-    size (under torchrun a process holds some of the batch's texts and adds their part)."""
-    return F.cross_entropy(logits, labels, reduction="sum") / batch_size  # logits (B, K), labels (B,)
+def supervised_loss(logits: torch.Tensor, batch: fastpath.Batch) -> torch.Tensor:
+    """Step 6, the supervised loss: cross-entropy, minus the log-probability the model gives each
+    text's true class, averaged over the batch: summed, then divided by the batch's size (under
+    torchrun a process holds some of the batch's texts and adds their part: README "Scaling out")."""
+    return F.cross_entropy(logits, batch.labels, reduction="sum") / batch.size  # logits (B, K), labels (B,)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -219,29 +235,29 @@ def fine_tune(model: classify.GPTClassifier, splits: dict[str, fastpath.SplitInp
     validation set. Keeps a copy of the weights of the epoch with the best validation accuracy."""
     cfg, device, log = job.cfg, job.runtime.device, job.log
     optimizer = make_optimizer(model, cfg)
-    fast = fastpath.FastClassifier(model) if cfg.use_prefix_cache else model  # same logits, less work
+    fast = job.network(model)  # fastpath: the same logits, less work
     network = distributed.wrap(fast, job.runtime)  # torchrun: gradients summed over processes
     batches = distributed.shard(fastpath.BucketBatchSampler(splits["train"].dataset.lengths, cfg.batch_size,
                                                             job.seed), job.runtime)  # torchrun: this process's share
-    training = report.Training(cache=fastpath.refresh_caches(fast, splits, device), best_state=trainable_state(model))
-    log(training.cache.describe())
+    cache = fastpath.refresh_caches(fast, splits, device, cfg.use_prefix_cache)  # the frozen blocks' work, once
+    training = report.Training(cache=cache, best_state=trainable_state(model))
+    log(cache.describe())
     progress = report.Progress(total_steps=cfg.epochs * len(batches), log_every=max(1, len(batches) // 10))
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
         if strategy == "gradual" and epoch > 0 and unfreeze_next_block(model, optimizer, training, epoch):
             del network  # under torchrun the old DDP and its gradient hooks go first
             network = distributed.wrap(fast, job.runtime)  # DDP must see the new trainable set
-            training.set_cache(fastpath.refresh_caches(fast, splits, device))
+            training.set_cache(fastpath.refresh_caches(fast, splits, device, cfg.use_prefix_cache))
             log(f"epoch {epoch + 1}: unfrozen, now training {report.describe_trainable(model)}; "
                 f"{training.cache.describe()}")
         trainable = report.describe_trainable(model)
         tally = report.Tally(device, job.runtime.sum)
         batches.set_epoch(epoch)  # a new batch order every epoch, the same for every run with this seed
         model.train()
-        for step, (indices, batch_size) in enumerate(batches, start=1):
-            batch = splits["train"].batch(indices, device, batch_size)
+        for step, batch in enumerate(splits["train"].batches(batches, device), start=1):
             logits = network(batch.inputs, batch.lengths)  # steps 3-5: GPT, representation, head (B, K)
-            loss = supervised_loss(logits, batch.labels, batch.size)  # step 6
+            loss = supervised_loss(logits, batch)  # step 6
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # gradients reach the trainable parameters only
             optimizer.step()  # step 7: AdamW moves them against their gradient
@@ -251,12 +267,12 @@ def fine_tune(model: classify.GPTClassifier, splits: dict[str, fastpath.SplitInp
             if check_now or step % progress.log_every == 0 or step == len(batches):
                 line = progress.line(epoch, cfg.epochs, step, len(batches), tally.mean_loss())
                 if check_now:
-                    check = evaluate(fast, splits["validation"], max(cfg.batch_size, 32), device)
+                    check = evaluate(fast, splits["validation"], job.eval_batch_size, device)
                     model.train()
                     training.step_checks.append({"step": progress.step, "validation_loss": check.loss})
                     line += f"  validation loss {check.loss:.4f}"
                 log(line)
-        validation = evaluate(fast, splits["validation"], max(cfg.batch_size, 32), device)
+        validation = evaluate(fast, splits["validation"], job.eval_batch_size, device)
         record = report.EpochRecord(epoch + 1, trainable, tally.mean_loss(), tally.accuracy(), validation.loss,
                                     validation.accuracy)
         if training.add_epoch(record, time.perf_counter() - started):
@@ -303,6 +319,8 @@ def prepare_strategy(initial: classify.GPTClassifier, strategy: str, job: Job) -
     model.to(job.runtime.device)
     if job.cfg.compile and job.runtime.device.type != "cuda":
         job.log(f"--compile: only used on CUDA; running uncompiled on {job.runtime.device.type}")
+    elif job.cfg.compile and not hasattr(nn.Module, "compile"):
+        job.log("--compile: needs PyTorch 2.2 or later; running uncompiled")
     elif job.cfg.compile:
         for block in model.gpt.h:
             block.compile(dynamic=True)
@@ -313,51 +331,52 @@ def evaluate_splits(model: classify.GPTClassifier, splits: dict[str, fastpath.Sp
                     job: Job) -> tuple[dict[str, metrics.ClassificationReport], dict[str, float], dict[str, list[int]]]:
     """The chapter's metrics ("Avaliando classificadores de texto") on every split; also each
     split's predictions, text by text (to compare strategies on the same texts)."""
-    fast = fastpath.FastClassifier(model) if job.cfg.use_prefix_cache else model
-    fastpath.refresh_caches(fast, splits, job.runtime.device)  # kept from training, unless the boundary moved
+    fast = job.network(model)
+    fastpath.refresh_caches(fast, splits, job.runtime.device, job.cfg.use_prefix_cache)  # training's, if it can
     reports, losses, predictions = {}, {}, {}
     for name, split in splits.items():
-        evaluation = evaluate(fast, split, max(job.cfg.batch_size, 32), job.runtime.device)
+        evaluation = evaluate(fast, split, job.eval_batch_size, job.runtime.device)
         reports[name] = metrics.classification_report(evaluation.y_true, evaluation.y_pred, label_names)
         losses[name], predictions[name] = evaluation.loss, evaluation.y_pred
     return reports, losses, predictions
 
 
-def share_frozen_work(gpt_model: gpt.GPTModel, tokens: TokenizedSplits, num_classes: int, job: Job
+def share_frozen_work(gpt_model: gpt.GPTModel, tokens: TokenizedSplits, num_classes: int, job: Job, runs: int
                       ) -> fastpath.SharedPrefix | None:
     """Several runs (--compare, --seeds) start from the same frozen weights, so the frozen blocks
     compute the same for all of them: once here, for every frozen boundary the runs will ask
     for (nested: each deeper one from the one below), then each run takes its own."""
-    if not job.cfg.use_prefix_cache:
+    if runs < 2 or not (job.cfg.use_prefix_cache and job.fast_path):
         return None
     frozen = prepare_strategy(build_classifier(gpt_model, num_classes, job.cfg.pooling, job.seed), "head", job)
     lengths = fastpath.planned_prefix_lengths(frozen, job.cfg.compare or [job.cfg.strategy], job.cfg.epochs)
-    return fastpath.share_frozen_work(frozen, dict(tokens.items()), lengths, job.runtime.device)
+    shared = fastpath.share_frozen_work(frozen, dict(tokens.items()), lengths, job.runtime.device)
+    if shared is not None:
+        job.log(shared.describe())
+    return shared
 
 
 def run(cfg: TrainConfig, argv: list[str], log: report.Log) -> int:
     """The main job: check the arguments, steps 1-5 once, then for each strategy (and training
     seed): freeze, fine-tune (steps 6-7), evaluate, and write the run folder (only when complete)."""
     started = time.perf_counter()
-    shape = check_config(cfg)
+    gpt_config = check_config(cfg)
     strategies, seeds = cfg.compare or [cfg.strategy], cfg.seeds or [cfg.seed]
     comparing = bool(cfg.compare) or len(seeds) > 1  # one folder per run, compare.json beside them
     with distributed.session(cfg.device) as runtime:
         job = Job(cfg, runtime, log if runtime.is_main_process else report.quiet)
         out = Path(cfg.out) if cfg.out else report.default_out_dir()
         with report.staged_output(out, runtime) as staging:  # None on every process but rank 0
-            splits, tokens = distributed.load_in_turn(runtime, lambda: load_text_and_tokens(cfg, shape))  # 1-2
-            gpt_model = distributed.load_in_turn(runtime, lambda: load_gpt(cfg, shape, job.log))  # step 3
+            splits, tokens = distributed.load_in_turn(runtime, lambda: load_text_and_tokens(cfg, gpt_config))  # 1-2
+            gpt_model = distributed.load_in_turn(runtime, lambda: load_gpt(cfg, gpt_config, job.log))  # step 3
             job.log(report.describe_steps(cfg, splits, tokens, gpt_model, runtime))
-            shared = (share_frozen_work(gpt_model, tokens, len(splits.label_names), job)
-                      if len(strategies) * len(seeds) > 1 else None)  # the frozen blocks' work, once for every run
-            if shared is not None:
-                job.log(shared.describe())
-            results = []
+            shared = share_frozen_work(gpt_model, tokens, len(splits.label_names), job, len(strategies) * len(seeds))
+            facts, results = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, started), []
             for strategy, seed in itertools.product(strategies, seeds):  # --seeds: only the training's randomness
                 seeded = replace(job, seed=seed)  # changes; the split and the (random) backbone do not
                 initial = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, seed)  # steps 4-5
                 model = prepare_strategy(initial, strategy, seeded)
+                parameters = report.parameter_counts(model)  # what trains from the start (gradual: then more)
                 job.log(report.describe_strategy(model, strategy, cfg.epochs, seed if cfg.seeds else None))
                 inputs = {name: fastpath.SplitInputs(dataset, shelf=shared.caches[name] if shared else {})
                           for name, dataset in tokens.items()}
@@ -368,30 +387,22 @@ def run(cfg: TrainConfig, argv: list[str], log: report.Log) -> int:
                 training.best_state.clear()  # in the model now: a comparison keeps many runs' records
                 job.log(f"kept the weights of epoch {training.best_epoch} (best validation accuracy)")
                 reports, losses, predictions = evaluate_splits(model, inputs, splits.label_names, job)
-                result = report.RunResult(strategy, reports, losses, report.parameter_counts(model), training, seconds,
-                                          seed, predictions["test"])
+                result = report.RunResult(strategy, reports, losses, parameters, training, seconds, seed,
+                                          predictions["test"])
                 results.append(result)
                 job.log(report.describe_result(result, tokens))
-                if staging is not None:
+                if staging is not None:  # rank 0 writes the classifier (for classify.py), metrics.json, plots
                     folder = report.run_folder(strategy, seed, comparing, several_seeds=len(seeds) > 1)
                     (staging / folder).mkdir(parents=True, exist_ok=True)
                     classify.save_classifier(model.cpu(), staging / folder, splits.label_names, tokens.max_length)
-                    report.write_run(staging / folder, result, report.RunFacts(cfg, argv, tokens, shape, runtime,
-                                                                               started, seed if cfg.seeds else None))
-                    if cfg.plot:
-                        job.log(report.write_plots(result, staging / folder, out / folder))
+                    report.write_run(staging / folder, out / folder, result, facts, job.log)
             if comparing and staging is not None:
-                experiment = comparison.Experiment(strategies, seeds, reference_strategy(cfg), tokens.test.labels,
-                                                   shared, time.perf_counter() - started)
+                reference = comparison.reference_strategy(cfg.reference, strategies)
+                experiment = comparison.Experiment(strategies, seeds, reference, tokens.test.labels, shared,
+                                                   time.perf_counter() - started)
                 job.log(comparison.write_comparison(staging, out, results, experiment, cfg, argv))
         job.log(f"\ntotal time {time.perf_counter() - started:.1f} s; written to {out}")
     return 0
-
-
-def load_text_and_tokens(cfg: TrainConfig, shape: gpt.GPTConfig) -> tuple[data.Splits, TokenizedSplits]:
-    """Steps 1 and 2."""
-    splits = load_labelled_text(cfg)
-    return splits, tokenize(splits, data.get_tokenizer("gpt2"), cfg.max_length, classify.longest_text(shape, cfg.pooling))
 
 
 # --------------------------------------------------------------------------- the command line
@@ -473,59 +484,36 @@ def build_parser() -> argparse.ArgumentParser:
                        "one, text by text on the test set (McNemar's exact test, per seed pair); default: last-block "
                        "when compared, else the first strategy")
     group.add_argument("--compile", action="store_true", help="torch.compile the blocks (CUDA only)")
-    group.add_argument("--no-cache", dest="use_prefix_cache", action="store_false", help="train through the plain "
-                       "forward pass: no frozen-prefix cache, no shortcut in the last block (slower, same result)")
+    group.add_argument("--no-cache", dest="use_prefix_cache", action="store_false",
+                       help="do not cache the frozen blocks' outputs (slower, same result: for comparison)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = vars(args).copy()
     values["compare"] = [name.strip() for name in args.compare.split(",") if name.strip()]
-    values["seeds"] = parse_seeds(args.seeds, args.seed)
+    values["seeds"] = comparison.parse_seeds(args.seeds, args.seed)
     return TrainConfig(**values)
-
-
-def parse_seeds(text: str, seed: int) -> list[int]:
-    """--seeds: a count N gives the training seeds seed, seed + 1, ..., seed + N - 1 (N = 1 gives
-    [], the plain run); a comma-separated list gives its own seeds."""
-    parts = [part.strip() for part in text.split(",")]
-    try:
-        seeds = [int(part) for part in parts if part]
-    except ValueError:
-        seeds = []
-    if len(parts) == 1 and seeds:  # a count
-        seeds = [seed + i for i in range(seeds[0])]
-        if seeds == [seed]:
-            return []
-    if not seeds or len(set(seeds)) < len(seeds):
-        raise ValueError(f"--seeds {text}: give a number of seeds (e.g. 3) or a list of different seeds (e.g. 1,2,3)")
-    return seeds
-
-
-def reference_strategy(cfg: TrainConfig) -> str:
-    """The strategy the others are tested against: --reference, else the book's last-block when it
-    is compared, else the first one."""
-    strategies = cfg.compare or [cfg.strategy]
-    return cfg.reference or ("last-block" if "last-block" in strategies else strategies[0])
 
 
 def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
     """Reject bad arguments before anything is downloaded or trained; returns the model's shape."""
-    shape = gpt.load_config(cfg.model)  # ValueError on an unknown name or bad path
-    if shape.vocab_size <= data.END_OF_TEXT_ID:
-        raise ValueError(f"--model {cfg.model}: {shape.vocab_size} tokens, fewer than GPT-2's tokenizer needs "
+    gpt_config = gpt.load_config(cfg.model)  # ValueError on an unknown name or bad path
+    if gpt_config.vocab_size <= data.END_OF_TEXT_ID:
+        raise ValueError(f"--model {cfg.model}: {gpt_config.vocab_size} tokens, fewer than GPT-2's tokenizer needs "
                          f"({data.END_OF_TEXT_ID + 1})")
     for name in cfg.compare or [cfg.strategy]:
-        classify.trainable_blocks(name, shape.n_layers)  # ValueError: unknown, or more blocks than the model has
+        classify.trainable_blocks(name, gpt_config.n_layers)  # ValueError: unknown, or more blocks than the model has
     if len(set(cfg.compare)) < len(cfg.compare):
         raise ValueError(f"--compare {','.join(cfg.compare)}: a strategy is listed twice (use --seeds to repeat one)")
     if cfg.reference is not None and cfg.reference not in (cfg.compare or [cfg.strategy]):
         raise ValueError(f"--reference {cfg.reference}: not among the strategies compared "
                          f"({', '.join(cfg.compare or [cfg.strategy])})")
-    parameters = (shape.vocab_size + shape.context_length) * shape.emb_dim + shape.n_layers * 12 * shape.emb_dim**2
-    if cfg.init == "random" and parameters * 4 > _memory_bytes():  # before building a model that cannot fit
+    width = gpt_config.emb_dim
+    parameters = (gpt_config.vocab_size + gpt_config.context_length) * width + gpt_config.n_layers * 12 * width**2
+    if cfg.init == "random" and parameters * 4 > distributed.memory_bytes():  # before building what cannot fit
         raise ValueError(f"--model {cfg.model}: about {parameters:,} parameters, {parameters * 4 / 2**30:,.0f} GiB "
-                         f"in float32, more than this machine's {_memory_bytes() / 2**30:,.0f} GiB")
+                         f"in float32, more than this machine's {distributed.memory_bytes() / 2**30:,.0f} GiB")
     if cfg.pooling not in classify.POOLINGS:
         raise ValueError(f"unknown pooling {cfg.pooling!r}; choose one of {', '.join(classify.POOLINGS)}")
     lora = "lora" in (cfg.compare or [cfg.strategy])
@@ -535,7 +523,8 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
         ("--eval-every", cfg.eval_every, cfg.eval_every >= 0, "0 or more"),
         ("--lr", cfg.lr, 0 < cfg.lr < math.inf, "a finite number greater than 0"),
         ("--weight-decay", cfg.weight_decay, 0 <= cfg.weight_decay < math.inf, "a finite number, 0 or more"),
-        ("--lora-rank", cfg.lora_rank, not lora or cfg.lora_rank >= 1, "at least 1"),
+        ("--lora-rank", cfg.lora_rank, not lora or 1 <= cfg.lora_rank <= gpt_config.emb_dim,
+         f"between 1 and the model's width, {gpt_config.emb_dim}"),
         ("--lora-alpha", cfg.lora_alpha, not lora or math.isfinite(cfg.lora_alpha), "a finite number"),
         ("--seed", cfg.seed, 0 <= cfg.seed < 2**63, "in 0..2**63-1"),
     ):
@@ -547,19 +536,14 @@ def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
                        ("--test-data", cfg.test_data)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{flag} {path}: no such file")
-    longest = classify.longest_text(shape, cfg.pooling)
+    longest = classify.longest_text(gpt_config, cfg.pooling)
     if cfg.max_length is not None and not 1 <= cfg.max_length <= longest:
         raise ValueError(f"--max-length {cfg.max_length}: must be between 1 and {longest}, what the model reads "
                          f"(its context length{', less the special token' if cfg.pooling == 'special' else ''})")
+    if cfg.init == "pretrained" and Path(cfg.model).is_dir() and not (Path(cfg.model) / "model.safetensors").is_file():
+        raise ValueError(f"--model {cfg.model}: no model.safetensors there (for its architecture alone: --init random)")
     distributed.pick_device(cfg.device)  # ValueError: unknown or absent
-    return shape
-
-
-def _memory_bytes() -> float:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # a system that does not say
-        return math.inf
+    return gpt_config
 
 
 def stop_like_ctrl_c(signum, frame) -> None:
@@ -588,14 +572,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{label}interrupted: no run folder was written", file=sys.stderr)
         return 130
-    except MemoryError:
-        print(f"{label}error: out of memory (try a smaller --batch-size or --max-length, or --model); "
-              "no run folder was written", file=sys.stderr)
     except (distributed.OtherProcessFailed, distributed.StoppedByTorchrun) as error:
         if label == "[rank 0] ":  # another process failed and said why; rank 0 says that this one stopped
             print(f"{label}{report.one_line(error)}", file=sys.stderr)
     except Exception as error:
-        if label:  # a bug or out of memory on one process: name it, then the traceback
+        if isinstance(error, MemoryError) or "out of memory" in str(error) or "can't allocate memory" in str(error):
+            print(f"{label}error: out of memory (try a smaller --batch-size, --max-length or --model); "
+                  "no run folder was written", file=sys.stderr)  # torch's allocator raises a RuntimeError
+            return 2
+        if label:  # a bug on one process: name it, then the traceback
             print(f"{label}error: {type(error).__name__}: {report.one_line(error)}", file=sys.stderr, flush=True)
         raise
     finally:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import classify
+import comparison
 import data
 import distributed
 import fastpath
@@ -297,16 +298,16 @@ def test_seeds_without_compare_repeat_the_one_strategy(workspace, monkeypatch, c
 
 
 def test_the_seeds_option():
-    assert train.parse_seeds("1", 123) == [] and train.parse_seeds("3", 123) == [123, 124, 125]
-    assert train.parse_seeds("7,", 123) == [7] and train.parse_seeds(" 7, 9 ", 123) == [7, 9]
+    assert comparison.parse_seeds("1", 123) == [] and comparison.parse_seeds("3", 123) == [123, 124, 125]
+    assert comparison.parse_seeds("7,", 123) == [7] and comparison.parse_seeds(" 7, 9 ", 123) == [7, 9]
     for bad in ("0", "-2", "x", "1,1", ",", ""):
         with pytest.raises(ValueError, match="--seeds"):
-            train.parse_seeds(bad, 123)
+            comparison.parse_seeds(bad, 123)
     help_text = " ".join(train.build_parser().format_help().split())
     assert "the split and, with --init random, the random GPT stay fixed by --seed" in help_text
-    cfg = train.TrainConfig(compare=["head", "lora"])
-    assert train.reference_strategy(cfg) == "head"
-    assert train.reference_strategy(train.TrainConfig(compare=["head", "last-block"])) == "last-block"
+    assert comparison.reference_strategy(None, ["head", "lora"]) == "head"
+    assert comparison.reference_strategy(None, ["head", "last-block"]) == "last-block"
+    assert comparison.reference_strategy("lora", ["head", "lora"]) == "lora"
 
 
 def test_your_own_csv_files_with_three_classes(workspace, monkeypatch, capsys):
@@ -376,7 +377,7 @@ def test_bad_arguments_give_one_line_and_exit_code_2(case, workspace, monkeypatc
 
 def test_lora_rank_is_checked_before_any_work():
     # Before the check it failed only in apply_strategy, after the data and weights were loaded.
-    with pytest.raises(ValueError, match="--lora-rank 0: must be at least 1"):
+    with pytest.raises(ValueError, match="--lora-rank 0: must be between 1 and the model's width"):
         train.check_config(train.TrainConfig(strategy="lora", lora_rank=0))
     train.check_config(train.TrainConfig(strategy="head", lora_rank=0))  # unused by other strategies
 
@@ -440,11 +441,11 @@ def test_a_failure_mid_training_leaves_no_run_folder(failure, workspace, monkeyp
     calls = []
     real_loss = train.supervised_loss
 
-    def failing_loss(logits, labels, batch_size):
+    def failing_loss(logits, batch):
         calls.append(1)
         if len(calls) == 3:
             raise failure("stopped mid-training")
-        return real_loss(logits, labels, batch_size)
+        return real_loss(logits, batch)
 
     monkeypatch.setattr(train, "supervised_loss", failing_loss)
     folder = workspace / f"failing-{failure.__name__}"
