@@ -122,7 +122,8 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 def _has_dropout(model: nn.Module) -> bool:
     rates = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
-    return any(rate > 0 for rate in rates + [m.drop_rate for m in model.modules() if hasattr(m, "drop_rate")])
+    rates += [m.drop_rate for m in model.modules() if hasattr(m, "drop_rate")]  # attention's, inside SDPA
+    return any(rate > 0 for rate in rates)
 
 
 def frozen_prefix_length(model: classify.GPTClassifier) -> int | None:
@@ -179,7 +180,8 @@ class PrefixCache:
 
     @classmethod
     def build(cls, model: classify.GPTClassifier, token_ids: list[list[int]], start_block: int,
-              device: torch.device | str, memory_budget_bytes: int = 2**30, batch_size: int = 64) -> PrefixCache | None:
+              device: torch.device | str, memory_budget_bytes: int = CACHE_MEMORY_BUDGET,
+              batch_size: int = 64) -> PrefixCache | None:
         n_layers = len(model.gpt.h)
         if not 0 <= start_block <= n_layers:
             raise ValueError(f"start_block {start_block}: must be in 0..{n_layers} (the model's blocks)")
@@ -202,7 +204,7 @@ class PrefixCache:
         return cls._run_blocks(model, first_input, order, lengths, 0, start_block, device, memory_budget_bytes,
                                batch_size)
 
-    def deepen(self, model: classify.GPTClassifier, start_block: int, memory_budget_bytes: int = 2**30,
+    def deepen(self, model: classify.GPTClassifier, start_block: int, memory_budget_bytes: int = CACHE_MEMORY_BUDGET,
                batch_size: int = 64) -> PrefixCache | None:
         """The cache at a deeper frozen boundary, computed from this one: only
         blocks[self.start_block:start_block] run, over the stored states; the embeddings and the
