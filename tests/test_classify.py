@@ -44,6 +44,15 @@ def tiny_classifier(pooling="last", num_classes=2, seed=0, **cfg) -> GPTClassifi
     return model
 
 
+def wake_lora_adapters(model, std: float = 1.0, seed: int | None = None) -> None:
+    """LoRA's B starts at zero, so fresh adapters change nothing: give them something to say."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, classify.LoRALinear):
+                module.lora_B.normal_(std=std, generator=generator)
+
+
 def random_token_lists(lengths: list[int], seed: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
@@ -321,10 +330,7 @@ def predict_all(model, config, **kwargs):
 def test_a_saved_lora_run_loads_as_a_plain_classifier(tmp_path):
     model = tiny_classifier(n_layers=2)
     classify.apply_strategy(model, "lora", lora_rank=2)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, classify.LoRALinear):
-                m.lora_B.normal_()
+    wake_lora_adapters(model)
     classify.save_classifier(model, tmp_path, ["ham", "spam"], max_length=20)
     loaded, config = classify.load_classifier(tmp_path)
     assert not any(isinstance(m, classify.LoRALinear) for m in loaded.modules())

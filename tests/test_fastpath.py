@@ -16,7 +16,7 @@ import fastpath
 from classify import GPTClassifier
 from fastpath import PrefixCache
 from test_classify import (FEW, assert_close_to_scale, batch_lengths, configs, padded, random_token_lists, seeds,
-                           tiny_classifier, tiny_gpt)
+                           tiny_classifier, tiny_gpt, wake_lora_adapters)
 
 SEEDS = st.integers(min_value=0, max_value=2**32)
 
@@ -34,11 +34,7 @@ def logits_and_gradients(network, model, token_ids, lengths, labels):
 def test_the_fast_classifier_gives_the_plain_logits_and_gradients(lengths, extra, seed, pooling, strategy):
     model = tiny_classifier(pooling, seed=seed)
     classify.apply_strategy(model, strategy, lora_rank=2)
-    if strategy == "lora":  # B starts at zero: give the adapters something to say
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, classify.LoRALinear):
-                    m.lora_B.normal_(std=0.1, generator=torch.Generator().manual_seed(seed))
+    wake_lora_adapters(model, std=0.1, seed=seed)  # a no-op unless strategy is lora
     token_ids, lens = padded(random_token_lists(lengths, seed), width=max(lengths) + extra)
     labels = torch.arange(len(lengths)) % 2
     fast = logits_and_gradients(fastpath.FastClassifier(model), model, token_ids, lens, labels)
@@ -77,11 +73,7 @@ def test_last_position_block_equals_the_full_block(cfg, lengths, extra, seed, sd
     model = tiny_classifier("last", seed=seed, **cfg)
     model.gpt.set_fast_attention(sdpa)
     classify.apply_strategy(model, "lora" if lora else "all", lora_rank=2)
-    if lora:
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, classify.LoRALinear):
-                    m.lora_B.normal_(std=0.1, generator=torch.Generator().manual_seed(seed))
+    wake_lora_adapters(model, std=0.1, seed=seed)  # a no-op unless lora
     token_lists = random_token_lists(lengths, seed)
     token_ids, lens = padded(token_lists, width=max(lengths) + extra)
     labels = torch.arange(len(lengths)) % 2

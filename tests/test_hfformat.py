@@ -27,6 +27,7 @@ import hfformat
 import hub
 import report
 from gpt import GPTConfig, GPTModel
+from test_classify import wake_lora_adapters
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FEW = settings(max_examples=15, deadline=None)
@@ -145,10 +146,7 @@ def test_the_hand_written_reference_is_transformers(tmp_path):
 def test_a_lora_run_exports_its_merged_weights(tmp_path):
     model = tiny_classifier(num_classes=2)
     classify.apply_strategy(model, "lora", lora_rank=2)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, classify.LoRALinear):
-                module.lora_B.normal_()  # adapters that change the outputs
+    wake_lora_adapters(model)  # adapters that change the outputs
     token_ids, lengths = padded_texts([3, 7, 1], seed=4)
     export(model, tmp_path / "hf")
     with torch.no_grad():
