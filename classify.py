@@ -43,11 +43,19 @@ POOLINGS = ("last", "mean", "special", "first")
 class GPTClassifier(nn.Module):
     """GPT-2 whose vocabulary head is replaced by a classification head Linear(C, K).
 
-    `forward(token_ids (B, T), lengths (B,))` returns class logits (B, K): GPT-2's blocks and
-    final LayerNorm give one hidden vector per token, `pool` picks the text's vector, the head
-    maps it to one logit per class. Texts are padded on the right; under the causal mask no
-    real position attends to a pad after it, so padding never changes a prediction. GPT-2's own
-    `lm_head` (C -> 50,257 vocabulary logits) is never computed.
+    `forward(token_ids (B, T), lengths (B,))` returns class logits (B, K): the embeddings and
+    GPT-2's blocks give one hidden vector per token, `pool` picks the text's vector after the
+    final LayerNorm, and the head maps it to one logit per class. Texts are padded on the right;
+    under the causal mask no real position attends to a pad after it, so padding never changes a
+    prediction. GPT-2's own `lm_head` (C -> 50,257 vocabulary logits) is never computed.
+
+    Two steps skip work whose result nothing reads, and change no number (tests/test_classify.py
+    proves forward equal to the plain `head(pool(gpt.hidden_states(token_ids)))`):
+    - the head reads one position per text, so the final block computes only that one
+      (`last_position_block`; "Como escolher a representação do texto");
+    - frozen blocks give the same output every epoch, so train.py computes it once and training
+      continues from it: `forward(stored, lengths, start_block=k)` takes the stored output of
+      blocks[:k] (B, T, C) in place of token ids ("Congelamento de Camadas"; fastpath.PrefixCache).
     """
 
     def __init__(self, gpt_model: gpt.GPTModel, num_classes: int, pooling: str = "last") -> None:
@@ -64,11 +72,27 @@ class GPTClassifier(nn.Module):
     def num_classes(self) -> int:
         return self.head.out_features
 
-    def forward(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor, start_block: int = 0) -> torch.Tensor:
+        if start_block == 0:
+            inputs, lengths = self.embed(inputs, lengths)  # token ids (B, T) -> (B, T, C)
+        hidden, blocks = inputs, self.gpt.h[start_block:]  # else: the frozen blocks' stored output
+        if self.pooling in ("last", "special") and len(blocks) > 0:
+            for block in blocks[:-1]:
+                hidden = block(hidden)  # (B, T, C)
+            text = last_position_block(blocks[-1], hidden, lengths)  # (B, C): only where the head reads
+            return self.head(self.gpt.ln_f(text))  # (B, K)
+        for block in blocks:
+            hidden = block(hidden)  # (B, T, C)
+        return self.head(pool(self.gpt.ln_f(hidden), lengths, self.pooling))  # (B, C) -> (B, K)
+
+    def embed(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first block's input (B, T, C) and the lengths it holds. "special" appends
+        <|endoftext|> first; "first" keeps position 0 alone, which under the causal mask never
+        reads further, so no later position needs computing."""
         if self.pooling == "special":
             token_ids, lengths = append_special_token(token_ids, lengths)  # (B, T + 1), (B,)
-        hidden = self.gpt.hidden_states(token_ids)  # (B, T, C): every block, then the final LayerNorm
-        return self.head(pool(hidden, lengths, self.pooling))  # (B, C) -> (B, K)
+        hidden = self.gpt.embed(token_ids)  # (B, T, C): token + position embeddings
+        return (hidden[:, :1], torch.ones_like(lengths)) if self.pooling == "first" else (hidden, lengths)
 
 
 def longest_text(gpt_config: gpt.GPTConfig, pooling: str) -> int:
@@ -122,6 +146,39 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
     if pooling == "first":
         return hidden[:, 0]  # (B, C)
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+
+
+def last_position_block(block: gpt.Block, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`block(hidden)` at each text's last real position only: (B, T, C) -> (B, C).
+
+    The last token attends to every position, so keys and values are needed everywhere, but
+    the query, the attention output, ln_2 and the MLP only at that one position: one query per
+    text instead of T. Its causal mask, "positions <= last", also hides the pads after it.
+    """
+    attn = block.attn
+    batch, num_tokens, emb_dim = hidden.shape
+    rows, last = torch.arange(batch, device=hidden.device), last_token_index(lengths)  # (B,), (B,)
+    normed = block.ln_1(hidden)  # (B, T, C)
+    query = linear_outputs(attn.c_attn, normed[rows, last], 0, emb_dim)  # (B, C): c_attn's query rows only
+    keys, values = linear_outputs(attn.c_attn, normed, emb_dim, 3 * emb_dim).chunk(2, dim=-1)  # 2 x (B, T, C)
+    query = query.view(batch, attn.n_heads, 1, attn.head_dim)  # (B, H, 1, hs)
+    keys, values = attn.split_heads(keys), attn.split_heads(values)  # (B, H, T, hs)
+    attn_scores = query @ keys.transpose(-2, -1) / math.sqrt(attn.head_dim)  # (B, H, 1, T)
+    visible = torch.arange(num_tokens, device=hidden.device) <= last[:, None]  # (B, T)
+    attn_scores = attn_scores.masked_fill(~visible[:, None, None, :], float("-inf"))  # (B, H, 1, T)
+    attn_weights = attn.attn_dropout(torch.softmax(attn_scores, dim=-1))  # (B, H, 1, T)
+    context = (attn_weights @ values).reshape(batch, emb_dim)  # (B, C), heads side by side
+    x = hidden[rows, last] + attn.resid_dropout(attn.c_proj(context))  # (B, C)
+    return x + block.mlp(block.ln_2(x))  # (B, C)
+
+
+def linear_outputs(layer: nn.Linear | LoRALinear, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """`layer(x)[..., start:stop]`, computing only those outputs (rows start:stop of the weight)."""
+    bias = None if layer.bias is None else layer.bias[start:stop]
+    out = F.linear(x, layer.weight[start:stop], bias)  # (..., stop - start)
+    if isinstance(layer, LoRALinear):
+        out = out + layer.scale * F.linear(F.linear(x, layer.lora_A), layer.lora_B[start:stop])
+    return out
 
 
 # --------------------------------------------------------------------------- fine-tuning strategies

@@ -7,9 +7,10 @@ does anything. It enters train.py at two seams, as in nanoGPT:
 
 - `shard`: every process draws the same batches (one seed) and trains on its share of each,
   every N-th text, so --batch-size stays the texts per weight update;
-- `wrap`: DistributedDataParallel around the network, with gradients summed over the processes
-  (each process's loss is its texts' part of the batch mean: train.supervised_loss), so one
-  update is the whole batch's gradient, as in one process.
+- `wrap`: DistributedDataParallel around the classifier. Each process's loss is the plain mean
+  over its share (train.supervised_loss); DDP's communication hook weights each process's
+  gradient by its share of the batch (its texts / the batch's) and sums them: the gradient of
+  the whole batch's mean loss, as in one process, also when a batch does not divide evenly.
 
 The rest keeps the processes in step: rank 0 loads first (`load_in_turn`: it downloads while
 the others wait), a failure on any process stops them all (`together`), and epoch statistics
@@ -57,6 +58,7 @@ class Runtime:
     rank: int = 0  # rank 0 alone prints and writes
     world_size: int = 1
     local_rank: int = 0  # among the processes on this machine: its GPU
+    share: float = 1.0  # this process's part of the batch being trained (`shard` sets it, `wrap` reads it)
 
     @property
     def is_main_process(self) -> bool:
@@ -207,29 +209,35 @@ class Shards:
 
     def __iter__(self) -> Iterator[tuple[list[int], int]]:
         for indices in self.sampler:
-            yield indices[self.runtime.rank :: self.runtime.world_size], len(indices)
+            mine = indices[self.runtime.rank :: self.runtime.world_size]
+            self.runtime.share = len(mine) / len(indices)
+            yield mine, len(indices)
 
 
 def shard(sampler: torch.utils.data.Sampler[list[int]], runtime: Runtime) -> Shards:
     return Shards(sampler, runtime)
 
 
-def _sum_gradients(state, bucket):  # no annotations: DDP checks them, and this file's are strings
-    """DDP communication hook: the sum of the processes' gradients (a dist.GradBucket's), where
-    DDP's default averages them."""
-    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda future: future.value()[0])
+def _weighted_sum(runtime, bucket):  # no annotations: DDP checks them, and this file's are strings
+    """DDP communication hook: each process's gradient (of the mean loss over its share of the
+    batch), weighted by that share, then summed over the processes, where DDP's default averages
+    them. A process with an empty share (a last batch smaller than the number of processes)
+    weighs 0 and still takes part in the exchange."""
+    weighted = bucket.buffer().mul_(runtime.share)
+    return dist.all_reduce(weighted, async_op=True).get_future().then(lambda future: future.value()[0])
 
 
 def wrap(network: nn.Module, runtime: Runtime) -> nn.Module:
     """One process: `network` itself. Under torchrun: DistributedDataParallel around it, which
-    copies rank 0's weights to every process when built and, during backward, sums the gradients
-    of the trainable parameters over the processes (frozen ones are left out). Wrap again
-    whenever the trainable set changes (gradual): every process does so at the same epoch."""
+    copies rank 0's weights to every process when built and, during backward, adds up the
+    gradients of the trainable parameters over the processes, each weighted by its share of the
+    batch (frozen ones are left out). Wrap again whenever the trainable set changes (gradual):
+    every process does so at the same epoch."""
     if not runtime.distributed:
         return network
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     wrapped = DistributedDataParallel(network, device_ids=device_ids)  # the model has no buffers to sync
-    wrapped.register_comm_hook(None, _sum_gradients)
+    wrapped.register_comm_hook(runtime, _weighted_sum)
     return wrapped
 
 

@@ -31,86 +31,6 @@ from gpt import Block
 CACHE_MEMORY_BUDGET = 2**30  # bytes, for all splits together
 
 
-# --------------------------------------------------------------------------- the final block at one position
-
-
-def linear_outputs(layer: nn.Linear | classify.LoRALinear, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """`layer(x)[..., start:stop]`, computing only those outputs (rows start:stop of the weight)."""
-    bias = None if layer.bias is None else layer.bias[start:stop]
-    out = F.linear(x, layer.weight[start:stop], bias)  # (..., stop - start)
-    if isinstance(layer, classify.LoRALinear):
-        out = out + layer.scale * F.linear(F.linear(x, layer.lora_A), layer.lora_B[start:stop])
-    return out
-
-
-def last_position_block(block: Block, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """`block(hidden)` at each text's last real position only: (B, T, C) -> (B, C).
-
-    The head reads one position per text. In the final block, keys and values are still needed at
-    every position (the last token attends to all of them), but the query, the attention output,
-    the residual, ln_2 and the MLP only at that one position: one query per text instead of T.
-    The causal mask for that query is "positions <= last", which also hides the pads after it.
-    """
-    attn = block.attn
-    batch, num_tokens, emb_dim = hidden.shape
-    rows, last = torch.arange(batch, device=hidden.device), classify.last_token_index(lengths)  # (B,), (B,)
-    normed = block.ln_1(hidden)  # (B, T, C)
-    query = linear_outputs(attn.c_attn, normed[rows, last], 0, emb_dim)  # (B, C)
-    keys, values = linear_outputs(attn.c_attn, normed, emb_dim, 3 * emb_dim).chunk(2, dim=-1)  # 2 x (B, T, C)
-    query = query.view(batch, attn.n_heads, 1, attn.head_dim)  # (B, H, 1, hs)
-    keys, values = attn.split_heads(keys), attn.split_heads(values)  # (B, H, T, hs)
-    attn_scores = query @ keys.transpose(-2, -1) / math.sqrt(attn.head_dim)  # (B, H, 1, T)
-    visible = torch.arange(num_tokens, device=hidden.device) <= last[:, None]  # (B, T)
-    attn_scores = attn_scores.masked_fill(~visible[:, None, None, :], float("-inf"))  # (B, H, 1, T)
-    attn_weights = attn.attn_dropout(torch.softmax(attn_scores, dim=-1))  # (B, H, 1, T)
-    context = (attn_weights @ values).reshape(batch, emb_dim)  # (B, C), heads side by side
-    x = hidden[rows, last] + attn.resid_dropout(attn.c_proj(context))  # (B, C)
-    return x + block.mlp(block.ln_2(x))  # (B, C)
-
-
-def embedded(model: classify.GPTClassifier, token_ids: torch.Tensor, lengths: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input of the first block, as `GPTClassifier.forward` prepares it: (B, T, C), lengths.
-    For "first" pooling only position 0 is kept: under the causal mask it never looks further."""
-    if model.pooling == "special":
-        token_ids, lengths = classify.append_special_token(token_ids, lengths)  # (B, T + 1)
-    hidden = model.gpt.embed(token_ids)  # (B, T, C)
-    return (hidden[:, :1], torch.ones_like(lengths)) if model.pooling == "first" else (hidden, lengths)
-
-
-def forward_from(model: classify.GPTClassifier, hidden: torch.Tensor, lengths: torch.Tensor, start_block: int
-                 ) -> torch.Tensor:
-    """Class logits (B, K), continuing from the output of blocks[:start_block] (start_block 0:
-    the embedding). Equal to `model(token_ids, lengths)`; with last-token pooling the final
-    block runs at the last position only."""
-    blocks = list(model.gpt.h)[start_block:]
-    if model.pooling in ("last", "special") and blocks:
-        for block in blocks[:-1]:
-            hidden = block(hidden)  # (B, T, C)
-        return model.head(model.gpt.ln_f(last_position_block(blocks[-1], hidden, lengths)))  # (B, K)
-    for block in blocks:
-        hidden = block(hidden)  # (B, T, C)
-    return model.head(classify.pool(model.gpt.ln_f(hidden), lengths, model.pooling))  # (B, K)
-
-
-class FastClassifier(nn.Module):
-    """What the trainer calls instead of the classifier: `(inputs, lengths) -> logits (B, K)`,
-    equal to `classifier(token_ids, lengths)`. `inputs` are token ids (B, T), or, while
-    `start_block` > 0, the cached output of the frozen blocks[:start_block] (B, T, C). One
-    module behind one call, so DistributedDataParallel can wrap it (distributed.py)."""
-
-    def __init__(self, classifier: classify.GPTClassifier) -> None:
-        super().__init__()
-        self.classifier = classifier
-        self.start_block = 0
-
-    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        with autocast(inputs.device):
-            if self.start_block == 0:
-                inputs, lengths = embedded(self.classifier, inputs, lengths)  # token ids -> (B, T, C)
-            return forward_from(self.classifier, inputs, lengths, self.start_block).float()
-
-
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bfloat16 mixed precision on CUDA; float32 elsewhere (CPUs without native bfloat16 run it
     ~100x slower)."""
@@ -198,7 +118,7 @@ class PrefixCache:
 
         def first_input(chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             batch = data.collate([(token_ids[i], 0) for i in chunk]).to(model_device)
-            return embedded(model, batch.token_ids, batch.lengths)  # (B, T, C), (B,)
+            return model.embed(batch.token_ids, batch.lengths)  # (B, T, C), (B,)
 
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         return cls._run_blocks(model, first_input, order, lengths, 0, start_block, device, memory_budget_bytes,
@@ -252,7 +172,7 @@ class PrefixCache:
                 for block in blocks[:-1] if last_only else blocks:
                     hidden = block(hidden)  # (B, T, C)
                 if last_only:
-                    hidden = last_position_block(blocks[-1], hidden, text_lengths)[:, None]  # (B, 1, C)
+                    hidden = classify.last_position_block(blocks[-1], hidden, text_lengths)[:, None]  # (B, 1, C)
                 for row, i in enumerate(chunk):
                     offset, length = int(offsets[i]), int(lengths[i])
                     states[offset : offset + length] = hidden[row, :length].to(device, dtype)
@@ -278,19 +198,22 @@ class PrefixCache:
 
 @dataclass
 class Batch:
-    """What a step feeds the network: token ids (B, T) or cached hidden states (B, T, C), the real
-    lengths and the labels, on the device; `size` is the number of texts in the whole batch."""
+    """What a training step feeds the classifier, on the device: `inputs` are token ids (B, T),
+    or the frozen blocks[:start_block]'s stored output (B, T, C); the real lengths; the labels.
+    `size` is the number of texts in the whole batch (under torchrun a process holds a share)."""
 
     inputs: torch.Tensor
     lengths: torch.Tensor
     labels: torch.Tensor
+    start_block: int
     size: int
 
 
 @dataclass
 class SplitInputs:
-    """One split's texts, labels and (while the frozen prefix allows it) the cache; `shelf` holds
-    caches computed beforehand for several runs (`share_frozen_work`), by frozen-prefix length."""
+    """One split's texts, labels and, while the frozen blocks allow it, their stored output
+    (`cache`); `shelf` holds the outputs computed beforehand for several runs
+    (`share_frozen_work`), by the number of frozen blocks."""
 
     dataset: data.ClassificationDataset
     cache: PrefixCache | None = None
@@ -298,14 +221,15 @@ class SplitInputs:
 
     def batch(self, indices: list[int], device: torch.device, size: int | None = None) -> Batch:
         labels = torch.tensor([self.dataset.labels[i] for i in indices], dtype=torch.long, device=device)  # (B,)
+        size = len(indices) if size is None else size
         if self.cache is not None:
             hidden, lengths = self.cache.batch(indices)  # (B, T, C), (B,)
-            return Batch(hidden.to(device), lengths.to(device), labels, size or len(indices))
+            return Batch(hidden.to(device), lengths.to(device), labels, self.cache.start_block, size)
         if not indices:  # a process's empty share of a batch (distributed.py): no text, but a valid shape
             empty = torch.zeros(0, 1, dtype=torch.long, device=device)
-            return Batch(empty, torch.zeros(0, dtype=torch.long, device=device), labels, size or 0)
+            return Batch(empty, torch.zeros(0, dtype=torch.long, device=device), labels, 0, size)
         batch = data.collate([self.dataset[i] for i in indices]).to(device)
-        return Batch(batch.token_ids, batch.lengths, labels, size or len(indices))
+        return Batch(batch.token_ids, batch.lengths, labels, 0, size)
 
     def batches(self, sampler: Iterable[tuple[list[int], int]], device: torch.device) -> Iterator[Batch]:
         """The batches of `sampler`'s (indices, size of the whole batch) pairs (distributed.shard)."""
@@ -336,15 +260,17 @@ class CacheStatus:
                 f"{size} ({self.dtype}), built in {self.seconds:.1f} s")
 
 
-def refresh_caches(network: nn.Module, splits: dict[str, SplitInputs], device: torch.device,
+def refresh_caches(model: classify.GPTClassifier, splits: dict[str, SplitInputs], device: torch.device,
                    enabled: bool = True) -> CacheStatus:
-    """Cache what the frozen prefix computes, for every split, and point `network` (a
-    FastClassifier) at it; rebuilt only when the boundary between frozen and trainable blocks
-    moved (the "gradual" strategy moves it every epoch), and taken from a split's shelf when
-    the frozen work was done beforehand. `enabled` False (--no-cache): no cache."""
-    if not (enabled and isinstance(network, FastClassifier)):
+    """Store what the frozen blocks compute, for every split, so that batches carry it instead of
+    token ids; rebuilt only when the boundary between frozen and trainable blocks moved (the
+    "gradual" strategy moves it every epoch), and taken from a split's shelf when the frozen work
+    was done beforehand. `enabled` False (--no-cache): token ids, every block at every step."""
+    for split in splits.values():
+        split.cache = None if not enabled else split.cache
+    if not enabled:
         return CacheStatus(used=False, reason="--no-cache")
-    model, start_block = network.classifier, frozen_prefix_length(network.classifier)
+    start_block = frozen_prefix_length(model)
     started, caches, shelved = time.perf_counter(), {}, set()
     if start_block:
         total_tokens = sum(sum(split.dataset.lengths) for split in splits.values())
@@ -362,7 +288,6 @@ def refresh_caches(network: nn.Module, splits: dict[str, SplitInputs], device: t
     fits = bool(caches) and all(cache is not None for cache in caches.values())
     for name, split in splits.items():
         split.cache = caches[name] if fits else None
-    network.start_block = start_block if fits else 0
     if not fits:
         reason = (f"does not fit in {CACHE_MEMORY_BUDGET / 2**30:.0f} GiB" if start_block else
                   "no frozen block before the trainable ones, or dropout > 0")

@@ -60,7 +60,7 @@ class EpochRecord:
 @dataclass
 class Training:
     """What fine-tuning produced: the history, and the weights of the best epoch (by validation
-    accuracy, then loss)."""
+    accuracy, then loss); train.fine_tune fills it."""
 
     cache: fastpath.CacheStatus  # as in the last epoch
     best_state: dict[str, torch.Tensor]
@@ -69,55 +69,13 @@ class Training:
     epoch_seconds: list[float] = field(default_factory=list)
     best_epoch: int = 0
     cache_seconds: float = 0.0  # building the cache, every (re)build
+    seconds: float = 0.0  # the whole of fine-tuning: cache and epochs
 
     def __post_init__(self) -> None:
         self.cache_seconds += self.cache.seconds
 
     def set_cache(self, cache: fastpath.CacheStatus) -> None:
         self.cache, self.cache_seconds = cache, self.cache_seconds + cache.seconds
-
-    def add_epoch(self, record: EpochRecord, seconds: float) -> bool:
-        """Record an epoch; True when it is the best so far."""
-        if not math.isfinite(record.validation_loss):
-            raise ValueError(f"the validation loss became {record.validation_loss} in epoch {record.epoch}: "
-                             "training diverged (try a lower --lr); no run folder was written")
-        self.history.append(record)
-        self.epoch_seconds.append(seconds)
-        best = max(self.history, key=lambda r: (r.validation_accuracy, -r.validation_loss))  # first of equals
-        self.best_epoch = best.epoch
-        return best is record
-
-
-@dataclass
-class Tally:
-    """Loss and right answers summed over an epoch's texts; under torchrun, read over every process."""
-
-    device: torch.device
-    sum_over_processes: Callable[[torch.Tensor], torch.Tensor]
-    loss: torch.Tensor = field(init=False)
-    correct: torch.Tensor = field(init=False)
-    texts: int = 0  # the whole batches', on every process
-
-    def __post_init__(self) -> None:
-        self.loss = torch.zeros((), device=self.device)  # summed on the device: no sync per step
-        self.correct = torch.zeros((), dtype=torch.long, device=self.device)
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, batch: fastpath.Batch) -> None:
-        self.loss += loss.detach() * batch.size  # this process's texts' summed loss
-        self.correct += (logits.argmax(dim=-1) == batch.labels).sum()
-        self.texts += batch.size
-
-    def mean_loss(self) -> float:
-        """The mean so far; ValueError when it stopped being finite: a diverged run stops, and no
-        model of NaNs is saved as if it had trained."""
-        loss = self.sum_over_processes(self.loss).item() / self.texts
-        if not math.isfinite(loss):
-            raise ValueError(f"the training loss became {loss} after {self.texts} texts: training diverged "
-                             "(try a lower --lr, or --lora-alpha for lora); no run folder was written")
-        return loss
-
-    def accuracy(self) -> float:
-        return self.sum_over_processes(self.correct).item() / self.texts
 
 
 @dataclass
@@ -156,9 +114,13 @@ class RunResult:
     losses: dict[str, float]
     parameters: dict[str, float]
     training: Training
-    training_seconds: float
     seed: int | None = None  # the training seed
     test_predictions: list[int] = field(default_factory=list)  # text by text, in the test split's order
+    test_labels: list[int] = field(default_factory=list)
+
+    @property
+    def training_seconds(self) -> float:
+        return self.training.seconds
 
 
 def describe_trainable(model: classify.GPTClassifier) -> str:

@@ -1,23 +1,21 @@
 """Fine-tune GPT-2 to classify text: chapter 06's pipeline end to end. This is the main job.
 
-It reads top to bottom as the chapter's "Pipeline de treinamento para classificação":
+`pipeline` reads as the chapter's "Pipeline de treinamento para classificação":
 
-    1. texto rotulado         data.load_splits            train / validation / test
-    2. tokenização            data.get_tokenizer           token ids, cut to max_length
-    3. GPT                    gpt.load_gpt2                pretrained (or random: --init random)
-    4. representação          classify.GPTClassifier       one vector per text (pooling "last")
-    5. classification head    classify.GPTClassifier.head  Linear(C -> classes), then freezing
-    6. loss supervisionada    supervised_loss              cross-entropy against the labels
-    7. atualização dos pesos  make_optimizer, fine_tune    AdamW over the trainable weights only
+    1. texto rotulado            load_labelled_text         train / validation / test (data.py)
+    2. tokenização               tokenize                   GPT-2's token ids, cut to max_length
+    3. processamento pelo GPT    load_gpt                   pretrained GPT-2 (or random: --init random)
+    4. extração de representação build_classifier           the last real token's vector (classify.py)
+    5. camada de classificação   build_classifier           a new Linear(C -> classes); then freezing
+    6. cálculo da loss           supervised_loss            cross-entropy against the labels
+    7. atualização dos pesos     fine_tune                  AdamW over the trainable weights only
 
-then evaluates with the chapter's metrics ("Avaliando classificadores de texto": metrics.py),
-compares strategies ("Estratégias de Fine-Tuning": --compare) and saves a model that
-classify.py loads ("Inferência e uso prático do modelo"). `fine_tune` holds the loop: forward,
-loss, zero_grad, backward, step.
+then evaluates the classifier with the chapter's metrics (metrics.py) and saves it for
+classify.py. `fine_tune` is the loop: forward, loss, zero_grad, backward, step.
 
-Machinery the chapter never mentions enters at one visible seam each: fastpath.py (the same
-numbers with less work), distributed.py (torchrun), report.py (what is printed and written),
-comparison.py (strategies side by side over several seeds), hub.py (downloads).
+Machinery the chapter never mentions wraps the pipeline from outside (`run`): torchrun
+(distributed.py), the run folder that appears only when complete (report.py), several strategies
+and seeds side by side (comparison.py), downloads (hub.py).
 
     python train.py                                   # the book's experiment
     python train.py --data SMSSpamCollection --init random --epochs 1   # offline
@@ -36,7 +34,8 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __name__ == "__main__":  # torch warns at import when NumPy is missing; this project does not use NumPy
@@ -93,29 +92,48 @@ class TrainConfig:
 
 @dataclass
 class Job:
-    """What every step of a run needs besides its data: the settings, where to compute, and where
-    to tell (rank 0 prints; the other processes under torchrun are quiet)."""
+    """What the pipeline needs besides the settings, handed in by the machinery around it: where
+    to compute (distributed.Runtime), where to tell (rank 0 prints; the other processes under
+    torchrun are quiet), and where a finished run is saved (rank 0's run folder)."""
 
     cfg: TrainConfig
     runtime: distributed.Runtime
-    log: report.Log
-    seed: int | None = None  # the training seed: the new head, the batch order, LoRA's start (None: cfg.seed)
-    fast_path: bool = True  # False: the plain forward (classify.GPTClassifier), as benchmarks/ runs the book's
-
-    def __post_init__(self) -> None:
-        self.seed = self.cfg.seed if self.seed is None else self.seed
+    log: Callable[[str], None] = report.quiet
+    save: Callable[[classify.GPTClassifier, report.RunResult, TokenizedSplits], None] = lambda *run: None
+    frozen_work: fastpath.SharedPrefix | None = None  # done once for several runs (`share_frozen_work`)
 
     @property
     def eval_batch_size(self) -> int:
         return max(self.cfg.batch_size, 32)  # no gradients kept: larger batches cost little memory
 
-    def network(self, model: classify.GPTClassifier) -> nn.Module:
-        """What computes the logits: fastpath's FastClassifier (the same numbers, less work), or the
-        plain forward."""
-        return fastpath.FastClassifier(model) if self.fast_path else model
+
+# --------------------------------------------------------------------------- the pipeline
 
 
-# --------------------------------------------------------------------------- steps 1-5
+def pipeline(cfg: TrainConfig, job: Job) -> list[report.RunResult]:
+    """The chapter's pipeline, in order: steps 1-3 once, then for each strategy and training seed
+    (one of each without --compare and --seeds) steps 4-7, the evaluation, and the classifier
+    saved for classify.py. Every run starts from the same texts and the same GPT-2."""
+    splits = load_labelled_text(cfg)  # 1. texto rotulado
+    tokens = tokenize(splits, cfg)  # 2. tokenização
+    gpt_model = load_gpt(cfg, log=job.log)  # 3. processamento pelo GPT (its pretrained weights)
+    job.log(report.describe_steps(cfg, splits, tokens, gpt_model, job.runtime))
+    shelf = share_frozen_work(gpt_model, tokens, len(splits.label_names), job)  # several runs: frozen work once
+    results = []
+    for strategy, seed in itertools.product(cfg.compare or [cfg.strategy], cfg.seeds or [cfg.seed]):
+        model = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, seed)  # 4-5. representação, head
+        freeze(model, strategy, seed, cfg)  # "Congelamento de Camadas": what trains
+        job.log(report.describe_strategy(model, strategy, cfg.epochs, seed if cfg.seeds else None))
+        parameters = report.parameter_counts(model)  # what trains from the start (gradual: then more)
+        inputs = {name: fastpath.SplitInputs(dataset, shelf=shelf.get(name, {})) for name, dataset in tokens.items()}
+        training = fine_tune(model, inputs, strategy, seed, job)  # 6-7. loss, atualização dos pesos
+        restore_state(model, training.best_state)  # the weights of the best epoch
+        reports, losses, predictions = evaluate_splits(model, inputs, splits.label_names, job)  # avaliação
+        results.append(report.RunResult(strategy, reports, losses, parameters, training, seed, predictions["test"],
+                                        list(tokens.test.labels)))
+        job.log(report.describe_result(results[-1], tokens))
+        job.save(model, results[-1], tokens)  # inferência: classify.py loads it
+    return results
 
 
 def load_labelled_text(cfg: TrainConfig) -> data.Splits:
@@ -144,21 +162,25 @@ class TokenizedSplits:
         return [("train", self.train), ("validation", self.validation), ("test", self.test)]
 
 
-def tokenize(splits: data.Splits, tokenizer, max_length: int | None, longest: int) -> TokenizedSplits:
+def tokenize(splits: data.Splits, cfg: TrainConfig) -> TokenizedSplits:
     """Step 2, "Tokenização": GPT-2's BPE turns each text into token ids.
 
-    Without max_length the longest training text sets it (as in the book), but never beyond
-    `longest`, what the model can read; validation and test texts are cut to the same length.
+    Without --max-length the longest training text sets it (as in the book), but never beyond
+    what the model reads; validation and test texts are cut to the same length.
     """
-    train = data.ClassificationDataset.from_texts(splits.train, tokenizer, max_length or longest)
-    max_length = max_length or max(train.lengths)
+    tokenizer, longest = data.get_tokenizer("gpt2"), classify.longest_text(gpt.load_config(cfg.model), cfg.pooling)
+    train = data.ClassificationDataset.from_texts(splits.train, tokenizer, cfg.max_length or longest)
+    max_length = cfg.max_length or max(train.lengths)
     validation = data.ClassificationDataset.from_texts(splits.validation, tokenizer, max_length)
     test = data.ClassificationDataset.from_texts(splits.test, tokenizer, max_length)
     return TokenizedSplits(train, validation, test, max_length)
 
 
-def load_gpt(cfg: TrainConfig, gpt_config: gpt.GPTConfig, log: report.Log = report.quiet) -> gpt.GPTModel:
-    """Step 3, "GPT": the pretrained model, or the same architecture with random weights."""
+def load_gpt(cfg: TrainConfig, gpt_config: gpt.GPTConfig | None = None,
+             log: Callable[[str], None] = report.quiet) -> gpt.GPTModel:
+    """Step 3, "Processamento pelo GPT": the pretrained model, or the same architecture with random
+    weights (`gpt_config`: the shape, when not --model's own)."""
+    gpt_config = gpt_config or gpt.load_config(cfg.model)
     if cfg.init == "random":
         torch.manual_seed(cfg.seed)
         return gpt.GPTModel(gpt_config)
@@ -167,129 +189,132 @@ def load_gpt(cfg: TrainConfig, gpt_config: gpt.GPTConfig, log: report.Log = repo
     return gpt.load_gpt2(weights, config=gpt_config)
 
 
-def load_text_and_tokens(cfg: TrainConfig, gpt_config: gpt.GPTConfig) -> tuple[data.Splits, TokenizedSplits]:
-    """Steps 1 and 2."""
-    splits = load_labelled_text(cfg)
-    longest = classify.longest_text(gpt_config, cfg.pooling)
-    return splits, tokenize(splits, data.get_tokenizer("gpt2"), cfg.max_length, longest)
-
-
 def build_classifier(gpt_model: gpt.GPTModel, num_classes: int, pooling: str, seed: int) -> classify.GPTClassifier:
     """Steps 4 and 5: GPT's hidden state at one position (or a mean) represents the text, and a new
-    linear head maps it to one logit per class, replacing the vocabulary head."""
+    linear head maps it to one logit per class, replacing the vocabulary head. Each run trains its
+    own copy: every strategy starts from the same weights."""
     torch.manual_seed(seed)  # the head's random initialisation
-    return classify.GPTClassifier(gpt_model, num_classes, pooling=pooling)
+    return classify.GPTClassifier(copy.deepcopy(gpt_model), num_classes, pooling=pooling)
 
 
-# --------------------------------------------------------------------------- steps 6-7 and the loop
+def freeze(model: classify.GPTClassifier, strategy: str, seed: int, cfg: TrainConfig) -> None:
+    """"Congelamento de Camadas": only what `strategy` trains keeps requires_grad (LoRA's
+    adapters are inserted here, initialised from `seed`)."""
+    torch.manual_seed(seed)  # LoRA adapters start at random
+    classify.apply_strategy(model, strategy, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
 
 
-def supervised_loss(logits: torch.Tensor, batch: fastpath.Batch) -> torch.Tensor:
-    """Step 6, the supervised loss: cross-entropy, minus the log-probability the model gives each
-    text's true class, averaged over the batch: summed, then divided by the batch's size (under
-    torchrun a process holds some of the batch's texts and adds their part: README "Scaling out")."""
-    return F.cross_entropy(logits, batch.labels, reduction="sum") / batch.size  # logits (B, K), labels (B,)
+# --------------------------------------------------------------------------- steps 6-7: the loop
+
+
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Step 6, "Cálculo da loss supervisionada": cross-entropy, minus the log-probability the model
+    gives each text's true class, averaged over the batch. logits (B, K), labels (B,)."""
+    return F.cross_entropy(logits, labels)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """Step 7's optimizer, AdamW, given only the trainable parameters. The fused kernel does the
-    whole update in one pass over memory (about 40x faster than the per-tensor loop for
-    last-block's 7M parameters on a 2-core CPU; the same arithmetic)."""
-    parameters = classify.trainable_parameters(model)
+    """Step 7's optimizer, AdamW, given only the trainable parameters: a frozen weight gets no
+    gradient and no weight decay. The fused kernel does the whole update in one pass over memory
+    (about 40x faster than the per-tensor loop for last-block's 7M parameters on a 2-core CPU;
+    the same arithmetic)."""
+    parameters = [param for param in model.parameters() if param.requires_grad]
     try:
         return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError):  # no fused kernel for this device in this PyTorch
         return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
-@dataclass
-class Evaluation:
-    """Loss and predictions over one whole split, in the split's order."""
-
-    loss: float
-    y_true: list[int]
-    y_pred: list[int]
-
-    @property
-    def accuracy(self) -> float:
-        return metrics.accuracy(self.y_true, self.y_pred)
-
-
-@torch.no_grad()
-def evaluate(network: nn.Module, split: fastpath.SplitInputs, batch_size: int, device: torch.device) -> Evaluation:
-    """Mean loss and every prediction over a split, in batches ordered by length."""
-    network.eval()
-    loss_sum, predictions = 0.0, [0] * len(split.dataset)
-    for indices in fastpath.BucketBatchSampler(split.dataset.lengths, batch_size, seed=0, shuffle=False):
-        batch = split.batch(indices, device)
-        logits = network(batch.inputs, batch.lengths)  # (B, K)
-        loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
-        for i, prediction in zip(indices, logits.argmax(dim=-1).tolist()):
-            predictions[i] = prediction
-    return Evaluation(loss_sum / len(split.dataset), list(split.dataset.labels), predictions)
-
-
-def fine_tune(model: classify.GPTClassifier, splits: dict[str, fastpath.SplitInputs], strategy: str,
+def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInputs], strategy: str, seed: int,
               job: Job) -> report.Training:
-    """Steps 6 and 7, epoch after epoch ("Treinamento Supervisionado"), then a measure on the
-    validation set. Keeps a copy of the weights of the epoch with the best validation accuracy."""
+    """Steps 6 and 7, epoch after epoch ("Treinamento Supervisionado"), each epoch then measured on
+    the validation set. Keeps a copy of the weights of the epoch with the best validation
+    accuracy (of equals, the lower loss, then the earlier epoch)."""
     cfg, device, log = job.cfg, job.runtime.device, job.log
+    training_started = time.perf_counter()
+    model.to(device)
+    compile_blocks(model, cfg, device, log)
     optimizer = make_optimizer(model, cfg)
-    fast = job.network(model)  # fastpath: the same logits, less work
-    network = distributed.wrap(fast, job.runtime)  # torchrun: gradients summed over processes
-    batches = distributed.shard(fastpath.BucketBatchSampler(splits["train"].dataset.lengths, cfg.batch_size,
-                                                            job.seed), job.runtime)  # torchrun: this process's share
-    cache = fastpath.refresh_caches(fast, splits, device, cfg.use_prefix_cache)  # the frozen blocks' work, once
-    training = report.Training(cache=cache, best_state=trainable_state(model))
+    network = distributed.wrap(model, job.runtime)  # torchrun: gradients exchanged between processes
+    sampler = fastpath.BucketBatchSampler(inputs["train"].dataset.lengths, cfg.batch_size, seed)
+    batches = distributed.shard(sampler, job.runtime)  # torchrun: this process's share of every batch
+    # "Congelamento de Camadas": the frozen blocks give the same output every epoch, so each text
+    # runs through them once, here, and training continues from their stored output.
+    cache = fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache)
     log(cache.describe())
+    training = report.Training(cache=cache, best_state=trainable_state(model))
     progress = report.Progress(total_steps=cfg.epochs * len(batches), log_every=max(1, len(batches) // 10))
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
         if strategy == "gradual" and epoch > 0 and unfreeze_next_block(model, optimizer, training, epoch):
             del network  # under torchrun the old DDP and its gradient hooks go first
-            network = distributed.wrap(fast, job.runtime)  # DDP must see the new trainable set
-            training.set_cache(fastpath.refresh_caches(fast, splits, device, cfg.use_prefix_cache))
+            network = distributed.wrap(model, job.runtime)  # DDP must see the new trainable set
+            training.set_cache(fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache))
             log(f"epoch {epoch + 1}: unfrozen, now training {report.describe_trainable(model)}; "
                 f"{training.cache.describe()}")
         trainable = report.describe_trainable(model)
-        tally = report.Tally(device, job.runtime.sum)
         batches.set_epoch(epoch)  # a new batch order every epoch, the same for every run with this seed
+        loss_sum = torch.zeros((), device=device)  # this process's texts, summed on the device: no sync per step
+        correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
         model.train()
-        for step, batch in enumerate(splits["train"].batches(batches, device), start=1):
-            logits = network(batch.inputs, batch.lengths)  # steps 3-5: GPT, representation, head (B, K)
-            loss = supervised_loss(logits, batch)  # step 6
+        for step, batch in enumerate(inputs["train"].batches(batches, device), start=1):
+            with fastpath.autocast(device):  # bfloat16 on CUDA
+                logits = network(batch.inputs, batch.lengths, batch.start_block).float()  # steps 3-5: (B, K)
+            loss = supervised_loss(logits, batch.labels)  # step 6
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # gradients reach the trainable parameters only
             optimizer.step()  # step 7: AdamW moves them against their gradient
-            tally.add(loss, logits, batch)
+            if len(batch.labels):  # a torchrun process's share may be empty (the mean of nothing is NaN)
+                loss_sum += loss.detach() * len(batch.labels)
+                correct += (logits.argmax(dim=-1) == batch.labels).sum()
+            seen += batch.size  # the whole batch's texts, on every process
             progress.advance(batch.size)
             check_now = cfg.eval_every > 0 and progress.step % cfg.eval_every == 0
             if check_now or step % progress.log_every == 0 or step == len(batches):
-                line = progress.line(epoch, cfg.epochs, step, len(batches), tally.mean_loss())
+                running_loss = finite(per_text(job, loss_sum, seen), "training")
+                line = progress.line(epoch, cfg.epochs, step, len(batches), running_loss)
                 if check_now:
-                    check = evaluate(fast, splits["validation"], job.eval_batch_size, device)
+                    check = evaluate(model, inputs["validation"], job)
                     model.train()
                     training.step_checks.append({"step": progress.step, "validation_loss": check.loss})
                     line += f"  validation loss {check.loss:.4f}"
                 log(line)
-        validation = evaluate(fast, splits["validation"], job.eval_batch_size, device)
-        record = report.EpochRecord(epoch + 1, trainable, tally.mean_loss(), tally.accuracy(), validation.loss,
-                                    validation.accuracy)
-        if training.add_epoch(record, time.perf_counter() - started):
-            training.best_state = trainable_state(model)
+        train_loss, train_accuracy = finite(per_text(job, loss_sum, seen), "training"), per_text(job, correct, seen)
+        validation = evaluate(model, inputs["validation"], job)
+        record = report.EpochRecord(epoch + 1, trainable, train_loss, train_accuracy,
+                                    finite(validation.loss, "validation"), validation.accuracy)
+        training.history.append(record)
+        training.epoch_seconds.append(time.perf_counter() - started)
+        best = max(training.history, key=lambda r: (r.validation_accuracy, -r.validation_loss))  # first of equals
+        if best is record:
+            training.best_epoch, training.best_state = record.epoch, trainable_state(model)
         log(report.epoch_line(record, cfg.epochs, training))
+    training.seconds = time.perf_counter() - training_started
     return training
+
+
+def per_text(job: Job, total: torch.Tensor, texts: int) -> float:
+    """A sum over this process's texts, added up over every process (torchrun), per text."""
+    return job.runtime.sum(total).item() / texts
+
+
+def finite(loss: float, which: str) -> float:
+    """`loss`; a loss that stopped being finite stops the run: no model of NaNs is saved as if it trained."""
+    if not math.isfinite(loss):
+        raise ValueError(f"the {which} loss became {loss}: training diverged (try a lower --lr, or --lora-alpha "
+                         "for lora); no run folder was written")
+    return loss
 
 
 def unfreeze_next_block(model: classify.GPTClassifier, optimizer: torch.optim.Optimizer, training: report.Training,
                         epoch: int) -> bool:
-    """The "gradual" strategy at `epoch`: one more block trains, and the optimizer learns of its
-    weights; returns whether anything changed."""
+    """The "gradual" strategy at `epoch` ("liberar gradualmente"): one more block trains, and the
+    optimizer learns of its weights; returns whether anything changed."""
     classify.apply_strategy(model, "gradual", epoch=epoch)
     for name, value in trainable_state(model).items():
         training.best_state.setdefault(name, value)  # its value at the best epoch so far: it was frozen
     known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    new = [p for p in classify.trainable_parameters(model) if id(p) not in known]
+    new = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
     if new:
         optimizer.add_param_group({"params": new})  # lr and weight decay from the optimizer's defaults
     return bool(new)
@@ -307,98 +332,121 @@ def restore_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             parameters[name].copy_(value)
 
 
-# --------------------------------------------------------------------------- one strategy, then the main job
-
-
-def prepare_strategy(initial: classify.GPTClassifier, strategy: str, job: Job) -> classify.GPTClassifier:
-    """A copy of the starting classifier with `strategy` applied: every strategy starts from the
-    same weights. Under --compile (CUDA) each block is compiled."""
-    model = copy.deepcopy(initial)
-    torch.manual_seed(job.seed)  # LoRA adapters are initialised at random
-    classify.apply_strategy(model, strategy, lora_rank=job.cfg.lora_rank, lora_alpha=job.cfg.lora_alpha)
-    model.to(job.runtime.device)
-    if job.cfg.compile and job.runtime.device.type != "cuda":
-        job.log(f"--compile: only used on CUDA; running uncompiled on {job.runtime.device.type}")
-    elif job.cfg.compile and not hasattr(nn.Module, "compile"):
-        job.log("--compile: needs PyTorch 2.2 or later; running uncompiled")
-    elif job.cfg.compile:
+def compile_blocks(model: classify.GPTClassifier, cfg: TrainConfig, device: torch.device,
+                   log: Callable[[str], None]) -> None:
+    """--compile: torch.compile each block (CUDA only), the same module, faster kernels."""
+    if cfg.compile and device.type != "cuda":
+        log(f"--compile: only used on CUDA; running uncompiled on {device.type}")
+    elif cfg.compile and not hasattr(nn.Module, "compile"):
+        log("--compile: needs PyTorch 2.2 or later; running uncompiled")
+    elif cfg.compile:
         for block in model.gpt.h:
             block.compile(dynamic=True)
-    return model
 
 
-def evaluate_splits(model: classify.GPTClassifier, splits: dict[str, fastpath.SplitInputs], label_names: list[str],
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Evaluation:
+    """Loss and predictions over one whole split, in the split's order."""
+
+    loss: float
+    y_true: list[int]
+    y_pred: list[int]
+
+    @property
+    def accuracy(self) -> float:
+        return metrics.accuracy(self.y_true, self.y_pred)
+
+
+@torch.no_grad()
+def evaluate(model: classify.GPTClassifier, split: fastpath.SplitInputs, job: Job) -> Evaluation:
+    """Mean loss and every prediction over a split, in batches ordered by length."""
+    model.eval()
+    device, loss_sum, predictions = job.runtime.device, 0.0, [0] * len(split.dataset)
+    for indices in fastpath.BucketBatchSampler(split.dataset.lengths, job.eval_batch_size, seed=0, shuffle=False):
+        batch = split.batch(indices, device)
+        with fastpath.autocast(device):
+            logits = model(batch.inputs, batch.lengths, batch.start_block).float()  # (B, K)
+        loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
+        for i, prediction in zip(indices, logits.argmax(dim=-1).tolist()):
+            predictions[i] = prediction
+    return Evaluation(loss_sum / len(split.dataset), list(split.dataset.labels), predictions)
+
+
+def evaluate_splits(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInputs], label_names: list[str],
                     job: Job) -> tuple[dict[str, metrics.ClassificationReport], dict[str, float], dict[str, list[int]]]:
     """The chapter's metrics ("Avaliando classificadores de texto") on every split; also each
     split's predictions, text by text (to compare strategies on the same texts)."""
-    fast = job.network(model)
-    fastpath.refresh_caches(fast, splits, job.runtime.device, job.cfg.use_prefix_cache)  # training's, if it can
+    fastpath.refresh_caches(model, inputs, job.runtime.device, job.cfg.use_prefix_cache)  # training's, if it can
     reports, losses, predictions = {}, {}, {}
-    for name, split in splits.items():
-        evaluation = evaluate(fast, split, job.eval_batch_size, job.runtime.device)
+    for name, split in inputs.items():
+        evaluation = evaluate(model, split, job)
         reports[name] = metrics.classification_report(evaluation.y_true, evaluation.y_pred, label_names)
         losses[name], predictions[name] = evaluation.loss, evaluation.y_pred
     return reports, losses, predictions
 
 
-def share_frozen_work(gpt_model: gpt.GPTModel, tokens: TokenizedSplits, num_classes: int, job: Job, runs: int
-                      ) -> fastpath.SharedPrefix | None:
+# --------------------------------------------------------------------------- the machinery around the pipeline
+
+
+def share_frozen_work(gpt_model: gpt.GPTModel, tokens: TokenizedSplits, num_classes: int, job: Job
+                      ) -> dict[str, dict[int, fastpath.PrefixCache]]:
     """Several runs (--compare, --seeds) start from the same frozen weights, so the frozen blocks
-    compute the same for all of them: once here, for every frozen boundary the runs will ask
-    for (nested: each deeper one from the one below), then each run takes its own."""
-    if runs < 2 or not (job.cfg.use_prefix_cache and job.fast_path):
-        return None
-    frozen = prepare_strategy(build_classifier(gpt_model, num_classes, job.cfg.pooling, job.seed), "head", job)
-    lengths = fastpath.planned_prefix_lengths(frozen, job.cfg.compare or [job.cfg.strategy], job.cfg.epochs)
-    shared = fastpath.share_frozen_work(frozen, dict(tokens.items()), lengths, job.runtime.device)
-    if shared is not None:
-        job.log(shared.describe())
-    return shared
+    compute the same for all of them: once here, for every frozen boundary the runs will ask for
+    (nested: each deeper one from the one below); each run then takes its own from this shelf."""
+    cfg = job.cfg
+    runs = len(cfg.compare or [cfg.strategy]) * len(cfg.seeds or [cfg.seed])
+    if runs < 2 or not cfg.use_prefix_cache:
+        return {}
+    frozen = classify.GPTClassifier(gpt_model, num_classes, cfg.pooling).to(job.runtime.device)
+    classify.apply_strategy(frozen, "head")
+    lengths = fastpath.planned_prefix_lengths(frozen, cfg.compare or [cfg.strategy], cfg.epochs)
+    job.frozen_work = fastpath.share_frozen_work(frozen, dict(tokens.items()), lengths, job.runtime.device)
+    job.log(job.frozen_work.describe())
+    return job.frozen_work.caches
 
 
-def run(cfg: TrainConfig, argv: list[str], log: report.Log) -> int:
-    """The main job: check the arguments, steps 1-5 once, then for each strategy (and training
-    seed): freeze, fine-tune (steps 6-7), evaluate, and write the run folder (only when complete)."""
+def fetch_files(cfg: TrainConfig) -> None:
+    """Download what the pipeline will read, once, into the cache: the SMS Spam Collection (no
+    --data) and a preset's weights (--init pretrained)."""
+    if cfg.data is None:
+        hub.download_sms_spam(cfg.cache_dir, hub.print_progress)
+    if cfg.init == "pretrained":
+        hub.fetch(cfg.model, cfg.cache_dir, hub.print_progress)
+
+
+def run(cfg: TrainConfig, argv: list[str], log: Callable[[str], None]) -> int:
+    """The main job: the pipeline, inside the machinery. The arguments are checked before any
+    work; under torchrun the processes join (distributed.session) and rank 0 downloads first
+    while the others wait; the run folder is built aside and appears only when complete
+    (report.staged_output); several runs add compare.json and the comparison table."""
     started = time.perf_counter()
     gpt_config = check_config(cfg)
-    strategies, seeds = cfg.compare or [cfg.strategy], cfg.seeds or [cfg.seed]
-    comparing = bool(cfg.compare) or len(seeds) > 1  # one folder per run, compare.json beside them
+    comparing = bool(cfg.compare) or len(cfg.seeds) > 1  # one folder per run, compare.json beside them
     with distributed.session(cfg.device) as runtime:
         job = Job(cfg, runtime, log if runtime.is_main_process else report.quiet)
         out = Path(cfg.out) if cfg.out else report.default_out_dir()
         with report.staged_output(out, runtime) as staging:  # None on every process but rank 0
-            splits, tokens = distributed.load_in_turn(runtime, lambda: load_text_and_tokens(cfg, gpt_config))  # 1-2
-            gpt_model = distributed.load_in_turn(runtime, lambda: load_gpt(cfg, gpt_config, job.log))  # step 3
-            job.log(report.describe_steps(cfg, splits, tokens, gpt_model, runtime))
-            shared = share_frozen_work(gpt_model, tokens, len(splits.label_names), job, len(strategies) * len(seeds))
-            facts, results = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, started), []
-            for strategy, seed in itertools.product(strategies, seeds):  # --seeds: only the training's randomness
-                seeded = replace(job, seed=seed)  # changes; the split and the (random) backbone do not
-                initial = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, seed)  # steps 4-5
-                model = prepare_strategy(initial, strategy, seeded)
-                parameters = report.parameter_counts(model)  # what trains from the start (gradual: then more)
-                job.log(report.describe_strategy(model, strategy, cfg.epochs, seed if cfg.seeds else None))
-                inputs = {name: fastpath.SplitInputs(dataset, shelf=shared.caches[name] if shared else {})
-                          for name, dataset in tokens.items()}
-                training_started = time.perf_counter()
-                training = fine_tune(model, inputs, strategy, seeded)  # steps 6-7
-                seconds = time.perf_counter() - training_started
-                restore_state(model, training.best_state)
-                training.best_state.clear()  # in the model now: a comparison keeps many runs' records
-                job.log(f"kept the weights of epoch {training.best_epoch} (best validation accuracy)")
-                reports, losses, predictions = evaluate_splits(model, inputs, splits.label_names, job)
-                result = report.RunResult(strategy, reports, losses, parameters, training, seconds, seed,
-                                          predictions["test"])
-                results.append(result)
-                job.log(report.describe_result(result, tokens))
-                if staging is not None:  # rank 0 writes the classifier (for classify.py), metrics.json, plots
-                    folder = report.run_folder(strategy, seed, comparing, several_seeds=len(seeds) > 1)
-                    (staging / folder).mkdir(parents=True, exist_ok=True)
-                    classify.save_classifier(model.cpu(), staging / folder, splits.label_names, tokens.max_length)
-                    report.write_run(staging / folder, out / folder, result, facts, job.log)
+            distributed.load_in_turn(runtime, lambda: fetch_files(cfg))
+
+            def save(model: classify.GPTClassifier, result: report.RunResult, tokens: TokenizedSplits) -> None:
+                folder = report.run_folder(result.strategy, result.seed, comparing, several_seeds=len(cfg.seeds) > 1)
+                (staging / folder).mkdir(parents=True, exist_ok=True)
+                classify.save_classifier(model.cpu(), staging / folder, result.reports["train"].label_names,
+                                         tokens.max_length)
+                facts = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, started)
+                report.write_run(staging / folder, out / folder, result, facts, job.log)
+
+            if staging is not None:  # rank 0 writes the classifier (for classify.py), metrics.json, plots
+                job.save = save
+            results = pipeline(cfg, job)
             if comparing and staging is not None:
-                reference = comparison.reference_strategy(cfg.reference, strategies)
-                experiment = comparison.Experiment(strategies, seeds, reference, tokens.test.labels, shared,
+                strategies = cfg.compare or [cfg.strategy]
+                experiment = comparison.Experiment(strategies, cfg.seeds or [cfg.seed],
+                                                   comparison.reference_strategy(cfg.reference, strategies),
+                                                   results[0].test_labels, job.frozen_work,
                                                    time.perf_counter() - started)
                 job.log(comparison.write_comparison(staging, out, results, experiment, cfg, argv))
         job.log(f"\ntotal time {time.perf_counter() - started:.1f} s; written to {out}")

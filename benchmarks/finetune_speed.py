@@ -2,8 +2,8 @@
 
 The book's method (its chapter 6 code) pads every text to the longest training text, runs the
 whole network on every position at every step, and applies the head to every position. Ours
-(train.py's fast path, fastpath.py) caches what the frozen blocks compute, pads each batch only to
-its own longest text, and runs the last block only where the head reads. Both runs share
+(train.py, classify.GPTClassifier.forward) stores what the frozen blocks compute once, pads each
+batch only to its own longest text, and runs the last block only where the head reads. Both runs share
 everything else: data, split, seed, initial weights, batch order, optimizer, per-epoch
 validation, best-epoch choice and final evaluation, so their test accuracies agree up to
 rounding and the time ratio is the price of the method alone.
@@ -48,7 +48,6 @@ import classify
 import data
 import distributed
 import fastpath
-import report
 import train
 
 METHODS = ("book", "ours")
@@ -61,12 +60,12 @@ class BookClassifier(classify.GPTClassifier):
 
     pad_to: int = 0
 
-    def forward(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, lengths: torch.Tensor, start_block: int = 0) -> torch.Tensor:
+        assert start_block == 0, "the book's method stores nothing (--no-cache)"
         token_ids = F.pad(token_ids, (0, self.pad_to - token_ids.shape[1]), value=data.PAD_TOKEN_ID)  # (B, pad_to)
-        with fastpath.autocast(token_ids.device):  # the precision ours uses (bfloat16 on CUDA): only the method differs
-            hidden = self.gpt.hidden_states(token_ids)  # (B, pad_to, C): the whole network, every position
-            logits = self.head(hidden)  # (B, pad_to, K): the book's out_head runs on every position too
-        return logits[torch.arange(len(lengths)), lengths - 1].float()  # (B, K)
+        hidden = self.gpt.hidden_states(token_ids)  # (B, pad_to, C): the whole network, every position
+        logits = self.head(hidden)  # (B, pad_to, K): the book's out_head runs on every position too
+        return logits[torch.arange(len(lengths)), lengths - 1]  # (B, K)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -83,20 +82,20 @@ def run_one(method: str, strategy: str, args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, seed=args.seed, device=args.device,
         use_prefix_cache=method == "ours", compile=args.compile,
     )
-    gpt_config = train.check_config(cfg)
-    runtime = distributed.Runtime(distributed.pick_device(cfg.device))
-    job = train.Job(cfg, runtime, report.quiet, fast_path=method == "ours")  # "book": the plain forward, overridden
-    splits, tokens = train.load_text_and_tokens(cfg, gpt_config)
-    gpt_model = train.load_gpt(cfg, gpt_config)
+    train.check_config(cfg)
+    job = train.Job(cfg, distributed.Runtime(distributed.pick_device(cfg.device)))
+    splits = train.load_labelled_text(cfg)  # then as train.pipeline does for one strategy:
+    tokens = train.tokenize(splits, cfg)
+    gpt_model = train.load_gpt(cfg)
     if method == "ours":
-        initial = train.build_classifier(gpt_model, len(splits.label_names), "last", cfg.seed)
+        model = train.build_classifier(gpt_model, len(splits.label_names), "last", cfg.seed)
     else:
         torch.manual_seed(cfg.seed)  # the same head initialisation as train.build_classifier
-        initial = BookClassifier(gpt_model, len(splits.label_names), pooling="last")
-        initial.pad_to = tokens.max_length
-    model = train.prepare_strategy(initial, strategy, job)  # then as train.run does for each strategy:
+        model = BookClassifier(gpt_model, len(splits.label_names), pooling="last")
+        model.pad_to = tokens.max_length
+    train.freeze(model, strategy, cfg.seed, cfg)
     inputs = {name: fastpath.SplitInputs(dataset) for name, dataset in tokens.items()}
-    training = train.fine_tune(model, inputs, strategy, job)
+    training = train.fine_tune(model, inputs, strategy, cfg.seed, job)
     train.restore_state(model, training.best_state)
     reports = train.evaluate_splits(model, inputs, splits.label_names, job)[0]
     seconds = time.perf_counter() - started

@@ -114,6 +114,55 @@ def test_logits_have_one_row_per_text_and_one_column_per_class(cfg, lengths, see
     assert torch.isfinite(logits).all()
 
 
+def plain_logits(model: GPTClassifier, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The chapter's composition, written out in full: every block at every position, the final
+    LayerNorm, the text's vector, the head. forward must give exactly this, with less work."""
+    if model.pooling == "special":
+        token_ids, lengths = classify.append_special_token(token_ids, lengths)
+    return model.head(classify.pool(model.gpt.hidden_states(token_ids), lengths, model.pooling))  # (B, K)
+
+
+def logits_and_gradients(compute, model, labels):
+    model.zero_grad()
+    logits = compute()
+    F.cross_entropy(logits, labels).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@FEW
+@given(cfg=configs, lengths=batch_lengths, extra=st.integers(0, 6), seed=seeds, pooling=st.sampled_from(classify.POOLINGS),
+       strategy=st.sampled_from(["head", "last-block", "all", "lora"]), sdpa=st.booleans())
+def test_forward_gives_the_plain_compositions_logits_and_gradients(cfg, lengths, extra, seed, pooling, strategy, sdpa):
+    """The final block at the last position only ("last", "special") and position 0 alone
+    ("first") skip work nothing reads: the same logits and gradients as every block at every
+    position, across model shapes, both attention kernels, padding, strategies and LoRA."""
+    model = tiny_classifier(pooling, seed=seed, **cfg)
+    model.gpt.set_fast_attention(sdpa)
+    classify.apply_strategy(model, strategy, lora_rank=2)
+    wake_lora_adapters(model, std=0.1, seed=seed)  # a no-op unless strategy is lora
+    token_ids, lens = padded(random_token_lists(lengths, seed), width=max(lengths) + extra)
+    labels = torch.arange(len(lengths)) % 2
+    ours = logits_and_gradients(lambda: model(token_ids, lens), model, labels)
+    plain = logits_and_gradients(lambda: plain_logits(model, token_ids, lens), model, labels)
+    torch.testing.assert_close(ours[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert ours[1].keys() == plain[1].keys()
+    for name in plain[1]:
+        assert_close_to_scale(ours[1][name], plain[1][name], name=name)
+
+
+@pytest.mark.parametrize("pooling", classify.POOLINGS)
+def test_an_empty_batch_gives_no_logits_and_zero_gradients(pooling):
+    """A torchrun process whose share of a batch is empty still runs a step (distributed.py
+    weighs its gradient by 0): no logits, and every trainable parameter a zero gradient, none
+    left out of the exchange."""
+    model = tiny_classifier(pooling)
+    classify.apply_strategy(model, "all")
+    logits = model(torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    assert logits.shape == (0, 2)
+    F.cross_entropy(logits, torch.zeros(0, dtype=torch.long)).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
+
+
 def test_vocabulary_head_is_never_computed():
     model = tiny_classifier()
     model.gpt.lm_head.register_forward_hook(lambda *_: pytest.fail("lm_head ran"))

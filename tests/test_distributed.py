@@ -31,7 +31,8 @@ import fastpath
 import gpt
 import report
 import train
-from test_train import TINY_GPT, load_metrics, tiny_args, without_timing, workspace  # noqa: F401 (a fixture)
+from test_train import (GOLDEN, TINY_GPT, as_golden, assert_same_results, load_metrics, tiny_args,  # noqa: F401
+                        without_timing, workspace)  # workspace: a fixture
 
 REPO = Path(__file__).resolve().parents[1]  # torchrun runs this file with the repository on PYTHONPATH
 STRATEGIES = ["head", "last-block", "last-2-blocks", "all", "gradual", "lora"]
@@ -124,6 +125,15 @@ def test_two_processes_give_one_process_weights_and_metrics(strategy, two_runs):
     assert_same_document(without_timing(one), without_timing(two))
 
 
+def test_one_process_gives_what_it_gave_before_the_one_path_change(two_runs):
+    """Every strategy, through GPTClassifier.forward, with the plain mean loss per process: the
+    metrics.json the code wrote before (commit 5072041), with the same arguments."""
+    single, _, _ = two_runs
+    for strategy in STRATEGIES:
+        golden = json.loads((GOLDEN / f"strategies-{strategy}.json").read_text())
+        assert_same_results(as_golden(load_metrics(single / strategy)), golden, strategy)
+
+
 def test_gradual_unfreezes_on_both_processes_alike(two_runs):
     """The trainable set changes between epochs; both processes rebuild DDP at the same epoch."""
     single, distributed, _ = two_runs
@@ -158,7 +168,7 @@ def test_rank_0_alone_prints_and_writes(two_runs):
 
 def sgd_epoch(runtime: distributed.Runtime, strategy: str) -> dict:
     """One epoch of plain SGD (3 steps: batches of 3, 3 and 1) on 7 short texts through
-    train.fine_tune, then an evaluation in batches of 2 and one of a one-text split; the same in
+    train.fine_tune, then an evaluation of the training texts and of a one-text split; the same in
     every process (one seed)."""
     torch.manual_seed(0)
     shape = gpt.GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_layers=2, n_heads=2)
@@ -170,17 +180,18 @@ def sgd_epoch(runtime: distributed.Runtime, strategy: str) -> dict:
     splits = {"train": fastpath.SplitInputs(dataset), "validation": fastpath.SplitInputs(one_text),
               "test": fastpath.SplitInputs(dataset)}
     cfg = train.TrainConfig(batch_size=3, epochs=1)
+    job = train.Job(cfg, runtime)
     real_optimizer = train.make_optimizer
     train.make_optimizer = lambda model, cfg: torch.optim.SGD(classify.trainable_parameters(model), lr=0.5)
     try:
-        training = train.fine_tune(model, splits, strategy, train.Job(cfg, runtime, report.quiet))
+        training = train.fine_tune(model, splits, strategy, cfg.seed, job)
     finally:
         train.make_optimizer = real_optimizer
     train.restore_state(model, training.best_state)  # one epoch: the weights it ended with
     record = training.history[0]
-    network = fastpath.FastClassifier(model)
-    fastpath.refresh_caches(network, splits, runtime.device)
-    evaluations = [train.evaluate(network, splits[split], 2, runtime.device) for split in ("test", "validation")]
+    fastpath.refresh_caches(model, splits, runtime.device)
+    evaluations = [train.evaluate(model, splits[split], train.Job(train.TrainConfig(batch_size=2), runtime))
+                   for split in ("test", "validation")]
     return {"weights": train.trainable_state(model), "train": [record.train_loss, record.train_accuracy],
             "cache": training.cache.used, "evaluation": [[e.loss, e.y_pred] for e in evaluations]}
 
@@ -259,11 +270,11 @@ def worker(argv: list[str]) -> int:
     calls = []
     loss = train.supervised_loss
 
-    def failing_loss(logits, batch):
+    def failing_loss(logits, labels):
         calls.append(1)
         if os.environ["RANK"] == "1" and len(calls) == 3:
             raise RuntimeError("a bug (a test's)")
-        return loss(logits, batch)
+        return loss(logits, labels)
 
     train.supervised_loss = failing_loss
     return train.main(rest)

@@ -1,7 +1,7 @@
-"""fastpath.py: every speed path gives the plain path's numbers (classify.GPTClassifier.forward):
-the final block at the last position only, the frozen-prefix cache (float32 and float16), bfloat16
-autocast as on a GPU, an empty batch (a torchrun process's empty share), and length buckets that
-visit every text once per epoch."""
+"""fastpath.py: the frozen blocks' output, stored once, gives the numbers the token ids give
+(float32 and float16 storage, every pooling and strategy, the "gradual" boundary moving, bfloat16
+autocast as on a GPU, deepened caches equal to built ones, the frozen work shared by several runs),
+and length buckets visit every text once per epoch."""
 
 from __future__ import annotations
 
@@ -15,75 +15,9 @@ import classify
 import fastpath
 from classify import GPTClassifier
 from fastpath import PrefixCache
-from test_classify import (FEW, assert_close_to_scale, batch_lengths, configs, padded, random_token_lists, seeds,
-                           tiny_classifier, tiny_gpt, wake_lora_adapters)
+from test_classify import FEW, assert_close_to_scale, padded, random_token_lists, seeds, tiny_classifier, tiny_gpt
 
 SEEDS = st.integers(min_value=0, max_value=2**32)
-
-
-def logits_and_gradients(network, model, token_ids, lengths, labels):
-    model.zero_grad()
-    logits = network(token_ids, lengths)
-    F.cross_entropy(logits, labels).backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-@FEW
-@given(lengths=batch_lengths, extra=st.integers(0, 6), seed=seeds, pooling=st.sampled_from(classify.POOLINGS),
-       strategy=st.sampled_from(["head", "last-block", "all", "lora"]))
-def test_the_fast_classifier_gives_the_plain_logits_and_gradients(lengths, extra, seed, pooling, strategy):
-    model = tiny_classifier(pooling, seed=seed)
-    classify.apply_strategy(model, strategy, lora_rank=2)
-    wake_lora_adapters(model, std=0.1, seed=seed)  # a no-op unless strategy is lora
-    token_ids, lens = padded(random_token_lists(lengths, seed), width=max(lengths) + extra)
-    labels = torch.arange(len(lengths)) % 2
-    fast = logits_and_gradients(fastpath.FastClassifier(model), model, token_ids, lens, labels)
-    plain = logits_and_gradients(model, model, token_ids, lens, labels)
-    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-5)
-    assert fast[1].keys() == plain[1].keys()
-    for name in plain[1]:
-        assert_close_to_scale(fast[1][name], plain[1][name], name=name)
-
-
-@pytest.mark.parametrize("pooling", classify.POOLINGS)
-def test_an_empty_batch_gives_no_logits_and_zero_gradients(pooling):
-    """A torchrun process whose share of a batch is empty still runs a step: its loss (a sum over
-    no texts) is 0 and every trainable parameter gets a zero gradient, none is left out."""
-    model = tiny_classifier(pooling)
-    classify.apply_strategy(model, "all")
-    split = fastpath.SplitInputs(fastpath.data.ClassificationDataset([[1, 2, 3]], [0]))
-    batch = split.batch([], torch.device("cpu"), size=3)
-    for network in (fastpath.FastClassifier(model), model):
-        model.zero_grad()
-        logits = network(batch.inputs, batch.lengths)
-        assert logits.shape == (0, 2)
-        loss = F.cross_entropy(logits, batch.labels, reduction="sum") / batch.size
-        loss.backward()
-        assert loss.item() == 0
-        assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
-
-
-# --------------------------------------------------------------------------- fast path: the last position only
-
-
-@FEW
-@given(cfg=configs, lengths=batch_lengths, extra=st.integers(0, 4), seed=seeds, sdpa=st.booleans(), lora=st.booleans())
-def test_last_position_block_equals_the_full_block(cfg, lengths, extra, seed, sdpa, lora):
-    """Across model shapes, both attention kernels, with and without LoRA adapters."""
-    model = tiny_classifier("last", seed=seed, **cfg)
-    model.gpt.set_fast_attention(sdpa)
-    classify.apply_strategy(model, "lora" if lora else "all", lora_rank=2)
-    wake_lora_adapters(model, std=0.1, seed=seed)  # a no-op unless lora
-    token_lists = random_token_lists(lengths, seed)
-    token_ids, lens = padded(token_lists, width=max(lengths) + extra)
-    labels = torch.arange(len(lengths)) % 2
-
-    fast_logits, fast_grads = logits_and_gradients(fastpath.FastClassifier(model), model, token_ids, lens, labels)
-    full_logits, full_grads = logits_and_gradients(model, model, token_ids, lens, labels)
-    torch.testing.assert_close(fast_logits, full_logits, rtol=1e-5, atol=1e-5)
-    assert fast_grads.keys() == full_grads.keys()
-    for name in full_grads:
-        assert_close_to_scale(fast_grads[name], full_grads[name], name=name)
 
 
 # --------------------------------------------------------------------------- fast path: the frozen-prefix cache
@@ -117,7 +51,7 @@ def test_cached_prefix_gives_the_same_loss_and_gradients(strategy, epoch, poolin
     labels = torch.tensor([1, 0, 1, 0])
     hidden, cached_lengths = cache.batch(indices)
     assert hidden.dtype == torch.float32 and hidden.shape[0] == 4 and hidden.shape[2] == 16
-    cached = loss_and_gradients(model, fastpath.forward_from(model, hidden, cached_lengths, k), labels)
+    cached = loss_and_gradients(model, model(hidden, cached_lengths, start_block=k), labels)
     plain = loss_and_gradients(model, model(*padded([token_lists[i] for i in indices])), labels)
     torch.testing.assert_close(cached[0], plain[0], rtol=1e-5, atol=1e-6)
     assert cached[1].keys() == plain[1].keys() and cached[1]
@@ -135,7 +69,7 @@ def test_cache_falls_back_to_float16_then_to_none_when_memory_is_short():
     assert half is not None and half.dtype == torch.float16 and half.nbytes == fp32_bytes // 2
     hidden, lens = half.batch([0, 1, 2, 3])
     assert hidden.dtype == torch.float32
-    torch.testing.assert_close(fastpath.forward_from(model, hidden, lens, 2), model(*padded(token_lists)), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(model(hidden, lens, start_block=2), model(*padded(token_lists)), rtol=1e-2, atol=1e-2)
     assert PrefixCache.build(model, token_lists, 2, "cpu", memory_budget_bytes=fp32_bytes // 2 - 1) is None
 
 
@@ -154,7 +88,7 @@ def test_gradual_moves_the_cache_boundary_every_epoch():
         classify.apply_strategy(model, "gradual", epoch=epoch)
         boundaries.append(fastpath.frozen_prefix_length(model))
         cache = PrefixCache.build(model, token_lists, boundaries[-1], "cpu")
-        logits = fastpath.forward_from(model, *cache.batch([0, 1, 2]), cache.start_block)
+        logits = model(*cache.batch([0, 1, 2]), start_block=cache.start_block)
         torch.testing.assert_close(logits, model(*padded(token_lists)), rtol=1e-5, atol=1e-5)
     assert boundaries == [3, 2, 1]
 
@@ -167,8 +101,8 @@ def test_fast_paths_run_under_bfloat16_autocast_as_on_a_gpu(pooling):
     reference = model(*padded(token_lists))
     cache = PrefixCache.build(model, token_lists, fastpath.frozen_prefix_length(model), "cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        uncached = fastpath.forward_from(model, *fastpath.embedded(model, *padded(token_lists)), 0)
-        cached = fastpath.forward_from(model, *cache.batch([0, 1, 2]), cache.start_block)
+        uncached = model(*padded(token_lists))
+        cached = model(*cache.batch([0, 1, 2]), start_block=cache.start_block)
         F.cross_entropy(cached.float(), torch.tensor([0, 1, 1])).backward()
     for logits in (uncached, cached):
         assert logits.dtype == torch.bfloat16
@@ -325,8 +259,8 @@ def test_runs_take_the_shared_frozen_work_and_get_what_they_would_build(pooling)
         classify.apply_strategy(model, strategy)
         fresh = {name: fastpath.SplitInputs(dataset) for name, dataset in datasets.items()}
         shelved = {name: fastpath.SplitInputs(dataset, shelf=shared.caches[name]) for name, dataset in datasets.items()}
-        built = fastpath.refresh_caches(fastpath.FastClassifier(model), fresh, torch.device("cpu"))
-        taken = fastpath.refresh_caches(fastpath.FastClassifier(model), shelved, torch.device("cpu"))
+        built = fastpath.refresh_caches(model, fresh, torch.device("cpu"))
+        taken = fastpath.refresh_caches(model, shelved, torch.device("cpu"))
         assert taken.shared and not built.shared and "done once" in taken.describe()
         assert (taken.start_block, taken.nbytes, taken.dtype) == (built.start_block, built.nbytes, built.dtype)
         for name in datasets:

@@ -163,6 +163,48 @@ def test_one_seed_gives_identical_metrics(workspace, base_run, monkeypatch, caps
     assert without_timing(first) == without_timing(second)
 
 
+GOLDEN = REPO / "tests" / "fixtures" / "metrics_5072041"
+
+
+def assert_same_results(document: dict, golden: dict, where: str = "") -> None:
+    """Equal to what the code before the one-path change wrote (commit 5072041): counts, classes,
+    confusion matrices and settings exactly; floats within float32 rounding."""
+    if isinstance(golden, dict):
+        assert document.keys() == golden.keys(), where
+        for key in golden:
+            assert_same_results(document[key], golden[key], f"{where}.{key}")
+    elif isinstance(golden, list):
+        assert len(document) == len(golden), where
+        for i, (got, want) in enumerate(zip(document, golden)):
+            assert_same_results(got, want, f"{where}[{i}]")
+    elif isinstance(golden, float):
+        assert document == pytest.approx(golden, rel=1e-4, abs=1e-6), where
+    else:
+        assert document == golden, where
+
+
+def as_golden(document: dict) -> dict:
+    found = {key: value for key, value in document.items() if key not in ("timing", "arguments")}
+    return {**found, "model": {**found["model"], "source": "tiny-gpt"}}
+
+
+def test_metrics_are_those_the_code_wrote_before_the_one_path_change(base_run):
+    """GPTClassifier.forward now trains, with the frozen blocks' output stored once and the final
+    block at the last position only; the numbers are those the separate fast path gave."""
+    golden = json.loads((GOLDEN / "base.json").read_text())
+    assert_same_results(as_golden(load_metrics(base_run[0])), golden)
+
+
+@pytest.mark.parametrize(("pooling", "extra"), [("mean", []), ("special", ["--no-cache"]),
+                                                ("first", ["--strategy", "gradual"])])
+def test_every_pooling_gives_what_it_gave_before_the_one_path_change(pooling, extra, workspace, monkeypatch, capsys):
+    code, _, stderr = run_in(workspace / f"pooling-{pooling}", tiny_args(workspace, "--out", "run", "--pooling",
+                                                                         pooling, *extra), monkeypatch, capsys)
+    assert code == 0, stderr
+    golden = json.loads((GOLDEN / f"pooling-{pooling}.json").read_text())
+    assert_same_results(as_golden(load_metrics(workspace / f"pooling-{pooling}" / "run")), golden)
+
+
 def test_the_prefix_cache_changes_no_result(workspace, base_run, monkeypatch, capsys):
     code, stdout, _ = run_in(workspace / "uncached", tiny_args(workspace, "--out", "run", "--eval-every", "3",
                                                                "--no-cache", "--compile"), monkeypatch, capsys)
@@ -441,11 +483,11 @@ def test_a_failure_mid_training_leaves_no_run_folder(failure, workspace, monkeyp
     calls = []
     real_loss = train.supervised_loss
 
-    def failing_loss(logits, batch):
+    def failing_loss(logits, labels):
         calls.append(1)
         if len(calls) == 3:
             raise failure("stopped mid-training")
-        return real_loss(logits, batch)
+        return real_loss(logits, labels)
 
     monkeypatch.setattr(train, "supervised_loss", failing_loss)
     folder = workspace / f"failing-{failure.__name__}"
@@ -476,14 +518,14 @@ def test_best_epoch_restore_undoes_blocks_unfrozen_after_it():
     cfg = train.TrainConfig(epochs=3, batch_size=4, lr=1e-2, strategy="gradual")
     accuracies = iter([1.0, 0.5, 0.5])  # epoch 1 is the best
 
-    def fake_evaluate(network, split, batch_size, device):
+    def fake_evaluate(model, split, job):
         accuracy = next(accuracies)
         return train.Evaluation(loss=1.0, y_true=[0, 1], y_pred=[0, 1] if accuracy == 1.0 else [1, 1])
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(train, "evaluate", fake_evaluate)
         job = train.Job(cfg, distributed.Runtime(torch.device("cpu")), print)
-        result = train.fine_tune(model, splits, "gradual", job)
+        result = train.fine_tune(model, splits, "gradual", 0, job)
     assert result.best_epoch == 1
     assert [record.trainable for record in result.history] == [
         "head + final LayerNorm", "head + final LayerNorm + block 1", "head + final LayerNorm + blocks 0-1"]
