@@ -26,11 +26,13 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import fastpath
 import metrics
 import report
 
+RunResult = Any  # train.RunResult, read by its fields
 LEVEL = 0.05  # a difference is significant when p < 5%
 METRICS = ("training_seconds", "train_accuracy", "validation_accuracy", "test_accuracy", "test_precision",
            "test_recall", "test_f1")
@@ -49,7 +51,7 @@ class Experiment:
     total_seconds: float
 
 
-def run_row(result: report.RunResult) -> dict:
+def run_row(result: RunResult) -> dict:
     """One run's line of the table: what it cost (parameters, time) and what it bought."""
     test = result.reports["test"]
     return {
@@ -67,7 +69,7 @@ def spread(values: Sequence[float]) -> dict[str, float | None]:
             "min": min(values), "max": max(values)}
 
 
-def paired_test(run: report.RunResult, reference: report.RunResult, test_labels: Sequence[int]) -> dict:
+def paired_test(run: RunResult, reference: RunResult, test_labels: Sequence[int]) -> dict:
     """McNemar's exact test of one run against one reference run, on the same test texts."""
     b, c = metrics.discordant_counts(list(test_labels), run.test_predictions, reference.test_predictions)
     p_value = metrics.mcnemar_exact(b, c)
@@ -75,7 +77,7 @@ def paired_test(run: report.RunResult, reference: report.RunResult, test_labels:
             "p_value": p_value, "significant": p_value < LEVEL}
 
 
-def comparison_document(results: list[report.RunResult], experiment: Experiment, cfg, argv: list[str]) -> dict:
+def comparison_document(results: list[RunResult], experiment: Experiment, cfg, argv: list[str]) -> dict:
     """Everything compare.json holds."""
     runs = {strategy: [r for r in results if r.strategy == strategy] for strategy in experiment.strategies}
     rows = []
@@ -157,7 +159,7 @@ def format_comparison(document: dict) -> str:
     return "\n".join(lines)
 
 
-def write_comparison(folder: Path, final_folder: Path, results: list[report.RunResult], experiment: Experiment,
+def write_comparison(folder: Path, final_folder: Path, results: list[RunResult], experiment: Experiment,
                      cfg, argv: list[str]) -> str:
     """compare.json (and with --plot compare.png) in `folder`, the run folder being built, which
     becomes `final_folder`; returns the table for the log."""

@@ -15,18 +15,15 @@ train.py picks these (`--no-cache` trains through the plain forward instead).
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import classify
 import data
-from gpt import Block
 
 CACHE_MEMORY_BUDGET = 2**30  # bytes, for all splits together
 

@@ -12,24 +12,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 import classify
 import distributed
-import fastpath
 import hfformat
 import hub
 import metrics
 
 Log = Callable[[str], None]
+RunResult = Any  # train.RunResult, read by its fields: train.py imports this module, never the reverse
 
 
 def print_line(message: str) -> None:
@@ -45,144 +44,6 @@ def one_line(error: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- records of training
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    trainable: str  # what was trained this epoch (the gradual schedule)
-    train_loss: float  # mean over the epoch's texts, measured while training
-    train_accuracy: float  # likewise
-    validation_loss: float
-    validation_accuracy: float
-
-
-@dataclass
-class Training:
-    """What fine-tuning produced: the history, and the weights of the best epoch (by validation
-    accuracy, then loss); train.fine_tune fills it."""
-
-    cache: fastpath.CacheStatus  # as in the last epoch
-    best_state: dict[str, torch.Tensor]
-    history: list[EpochRecord] = field(default_factory=list)
-    step_checks: list[dict] = field(default_factory=list)  # validation loss every --eval-every steps
-    epoch_seconds: list[float] = field(default_factory=list)
-    best_epoch: int = 0
-    cache_seconds: float = 0.0  # building the cache, every (re)build
-    seconds: float = 0.0  # the whole of fine-tuning: cache and epochs
-
-    def __post_init__(self) -> None:
-        self.cache_seconds += self.cache.seconds
-
-    def set_cache(self, cache: fastpath.CacheStatus) -> None:
-        self.cache, self.cache_seconds = cache, self.cache_seconds + cache.seconds
-
-
-@dataclass
-class Progress:
-    """Counts steps across epochs for the progress lines: speed and estimated time left."""
-
-    total_steps: int
-    log_every: int
-    step: int = 0
-    examples: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def advance(self, batch_size: int) -> None:
-        self.step += 1
-        self.examples += batch_size
-
-    def line(self, epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, loss: float) -> str:
-        elapsed = time.perf_counter() - self.started
-        minutes, seconds = divmod(round(elapsed / self.step * (self.total_steps - self.step)), 60)
-        return (f"epoch {epoch + 1}/{epochs}  step {step_in_epoch}/{steps_per_epoch}  "
-                f"{self.examples / elapsed:,.0f} examples/s  loss {loss:.4f}  "
-                f"time left {minutes // 60}:{minutes % 60:02d}:{seconds:02d}")
-
-
-def epoch_line(record: EpochRecord, epochs: int, training: Training) -> str:
-    return (f"epoch {record.epoch}/{epochs} done in {training.epoch_seconds[-1]:.1f} s: "
-            f"train loss {record.train_loss:.4f} accuracy {record.train_accuracy:.2%}  |  "
-            f"validation loss {record.validation_loss:.4f} accuracy {record.validation_accuracy:.2%}"
-            + ("  (best so far)" if training.best_epoch == record.epoch else ""))
-
-
-@dataclass
-class RunResult:
-    strategy: str
-    reports: dict[str, metrics.ClassificationReport]
-    losses: dict[str, float]
-    parameters: dict[str, float]
-    training: Training
-    seed: int | None = None  # the training seed
-    test_predictions: list[int] = field(default_factory=list)  # text by text, in the test split's order
-    test_labels: list[int] = field(default_factory=list)
-
-    @property
-    def training_seconds(self) -> float:
-        return self.training.seconds
-
-
-def describe_trainable(model: classify.GPTClassifier) -> str:
-    """What trains, in words: 'head + final LayerNorm + blocks 10-11'."""
-    adapters = {id(p) for m in model.modules() if isinstance(m, classify.LoRALinear) for p in (m.lora_A, m.lora_B)}
-    blocks = [i for i, block in enumerate(model.gpt.h)
-              if any(p.requires_grad and id(p) not in adapters for p in block.parameters())]
-    parts = [name for name, module in (("head", model.head), ("final LayerNorm", model.gpt.ln_f))
-             if classify.trains(module)]
-    if blocks:
-        parts.append(f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}")
-    if adapters:
-        parts.append(f"LoRA adapters in blocks 0-{len(model.gpt.h) - 1}")
-    if classify.trains(model.gpt.wte) or classify.trains(model.gpt.wpe):
-        parts.append("embeddings")
-    return " + ".join(parts) or "nothing"
-
-
-def parameter_counts(model: nn.Module) -> dict[str, float]:
-    trainable, total = classify.count_parameters(model)
-    return {"trainable": trainable, "total": total, "share": trainable / total}
-
-
-# --------------------------------------------------------------------------- the log
-
-
-def describe_steps(cfg, splits, tokens, gpt_model: nn.Module, runtime: distributed.Runtime) -> str:
-    """Steps 1-7 in one line each, as the run sets them up."""
-    counts = " / ".join(f"{name} {len(dataset):,}" for name, dataset in tokens.items())
-    truncated = sum(dataset.num_truncated for _, dataset in tokens.items())
-    batch = f"batch size {cfg.batch_size}"
-    if runtime.distributed:
-        batch += (f" (the global batch: texts per weight update, shared by {runtime.world_size} processes, "
-                  f"about {cfg.batch_size / runtime.world_size:g} each)")
-    torchrun = (f"torchrun: {runtime.world_size} processes train together ({torch.distributed.get_backend()}, "
-                f"DistributedDataParallel), rank 0 on {runtime.device}\n" if runtime.distributed else "")
-    return (f"{torchrun}1. labelled text: {cfg.data or 'SMS Spam Collection'} "
-            f"({'balanced' if cfg.balanced else 'all data'}): {counts}; classes {', '.join(splits.label_names)}\n"
-            f"2. tokenization: GPT-2 BPE, max_length {tokens.max_length} tokens, "
-            f"{truncated} text{'s' if truncated != 1 else ''} cut to fit\n"
-            f"3. GPT: {cfg.model}, {cfg.init} weights, {sum(p.numel() for p in gpt_model.parameters()):,} "
-            f"parameters, on {runtime.device}\n"
-            f"4. representation: pooling {cfg.pooling!r}; 5. classification head: "
-            f"Linear({gpt_model.cfg.emb_dim} -> {len(splits.label_names)})\n"
-            f"6. supervised loss: cross-entropy; 7. weight update: AdamW lr {cfg.lr:g}, weight decay "
-            f"{cfg.weight_decay:g}, {batch}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}"
-            + (f"; training seeds {', '.join(map(str, cfg.seeds))} (the split"
-               f"{' and the random GPT' if cfg.init == 'random' else ''}: seed {cfg.seed})" if cfg.seeds else ""))
-
-
-def describe_strategy(model: classify.GPTClassifier, strategy: str, epochs: int, seed: int | None = None) -> str:
-    parameters = parameter_counts(model)
-    line = (f"strategy {strategy}{'' if seed is None else f', training seed {seed}'}: training "
-            f"{describe_trainable(model)}: {parameters['trainable']:,} of "
-            f"{parameters['total']:,} parameters ({parameters['share']:.2%})")
-    if strategy != "gradual":
-        return line
-    n_layers = len(model.gpt.h)
-    counts = [classify.trainable_blocks("gradual", n_layers, epoch) for epoch in range(epochs)]
-    return line + "\ngradual schedule: " + "; ".join(
-        f"epoch {epoch + 1}: head + final LayerNorm" + (f" + top {n} block{'s' if n > 1 else ''}" if n else "")
-        for epoch, n in enumerate(counts))
 
 
 def describe_result(result: RunResult, tokens) -> str:

@@ -26,17 +26,14 @@ and seeds side by side (comparison.py), downloads (hub.py).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import math
-import signal
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 if __name__ == "__main__":  # torch warns at import when NumPy is missing; this project does not use NumPy
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -46,7 +43,6 @@ from torch import nn
 from torch.nn import functional as F
 
 import classify
-import comparison
 import data
 import distributed
 import fastpath
@@ -54,6 +50,7 @@ import gpt
 import hub
 import metrics
 import report
+import runner
 
 
 @dataclass
@@ -90,47 +87,30 @@ class TrainConfig:
     use_prefix_cache: bool = True  # False (--no-cache): the frozen blocks run at every step
 
 
-@dataclass
-class Job:
-    """What the pipeline needs besides the settings, handed in by the machinery around it: where
-    to compute (distributed.Runtime), where to tell (rank 0 prints; the other processes under
-    torchrun are quiet), and where a finished run is saved (rank 0's run folder)."""
-
-    cfg: TrainConfig
-    runtime: distributed.Runtime
-    log: Callable[[str], None] = report.quiet
-    save: Callable[[classify.GPTClassifier, report.RunResult, TokenizedSplits], None] = lambda *run: None
-    frozen_work: fastpath.SharedPrefix | None = None  # done once for several runs (`share_frozen_work`)
-
-    @property
-    def eval_batch_size(self) -> int:
-        return max(self.cfg.batch_size, 32)  # no gradients kept: larger batches cost little memory
-
-
 # --------------------------------------------------------------------------- the pipeline
 
 
-def pipeline(cfg: TrainConfig, job: Job) -> list[report.RunResult]:
+def pipeline(cfg: TrainConfig, job: runner.Job) -> list[RunResult]:
     """The chapter's pipeline, in order: steps 1-3 once, then for each strategy and training seed
     (one of each without --compare and --seeds) steps 4-7, the evaluation, and the classifier
     saved for classify.py. Every run starts from the same texts and the same GPT-2."""
     splits = load_labelled_text(cfg)  # 1. texto rotulado
     tokens = tokenize(splits, cfg)  # 2. tokenização
     gpt_model = load_gpt(cfg, log=job.log)  # 3. processamento pelo GPT (its pretrained weights)
-    job.log(report.describe_steps(cfg, splits, tokens, gpt_model, job.runtime))
+    job.log(describe_steps(cfg, splits, tokens, gpt_model, job.runtime))
     shelf = share_frozen_work(gpt_model, tokens, len(splits.label_names), job)  # several runs: frozen work once
     results = []
     for strategy, seed in itertools.product(cfg.compare or [cfg.strategy], cfg.seeds or [cfg.seed]):
         model = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, seed)  # 4-5. representação, head
         freeze(model, strategy, seed, cfg)  # "Congelamento de Camadas": what trains
-        job.log(report.describe_strategy(model, strategy, cfg.epochs, seed if cfg.seeds else None))
-        parameters = report.parameter_counts(model)  # what trains from the start (gradual: then more)
+        job.log(describe_strategy(model, strategy, cfg.epochs, seed if cfg.seeds else None))
+        parameters = parameter_counts(model)  # what trains from the start (gradual: then more)
         inputs = {name: fastpath.SplitInputs(dataset, shelf=shelf.get(name, {})) for name, dataset in tokens.items()}
         training = fine_tune(model, inputs, strategy, seed, job)  # 6-7. loss, atualização dos pesos
         restore_state(model, training.best_state)  # the weights of the best epoch
         reports, losses, predictions = evaluate_splits(model, inputs, splits.label_names, job)  # avaliação
-        results.append(report.RunResult(strategy, reports, losses, parameters, training, seed, predictions["test"],
-                                        list(tokens.test.labels)))
+        results.append(RunResult(strategy, reports, losses, parameters, training, seed, predictions["test"],
+                                 list(tokens.test.labels)))
         job.log(report.describe_result(results[-1], tokens))
         job.save(model, results[-1], tokens)  # inferência: classify.py loads it
     return results
@@ -226,7 +206,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInputs], strategy: str, seed: int,
-              job: Job) -> report.Training:
+              job: runner.Job) -> Training:
     """Steps 6 and 7, epoch after epoch ("Treinamento Supervisionado"), each epoch then measured on
     the validation set. Keeps a copy of the weights of the epoch with the best validation
     accuracy (of equals, the lower loss, then the earlier epoch)."""
@@ -242,17 +222,17 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
     # runs through them once, here, and training continues from their stored output.
     cache = fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache)
     log(cache.describe())
-    training = report.Training(cache=cache, best_state=trainable_state(model))
-    progress = report.Progress(total_steps=cfg.epochs * len(batches), log_every=max(1, len(batches) // 10))
+    training = Training(cache=cache, best_state=trainable_state(model))
+    progress = Progress(total_steps=cfg.epochs * len(batches), log_every=max(1, len(batches) // 10))
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
         if strategy == "gradual" and epoch > 0 and unfreeze_next_block(model, optimizer, training, epoch):
             del network  # under torchrun the old DDP and its gradient hooks go first
             network = distributed.wrap(model, job.runtime)  # DDP must see the new trainable set
             training.set_cache(fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache))
-            log(f"epoch {epoch + 1}: unfrozen, now training {report.describe_trainable(model)}; "
+            log(f"epoch {epoch + 1}: unfrozen, now training {describe_trainable(model)}; "
                 f"{training.cache.describe()}")
-        trainable = report.describe_trainable(model)
+        trainable = describe_trainable(model)
         batches.set_epoch(epoch)  # a new batch order every epoch, the same for every run with this seed
         loss_sum = torch.zeros((), device=device)  # this process's texts, summed on the device: no sync per step
         correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
@@ -281,19 +261,19 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
                 log(line)
         train_loss, train_accuracy = finite(per_text(job, loss_sum, seen), "training"), per_text(job, correct, seen)
         validation = evaluate(model, inputs["validation"], job)
-        record = report.EpochRecord(epoch + 1, trainable, train_loss, train_accuracy,
+        record = EpochRecord(epoch + 1, trainable, train_loss, train_accuracy,
                                     finite(validation.loss, "validation"), validation.accuracy)
         training.history.append(record)
         training.epoch_seconds.append(time.perf_counter() - started)
         best = max(training.history, key=lambda r: (r.validation_accuracy, -r.validation_loss))  # first of equals
         if best is record:
             training.best_epoch, training.best_state = record.epoch, trainable_state(model)
-        log(report.epoch_line(record, cfg.epochs, training))
+        log(epoch_line(record, cfg.epochs, training))
     training.seconds = time.perf_counter() - training_started
     return training
 
 
-def per_text(job: Job, total: torch.Tensor, texts: int) -> float:
+def per_text(job: runner.Job, total: torch.Tensor, texts: int) -> float:
     """A sum over this process's texts, added up over every process (torchrun), per text."""
     return job.runtime.sum(total).item() / texts
 
@@ -306,7 +286,7 @@ def finite(loss: float, which: str) -> float:
     return loss
 
 
-def unfreeze_next_block(model: classify.GPTClassifier, optimizer: torch.optim.Optimizer, training: report.Training,
+def unfreeze_next_block(model: classify.GPTClassifier, optimizer: torch.optim.Optimizer, training: Training,
                         epoch: int) -> bool:
     """The "gradual" strategy at `epoch` ("liberar gradualmente"): one more block trains, and the
     optimizer learns of its weights; returns whether anything changed."""
@@ -344,6 +324,56 @@ def compile_blocks(model: classify.GPTClassifier, cfg: TrainConfig, device: torc
             block.compile(dynamic=True)
 
 
+# --------------------------------------------------------------------------- what fine-tuning leaves
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    trainable: str  # what was trained this epoch (the gradual schedule)
+    train_loss: float  # mean over the epoch's texts, measured while training
+    train_accuracy: float  # likewise
+    validation_loss: float
+    validation_accuracy: float
+
+
+@dataclass
+class Training:
+    """What fine-tuning produced: the history, and the weights of the best epoch (by validation
+    accuracy, then loss); train.fine_tune fills it."""
+
+    cache: fastpath.CacheStatus  # as in the last epoch
+    best_state: dict[str, torch.Tensor]
+    history: list[EpochRecord] = field(default_factory=list)
+    step_checks: list[dict] = field(default_factory=list)  # validation loss every --eval-every steps
+    epoch_seconds: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    cache_seconds: float = 0.0  # building the cache, every (re)build
+    seconds: float = 0.0  # the whole of fine-tuning: cache and epochs
+
+    def __post_init__(self) -> None:
+        self.cache_seconds += self.cache.seconds
+
+    def set_cache(self, cache: fastpath.CacheStatus) -> None:
+        self.cache, self.cache_seconds = cache, self.cache_seconds + cache.seconds
+
+
+@dataclass
+class RunResult:
+    strategy: str
+    reports: dict[str, metrics.ClassificationReport]
+    losses: dict[str, float]
+    parameters: dict[str, float]
+    training: Training
+    seed: int | None = None  # the training seed
+    test_predictions: list[int] = field(default_factory=list)  # text by text, in the test split's order
+    test_labels: list[int] = field(default_factory=list)
+
+    @property
+    def training_seconds(self) -> float:
+        return self.training.seconds
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -361,7 +391,7 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: classify.GPTClassifier, split: fastpath.SplitInputs, job: Job) -> Evaluation:
+def evaluate(model: classify.GPTClassifier, split: fastpath.SplitInputs, job: runner.Job) -> Evaluation:
     """Mean loss and every prediction over a split, in batches ordered by length."""
     model.eval()
     device, loss_sum, predictions = job.runtime.device, 0.0, [0] * len(split.dataset)
@@ -376,7 +406,7 @@ def evaluate(model: classify.GPTClassifier, split: fastpath.SplitInputs, job: Jo
 
 
 def evaluate_splits(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInputs], label_names: list[str],
-                    job: Job) -> tuple[dict[str, metrics.ClassificationReport], dict[str, float], dict[str, list[int]]]:
+                    job: runner.Job) -> tuple[dict[str, metrics.ClassificationReport], dict[str, float], dict[str, list[int]]]:
     """The chapter's metrics ("Avaliando classificadores de texto") on every split; also each
     split's predictions, text by text (to compare strategies on the same texts)."""
     fastpath.refresh_caches(model, inputs, job.runtime.device, job.cfg.use_prefix_cache)  # training's, if it can
@@ -388,10 +418,103 @@ def evaluate_splits(model: classify.GPTClassifier, inputs: dict[str, fastpath.Sp
     return reports, losses, predictions
 
 
-# --------------------------------------------------------------------------- the machinery around the pipeline
+# --------------------------------------------------------------------------- what the run tells
 
 
-def share_frozen_work(gpt_model: gpt.GPTModel, tokens: TokenizedSplits, num_classes: int, job: Job
+@dataclass
+class Progress:
+    """Counts steps across epochs for the progress lines: speed and estimated time left."""
+
+    total_steps: int
+    log_every: int
+    step: int = 0
+    examples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def advance(self, batch_size: int) -> None:
+        self.step += 1
+        self.examples += batch_size
+
+    def line(self, epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, loss: float) -> str:
+        elapsed = time.perf_counter() - self.started
+        minutes, seconds = divmod(round(elapsed / self.step * (self.total_steps - self.step)), 60)
+        return (f"epoch {epoch + 1}/{epochs}  step {step_in_epoch}/{steps_per_epoch}  "
+                f"{self.examples / elapsed:,.0f} examples/s  loss {loss:.4f}  "
+                f"time left {minutes // 60}:{minutes % 60:02d}:{seconds:02d}")
+
+
+def epoch_line(record: EpochRecord, epochs: int, training: Training) -> str:
+    return (f"epoch {record.epoch}/{epochs} done in {training.epoch_seconds[-1]:.1f} s: "
+            f"train loss {record.train_loss:.4f} accuracy {record.train_accuracy:.2%}  |  "
+            f"validation loss {record.validation_loss:.4f} accuracy {record.validation_accuracy:.2%}"
+            + ("  (best so far)" if training.best_epoch == record.epoch else ""))
+
+
+def describe_steps(cfg, splits, tokens, gpt_model: nn.Module, runtime: distributed.Runtime) -> str:
+    """Steps 1-7 in one line each, as the run sets them up."""
+    counts = " / ".join(f"{name} {len(dataset):,}" for name, dataset in tokens.items())
+    truncated = sum(dataset.num_truncated for _, dataset in tokens.items())
+    batch = f"batch size {cfg.batch_size}"
+    if runtime.distributed:
+        batch += (f" (the global batch: texts per weight update, shared by {runtime.world_size} processes, "
+                  f"about {cfg.batch_size / runtime.world_size:g} each)")
+    torchrun = (f"torchrun: {runtime.world_size} processes train together ({torch.distributed.get_backend()}, "
+                f"DistributedDataParallel), rank 0 on {runtime.device}\n" if runtime.distributed else "")
+    return (f"{torchrun}1. labelled text: {cfg.data or 'SMS Spam Collection'} "
+            f"({'balanced' if cfg.balanced else 'all data'}): {counts}; classes {', '.join(splits.label_names)}\n"
+            f"2. tokenization: GPT-2 BPE, max_length {tokens.max_length} tokens, "
+            f"{truncated} text{'s' if truncated != 1 else ''} cut to fit\n"
+            f"3. GPT: {cfg.model}, {cfg.init} weights, {sum(p.numel() for p in gpt_model.parameters()):,} "
+            f"parameters, on {runtime.device}\n"
+            f"4. representation: pooling {cfg.pooling!r}; 5. classification head: "
+            f"Linear({gpt_model.cfg.emb_dim} -> {len(splits.label_names)})\n"
+            f"6. supervised loss: cross-entropy; 7. weight update: AdamW lr {cfg.lr:g}, weight decay "
+            f"{cfg.weight_decay:g}, {batch}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}"
+            + (f"; training seeds {', '.join(map(str, cfg.seeds))} (the split"
+               f"{' and the random GPT' if cfg.init == 'random' else ''}: seed {cfg.seed})" if cfg.seeds else ""))
+
+
+def describe_strategy(model: classify.GPTClassifier, strategy: str, epochs: int, seed: int | None = None) -> str:
+    parameters = parameter_counts(model)
+    line = (f"strategy {strategy}{'' if seed is None else f', training seed {seed}'}: training "
+            f"{describe_trainable(model)}: {parameters['trainable']:,} of "
+            f"{parameters['total']:,} parameters ({parameters['share']:.2%})")
+    if strategy != "gradual":
+        return line
+    n_layers = len(model.gpt.h)
+    counts = [classify.trainable_blocks("gradual", n_layers, epoch) for epoch in range(epochs)]
+    return line + "\ngradual schedule: " + "; ".join(
+        f"epoch {epoch + 1}: head + final LayerNorm" + (f" + top {n} block{'s' if n > 1 else ''}" if n else "")
+        for epoch, n in enumerate(counts))
+
+
+def describe_trainable(model: classify.GPTClassifier) -> str:
+    """What trains, in words: 'head + final LayerNorm + blocks 10-11'."""
+    adapters = {id(p) for m in model.modules() if isinstance(m, classify.LoRALinear) for p in (m.lora_A, m.lora_B)}
+    trains = {name: any(p.requires_grad and id(p) not in adapters for p in module.parameters())
+              for name, module in model.named_modules()}
+    blocks = [i for i in range(len(model.gpt.h)) if trains[f"gpt.h.{i}"]]
+    parts = [words for words, name in (("head", "head"), ("final LayerNorm", "gpt.ln_f")) if trains[name]]
+    if blocks:
+        parts.append(f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}")
+    if adapters:
+        parts.append(f"LoRA adapters in blocks 0-{len(model.gpt.h) - 1}")
+    if trains["gpt.wte"] or trains["gpt.wpe"]:
+        parts.append("embeddings")
+    return " + ".join(parts) or "nothing"
+
+
+def parameter_counts(model: nn.Module) -> dict[str, float]:
+    """Trainable and total parameters; a tied weight (lm_head = wte) counts once."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "share": trainable / total}
+
+
+# --------------------------------------------------------------------------- several runs, and the command
+
+
+def share_frozen_work(gpt_model: gpt.GPTModel, tokens: TokenizedSplits, num_classes: int, job: runner.Job
                       ) -> dict[str, dict[int, fastpath.PrefixCache]]:
     """Several runs (--compare, --seeds) start from the same frozen weights, so the frozen blocks
     compute the same for all of them: once here, for every frozen boundary the runs will ask for
@@ -408,232 +531,11 @@ def share_frozen_work(gpt_model: gpt.GPTModel, tokens: TokenizedSplits, num_clas
     return job.frozen_work.caches
 
 
-def fetch_files(cfg: TrainConfig) -> None:
-    """Download what the pipeline will read, once, into the cache: the SMS Spam Collection (no
-    --data) and a preset's weights (--init pretrained)."""
-    if cfg.data is None:
-        hub.download_sms_spam(cfg.cache_dir, hub.print_progress)
-    if cfg.init == "pretrained":
-        hub.fetch(cfg.model, cfg.cache_dir, hub.print_progress)
-
-
-def run(cfg: TrainConfig, argv: list[str], log: Callable[[str], None]) -> int:
-    """The main job: the pipeline, inside the machinery. The arguments are checked before any
-    work; under torchrun the processes join (distributed.session) and rank 0 downloads first
-    while the others wait; the run folder is built aside and appears only when complete
-    (report.staged_output); several runs add compare.json and the comparison table."""
-    started = time.perf_counter()
-    gpt_config = check_config(cfg)
-    comparing = bool(cfg.compare) or len(cfg.seeds) > 1  # one folder per run, compare.json beside them
-    with distributed.session(cfg.device) as runtime:
-        job = Job(cfg, runtime, log if runtime.is_main_process else report.quiet)
-        out = Path(cfg.out) if cfg.out else report.default_out_dir()
-        with report.staged_output(out, runtime) as staging:  # None on every process but rank 0
-            distributed.load_in_turn(runtime, lambda: fetch_files(cfg))
-
-            def save(model: classify.GPTClassifier, result: report.RunResult, tokens: TokenizedSplits) -> None:
-                folder = report.run_folder(result.strategy, result.seed, comparing, several_seeds=len(cfg.seeds) > 1)
-                (staging / folder).mkdir(parents=True, exist_ok=True)
-                classify.save_classifier(model.cpu(), staging / folder, result.reports["train"].label_names,
-                                         tokens.max_length)
-                facts = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, started)
-                report.write_run(staging / folder, out / folder, result, facts, job.log)
-
-            if staging is not None:  # rank 0 writes the classifier (for classify.py), metrics.json, plots
-                job.save = save
-            results = pipeline(cfg, job)
-            if comparing and staging is not None:
-                strategies = cfg.compare or [cfg.strategy]
-                experiment = comparison.Experiment(strategies, cfg.seeds or [cfg.seed],
-                                                   comparison.reference_strategy(cfg.reference, strategies),
-                                                   results[0].test_labels, job.frozen_work,
-                                                   time.perf_counter() - started)
-                job.log(comparison.write_comparison(staging, out, results, experiment, cfg, argv))
-        job.log(f"\ntotal time {time.perf_counter() - started:.1f} s; written to {out}")
-    return 0
-
-
-# --------------------------------------------------------------------------- the command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Fine-tune GPT-2 for text classification (chapter 06 of 'Fazendo um LLM do Zero'). With no "
-        "arguments: the book's experiment (pretrained gpt2-small, SMS spam, last block, 5 epochs).")
-    defaults = TrainConfig()
-    group = parser.add_argument_group("1. labelled text")
-    group.add_argument("--data", metavar="PATH", help="training data: a file in the SMS Spam Collection's format "
-                       "(label<TAB>text), or a CSV/TSV with a header. Default: download the SMS Spam Collection "
-                       "once (then cached)")
-    group.add_argument("--validation-data", metavar="PATH",
-                       help="a separate validation file (with --test-data); default: split --data 70/10/20")
-    group.add_argument("--test-data", metavar="PATH", help="a separate test file (with --validation-data)")
-    group.add_argument("--text-column", default=defaults.text_column, metavar="NAME",
-                       help="CSV/TSV column holding the text (default: %(default)s)")
-    group.add_argument("--label-column", default=defaults.label_column, metavar="NAME",
-                       help="CSV/TSV column holding the class (default: %(default)s)")
-    group.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=defaults.balanced,
-                       help="undersample every class to the smallest one, as the book does (SMS: 1,045/149/300; "
-                       "the default); --no-balanced keeps all the data and splits it stratified")
-    group = parser.add_argument_group("2. tokenization")
-    group.add_argument("--max-length", type=int, metavar="TOKENS", help="cut texts to this many tokens; default: "
-                       "the longest training text, at most the model's context length")
-    group = parser.add_argument_group("3. GPT")
-    group.add_argument("--model", default=defaults.model, metavar="NAME_OR_PATH", help=f"a preset "
-                       f"({', '.join(gpt.PRESETS)}), a Hugging Face folder or a .safetensors file "
-                       "(default: %(default)s)")
-    group.add_argument("--init", default=defaults.init, choices=("pretrained", "random"),
-                       help="'random': the same architecture with random weights (what does pretraining buy? "
-                       "also runs offline; default: %(default)s)")
-    group.add_argument("--cache-dir", metavar="DIR", help="where downloads are kept "
-                       "(default: $GPT2_CLASSIFICATION_CACHE or ~/.cache/gpt2-classification)")
-    group = parser.add_argument_group("4-5. representation and classification head")
-    group.add_argument("--pooling", default=defaults.pooling, metavar="{" + ",".join(classify.POOLINGS) + "}",
-                       help="which vector represents the text: 'last' real token, the only one that has seen the "
-                       "whole text; 'mean' of the tokens; 'special', an <|endoftext|> appended to each text; "
-                       "'first', for contrast (default: %(default)s)")
-    group.add_argument("--strategy", default=defaults.strategy, metavar="NAME", help="what is trained: head, "
-                       "last-block, last-N-blocks (e.g. last-2-blocks), all, gradual (one more block unfrozen per "
-                       "epoch), lora (default: %(default)s)")
-    group.add_argument("--lora-rank", type=int, default=defaults.lora_rank, metavar="R",
-                       help="rank of the LoRA adapters (default: %(default)s)")
-    group.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, metavar="ALPHA",
-                       help="the LoRA update is scaled by alpha / rank (default: %(default)s)")
-    group = parser.add_argument_group("6-7. supervised loss and weight update")
-    group.add_argument("--epochs", type=int, default=defaults.epochs, metavar="N",
-                       help="passes over the training data (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
-                       help="texts per weight update (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=defaults.lr, metavar="RATE",
-                       help="AdamW learning rate (default: %(default)s)")
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, metavar="W",
-                       help="AdamW weight decay (default: %(default)s)")
-    group.add_argument("--seed", type=int, default=defaults.seed, metavar="N",
-                       help="one seed for the split, the new weights, the batch order and (with --init random) "
-                       "the random GPT (default: %(default)s)")
-    group.add_argument("--eval-every", type=int, default=defaults.eval_every, metavar="STEPS",
-                       help="also print the validation loss every this many steps (default 0: only after each epoch)")
-    group = parser.add_argument_group("running and output")
-    group.add_argument("--device", default=defaults.device, metavar="NAME",
-                       help="auto (the default: cuda, then mps, then cpu), cuda, mps or cpu")
-    group.add_argument("--out", metavar="DIR", help="where the run is written (classifier.safetensors, "
-                       "config.json, metrics.json); default: runs/<timestamp>")
-    group.add_argument("--plot", action="store_true",
-                       help="also write loss/accuracy curves and confusion matrices as PNG (needs matplotlib)")
-    group.add_argument("--compare", default="", metavar="STRATEGY,STRATEGY,...", help="train each listed strategy "
-                       "from the same starting weights and data, then print one table (e.g. head,last-block,all); "
-                       "the frozen blocks' work is done once for all of them")
-    group.add_argument("--seeds", default="1", metavar="N|SEED,SEED,...", help="train each strategy N times, with "
-                       "the training seeds --seed, --seed+1, ... (or with the seeds listed; '7,' is a list of one), "
-                       "and report mean, std, min and max. A training seed sets the new head's initial weights, the "
-                       "batch order and LoRA's initial adapters; the split and, with --init random, the random GPT "
-                       "stay fixed by --seed, so the spread is the training's alone (default: 1, as today)")
-    group.add_argument("--reference", metavar="STRATEGY", help="with --compare: test every strategy against this "
-                       "one, text by text on the test set (McNemar's exact test, per seed pair); default: last-block "
-                       "when compared, else the first strategy")
-    group.add_argument("--compile", action="store_true", help="torch.compile the blocks (CUDA only)")
-    group.add_argument("--no-cache", dest="use_prefix_cache", action="store_false",
-                       help="do not cache the frozen blocks' outputs (slower, same result: for comparison)")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = vars(args).copy()
-    values["compare"] = [name.strip() for name in args.compare.split(",") if name.strip()]
-    values["seeds"] = comparison.parse_seeds(args.seeds, args.seed)
-    return TrainConfig(**values)
-
-
-def check_config(cfg: TrainConfig) -> gpt.GPTConfig:
-    """Reject bad arguments before anything is downloaded or trained; returns the model's shape."""
-    gpt_config = gpt.load_config(cfg.model)  # ValueError on an unknown name or bad path
-    if gpt_config.vocab_size <= data.END_OF_TEXT_ID:
-        raise ValueError(f"--model {cfg.model}: {gpt_config.vocab_size} tokens, fewer than GPT-2's tokenizer needs "
-                         f"({data.END_OF_TEXT_ID + 1})")
-    for name in cfg.compare or [cfg.strategy]:
-        classify.trainable_blocks(name, gpt_config.n_layers)  # ValueError: unknown, or more blocks than the model has
-    if len(set(cfg.compare)) < len(cfg.compare):
-        raise ValueError(f"--compare {','.join(cfg.compare)}: a strategy is listed twice (use --seeds to repeat one)")
-    if cfg.reference is not None and cfg.reference not in (cfg.compare or [cfg.strategy]):
-        raise ValueError(f"--reference {cfg.reference}: not among the strategies compared "
-                         f"({', '.join(cfg.compare or [cfg.strategy])})")
-    width = gpt_config.emb_dim
-    parameters = (gpt_config.vocab_size + gpt_config.context_length) * width + gpt_config.n_layers * 12 * width**2
-    if cfg.init == "random" and parameters * 4 > distributed.memory_bytes():  # before building what cannot fit
-        raise ValueError(f"--model {cfg.model}: about {parameters:,} parameters, {parameters * 4 / 2**30:,.0f} GiB "
-                         f"in float32, more than this machine's {distributed.memory_bytes() / 2**30:,.0f} GiB")
-    if cfg.pooling not in classify.POOLINGS:
-        raise ValueError(f"unknown pooling {cfg.pooling!r}; choose one of {', '.join(classify.POOLINGS)}")
-    lora = "lora" in (cfg.compare or [cfg.strategy])
-    for flag, value, ok, requirement in (
-        ("--epochs", cfg.epochs, cfg.epochs >= 1, "at least 1"),
-        ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, "at least 1"),
-        ("--eval-every", cfg.eval_every, cfg.eval_every >= 0, "0 or more"),
-        ("--lr", cfg.lr, 0 < cfg.lr < math.inf, "a finite number greater than 0"),
-        ("--weight-decay", cfg.weight_decay, 0 <= cfg.weight_decay < math.inf, "a finite number, 0 or more"),
-        ("--lora-rank", cfg.lora_rank, not lora or 1 <= cfg.lora_rank <= gpt_config.emb_dim,
-         f"between 1 and the model's width, {gpt_config.emb_dim}"),
-        ("--lora-alpha", cfg.lora_alpha, not lora or math.isfinite(cfg.lora_alpha), "a finite number"),
-        ("--seed", cfg.seed, 0 <= cfg.seed < 2**63, "in 0..2**63-1"),
-    ):
-        if not ok:
-            raise ValueError(f"{flag} {value}: must be {requirement}")
-    if (cfg.validation_data is None) != (cfg.test_data is None):
-        raise ValueError("give both --validation-data and --test-data, or neither (to split --data 70/10/20)")
-    for flag, path in (("--data", cfg.data), ("--validation-data", cfg.validation_data),
-                       ("--test-data", cfg.test_data)):
-        if path is not None and not Path(path).is_file():
-            raise ValueError(f"{flag} {path}: no such file")
-    longest = classify.longest_text(gpt_config, cfg.pooling)
-    if cfg.max_length is not None and not 1 <= cfg.max_length <= longest:
-        raise ValueError(f"--max-length {cfg.max_length}: must be between 1 and {longest}, what the model reads "
-                         f"(its context length{', less the special token' if cfg.pooling == 'special' else ''})")
-    if cfg.init == "pretrained" and Path(cfg.model).is_dir() and not (Path(cfg.model) / "model.safetensors").is_file():
-        raise ValueError(f"--model {cfg.model}: no model.safetensors there (for its architecture alone: --init random)")
-    distributed.pick_device(cfg.device)  # ValueError: unknown or absent
-    return gpt_config
-
-
-def stop_like_ctrl_c(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-OFFLINE_HINT = ("offline, use local files: --data PATH (the SMS Spam Collection file or your CSV), --model PATH "
-                "(a Hugging Face folder or a .safetensors file), or --init random (no weights needed)")
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    label = distributed.process_label()  # '[rank 1] ' under torchrun: every process reports its own failure
-    if hasattr(sys.stdout, "reconfigure"):  # class names a terminal cannot show: escaped, not a crash
-        sys.stdout.reconfigure(errors="backslashreplace")
-    previous_handler = signal.signal(signal.SIGTERM, stop_like_ctrl_c)  # kill, docker stop, a scheduler
-    try:
-        return run(config_from_args(args), argv, report.print_line)
-    except BrokenPipeError:  # the output went to a pipe that closed (`| head`): stop quietly
-        return 1
-    except ConnectionError as error:
-        print(f"{label}error: {report.one_line(error)}; {OFFLINE_HINT}", file=sys.stderr)
-    except (ValueError, OSError) as error:
-        print(f"{label}error: {report.one_line(error)}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(f"{label}interrupted: no run folder was written", file=sys.stderr)
-        return 130
-    except (distributed.OtherProcessFailed, distributed.StoppedByTorchrun) as error:
-        if label == "[rank 0] ":  # another process failed and said why; rank 0 says that this one stopped
-            print(f"{label}{report.one_line(error)}", file=sys.stderr)
-    except Exception as error:
-        if isinstance(error, MemoryError) or "out of memory" in str(error) or "can't allocate memory" in str(error):
-            print(f"{label}error: out of memory (try a smaller --batch-size, --max-length or --model); "
-                  "no run folder was written", file=sys.stderr)  # torch's allocator raises a RuntimeError
-            return 2
-        if label:  # a bug on one process: name it, then the traceback
-            print(f"{label}error: {type(error).__name__}: {report.one_line(error)}", file=sys.stderr, flush=True)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-    return 2
+    """`python train.py ...`: the flags become a TrainConfig, then `pipeline` runs inside the
+    machinery the chapter never mentions (runner.py: checks, torchrun, the run folder,
+    comparisons, every error as one line)."""
+    return runner.main(argv, TrainConfig, pipeline)
 
 
 if __name__ == "__main__":

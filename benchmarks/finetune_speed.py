@@ -48,6 +48,7 @@ import classify
 import data
 import distributed
 import fastpath
+import runner
 import train
 
 METHODS = ("book", "ours")
@@ -82,8 +83,8 @@ def run_one(method: str, strategy: str, args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, seed=args.seed, device=args.device,
         use_prefix_cache=method == "ours", compile=args.compile,
     )
-    train.check_config(cfg)
-    job = train.Job(cfg, distributed.Runtime(distributed.pick_device(cfg.device)))
+    runner.check_config(cfg)
+    job = runner.Job(cfg, distributed.Runtime(distributed.pick_device(cfg.device)))
     splits = train.load_labelled_text(cfg)  # then as train.pipeline does for one strategy:
     tokens = train.tokenize(splits, cfg)
     gpt_model = train.load_gpt(cfg)

@@ -30,6 +30,7 @@ import distributed
 import fastpath
 import gpt
 import report
+import runner
 import train
 from test_train import (GOLDEN, TINY_GPT, as_golden, assert_same_results, load_metrics, tiny_args,  # noqa: F401
                         without_timing, workspace)  # workspace: a fixture
@@ -180,7 +181,7 @@ def sgd_epoch(runtime: distributed.Runtime, strategy: str) -> dict:
     splits = {"train": fastpath.SplitInputs(dataset), "validation": fastpath.SplitInputs(one_text),
               "test": fastpath.SplitInputs(dataset)}
     cfg = train.TrainConfig(batch_size=3, epochs=1)
-    job = train.Job(cfg, runtime)
+    job = runner.Job(cfg, runtime)
     real_optimizer = train.make_optimizer
     train.make_optimizer = lambda model, cfg: torch.optim.SGD(classify.trainable_parameters(model), lr=0.5)
     try:
@@ -190,7 +191,7 @@ def sgd_epoch(runtime: distributed.Runtime, strategy: str) -> dict:
     train.restore_state(model, training.best_state)  # one epoch: the weights it ended with
     record = training.history[0]
     fastpath.refresh_caches(model, splits, runtime.device)
-    evaluations = [train.evaluate(model, splits[split], train.Job(train.TrainConfig(batch_size=2), runtime))
+    evaluations = [train.evaluate(model, splits[split], runner.Job(train.TrainConfig(batch_size=2), runtime))
                    for split in ("test", "validation")]
     return {"weights": train.trainable_state(model), "train": [record.train_loss, record.train_accuracy],
             "cache": training.cache.used, "evaluation": [[e.loss, e.y_pred] for e in evaluations]}

@@ -27,6 +27,7 @@ import gpt
 import hub
 import metrics
 import report
+import runner
 import train
 from conftest import REPO, SMS_SPAM_FILE, offline_env
 
@@ -87,7 +88,7 @@ def load_metrics(run_dir: Path) -> dict:
 
 
 def test_defaults_are_the_books_experiment():
-    cfg = train.config_from_args(train.build_parser().parse_args([]))
+    cfg = runner.config_from_args(runner.build_parser(train.TrainConfig()).parse_args([]), train.TrainConfig)
     assert cfg == train.TrainConfig()
     assert (cfg.model, cfg.init, cfg.strategy, cfg.pooling) == ("gpt2-small", "pretrained", "last-block", "last")
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed) == (5, 8, 5e-5, 0.1, 123)
@@ -345,7 +346,7 @@ def test_the_seeds_option():
     for bad in ("0", "-2", "x", "1,1", ",", ""):
         with pytest.raises(ValueError, match="--seeds"):
             comparison.parse_seeds(bad, 123)
-    help_text = " ".join(train.build_parser().format_help().split())
+    help_text = " ".join(runner.build_parser(train.TrainConfig()).format_help().split())
     assert "the split and, with --init random, the random GPT stay fixed by --seed" in help_text
     assert comparison.reference_strategy(None, ["head", "lora"]) == "head"
     assert comparison.reference_strategy(None, ["head", "last-block"]) == "last-block"
@@ -420,8 +421,8 @@ def test_bad_arguments_give_one_line_and_exit_code_2(case, workspace, monkeypatc
 def test_lora_rank_is_checked_before_any_work():
     # Before the check it failed only in apply_strategy, after the data and weights were loaded.
     with pytest.raises(ValueError, match="--lora-rank 0: must be between 1 and the model's width"):
-        train.check_config(train.TrainConfig(strategy="lora", lora_rank=0))
-    train.check_config(train.TrainConfig(strategy="head", lora_rank=0))  # unused by other strategies
+        runner.check_config(train.TrainConfig(strategy="lora", lora_rank=0))
+    runner.check_config(train.TrainConfig(strategy="head", lora_rank=0))  # unused by other strategies
 
 
 def test_one_class_data_is_refused(workspace, monkeypatch, capsys):
@@ -524,7 +525,7 @@ def test_best_epoch_restore_undoes_blocks_unfrozen_after_it():
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(train, "evaluate", fake_evaluate)
-        job = train.Job(cfg, distributed.Runtime(torch.device("cpu")), print)
+        job = runner.Job(cfg, distributed.Runtime(torch.device("cpu")), print)
         result = train.fine_tune(model, splits, "gradual", 0, job)
     assert result.best_epoch == 1
     assert [record.trainable for record in result.history] == [
