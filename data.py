@@ -170,15 +170,15 @@ def load_splits(path: str | Path | None = None, *, seed: int = 123, balanced: bo
     needs one text or more and training needs two classes. Any problem is a ValueError of one
     line naming the file (and line) and the fix.
     """
+    if (validation_path is None) != (test_path is None):
+        raise ValueError("give both --validation-data and --test-data, or neither (to split --data 70/10/20)")
     path = hub.download_sms_spam(cache_dir, progress) if path is None else Path(path)
     options = dict(delimiter=delimiter, encoding=encoding)
     data = read_labelled(path, text_column, label_column, **options)
-    if validation_path is None and test_path is None:
+    if validation_path is None:
         splits = book_splits(data, seed) if balanced else split(data, seed, BOOK_FRACTIONS, stratify=True)
         _check_enough(splits, data, hub.printable(str(path)), balanced)
         return splits
-    if validation_path is None or test_path is None:
-        raise ValueError("give both --validation-data and --test-data, or neither (to split --data 70/10/20)")
     validation = read_labelled(validation_path, text_column, label_column, data.label_names, **options)
     test = read_labelled(test_path, text_column, label_column, data.label_names, **options)
     return Splits(balance(data, seed) if balanced else data, validation, test)

@@ -84,11 +84,12 @@ def check_delimiter(delimiter: str | None) -> str | None:
     if delimiter is None:
         return None
     if not isinstance(delimiter, str) or delimiter not in DELIMITERS:
-        raise ValueError(f"--delimiter {delimiter!r}: use one of , ; | or tab (None finds it from the header)")
+        raise ValueError(f"--delimiter {delimiter!r}: use one of , ; | or tab (or leave it out: the header tells)")
     return DELIMITERS[delimiter]
 
 
 def check_encoding(encoding: str) -> None:
+    """ValueError unless Python knows the encoding --encoding names."""
     try:
         codecs.lookup(encoding)
     except (LookupError, TypeError):
@@ -215,11 +216,11 @@ def _parse_table(where: str, content: str, text_column: str, label_column: str, 
     header = [name.strip() for name in next(rows)]
     for column in (text_column, label_column):
         if column not in header:
-            fix = "choose them with --text-column and --label-column"
-            if len(header) == 1:
-                fix += f", and the delimiter with --delimiter (split at {DELIMITER_NAMES[delimiter]})"
-            raise ValueError(f"{where}, line 1: no column {column!r}; the columns are {header[:20]} ({fix}; a "
-                             f"file without a header must be in the SMS format, ham|spam<TAB>text)")
+            one = len(header) == 1  # perhaps split at the wrong delimiter
+            raise ValueError(f"{where}, line 1: no column {column!r}; the columns are {header[:20]}"
+                             f"{f' (split at {DELIMITER_NAMES[delimiter]})' if one else ''}; choose them with "
+                             f"--text-column and --label-column{', and the delimiter with --delimiter' if one else ''} "
+                             f"(a file without a header must be in the SMS format, ham|spam<TAB>text)")
     text_index, label_index = header.index(text_column), header.index(label_column)
 
     texts, label_strings = [], []

@@ -405,7 +405,8 @@ def test_a_brazilian_excel_export_trains_with_encoding_cp1252(tmp_path):
 
 
 @pytest.mark.parametrize("options, expected", [
-    ({"delimiter": ","}, ["no column 'mensagem'", "['mensagem;classe']", "--delimiter", "split at ','"]),
+    ({"delimiter": ","}, ["no column 'mensagem'", "['mensagem;classe'] (split at ',')",
+                          "and the delimiter with --delimiter"]),
     ({"delimiter": "x"}, ["--delimiter 'x'", "tab"]),
     ({"encoding": "klingon"}, ["--encoding 'klingon'", "cp1252"]),
     ({"encoding": "rot13"}, ["--encoding 'rot13'"]),
