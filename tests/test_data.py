@@ -532,7 +532,8 @@ def test_load_splits_refuses_exactly_the_data_that_leaves_a_split_empty(class_si
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "data.csv"
         with path.open("w", encoding="utf-8", newline="") as file:
-            csv.writer(file).writerows([("text", "label"), *zip(dataset.texts, [dataset.label_names[y] for y in dataset.labels])])
+            names = [dataset.label_names[y] for y in dataset.labels]
+            csv.writer(file).writerows([("text", "label"), *zip(dataset.texts, names)])
         enough = all(len(part) for part in parts(expected)) and len(set(expected.train.labels)) >= 2
         if enough:
             assert data.load_splits(path, seed=seed, balanced=balanced) == expected
@@ -586,7 +587,8 @@ def test_a_missing_sms_file_is_a_skip_that_says_where_to_get_it(tmp_path):
     (clone / "tests").mkdir(parents=True)
     shutil.copyfile(REPO / "pyproject.toml", clone / "pyproject.toml")
     shutil.copyfile(REPO / "tests" / "conftest.py", clone / "tests" / "conftest.py")
-    (clone / "tests" / "test_needs_it.py").write_text("def test_it(sms_spam_file):\n    assert sms_spam_file.is_file()\n")
+    test = "def test_it(sms_spam_file):\n    assert sms_spam_file.is_file()\n"
+    (clone / "tests" / "test_needs_it.py").write_text(test)
     env = {name: value for name, value in os.environ.items() if name != "SMS_SPAM_FILE"}
     env.update(GPT2_CLASSIFICATION_CACHE=str(tmp_path / "empty-cache"), PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider"], cwd=clone, env=env,
