@@ -161,7 +161,8 @@ def _decode(raw: bytes, where: str, encoding: str) -> str:
         if codecs.lookup(encoding).name == "utf-8":
             name, fix = "UTF-8", "if it was saved by Excel, try --encoding cp1252"
         else:
-            name, fix = hub.printable(encoding), "choose the file's own --encoding (utf-8 is the usual one; latin-1 reads any byte)"
+            name = hub.printable(encoding)
+            fix = "choose the file's own --encoding (utf-8 is the usual one; latin-1 reads any byte)"
         raise ValueError(f"{where}, line {line_number}: not {name} (byte {raw[error.start]:#04x}); {fix}") from None
     except LookupError:  # a codec that is not a text encoding, such as rot13
         raise ValueError(f"--encoding {encoding!r}: not a text encoding; try utf-8, cp1252 or latin-1") from None
