@@ -5,37 +5,38 @@ Step 1, "Texto rotulado": texts and their classes, in `LabelledTexts`. The book'
 SMS Spam Collection (UCI dataset 228; Almeida & Hidalgo, 2011; CC BY 4.0), prepared as the book
 does: balance by undersampling `ham` to the 747 spam messages, shuffle with a seed, split 70/10/20
 into 1,045 / 149 / 300 messages (`book_splits`). A CSV/TSV of your own works too, with a
-stratified split for unbalanced data.
+stratified split for unbalanced data. `load_splits` does the whole step from a path.
 
-Step 2, "Tokenização": GPT-2's byte-pair encoding (tiktoken) turns each text into token ids, a
-`ClassificationDataset` holds (token ids, label) pairs, and `collate` pads each batch to its own
-longest text, keeping the real lengths so the classifier can find each text's last real token.
+Step 2, "Tokenização": GPT-2's byte-pair encoding (tiktoken) turns each text into token ids, and
+a `ClassificationDataset` holds (token ids, label) pairs. Batches: `collate` pads each batch to
+its own longest text, keeping the real lengths so the classifier can find each text's last real
+token, and `BucketBatchSampler` groups texts of similar length so that padding stays small.
 (The book pads every text to the longest training text; `collate(..., pad_to=...)` does that.)
 
 All randomness comes from a `torch.Generator` seeded by the caller: the same seed gives the same
-splits on every machine. Downloading the SMS file is hub.py's job.
+splits on every machine. Reading files (formats, encodings, zips) is datafiles.py's job;
+downloading the SMS file is hub.py's.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
 import torch
 
+import datafiles
 import hub
 
 END_OF_TEXT_ID = 50256  # <|endoftext|>, GPT-2's one special token, and its last: 50,257 tokens in all
 PAD_TOKEN_ID = END_OF_TEXT_ID  # the book pads with it too: `lengths` say where each text ends
-SMS_SPAM_LABELS = ["ham", "spam"]  # ham = 0, spam = 1, as in the book
+SMS_SPAM_LABELS = datafiles.SMS_SPAM_LABELS  # ham = 0, spam = 1, as in the book
 BOOK_FRACTIONS = (0.7, 0.1, 0.2)  # train, validation, test
 
 
-# --------------------------------------------------------------------------- labelled text
+# --------------------------------------------------------------------------- step 1: labelled text
 
 
 @dataclass
@@ -80,181 +81,6 @@ class Splits:
     @property
     def label_names(self) -> list[str]:
         return self.train.label_names
-
-
-# --------------------------------------------------------------------------- the SMS Spam Collection
-
-
-def read_sms_spam(path: str | Path) -> LabelledTexts:
-    """The SMS Spam Collection's format: one `label<TAB>text` per line, no header, labels ham/spam.
-
-    Blank lines are skipped; any other line that does not fit the format is an error naming
-    the file and line, never a silent drop.
-    """
-    path = Path(path)
-    data = _parse_sms_spam(path, _read_text(path))
-    _require_two_classes(data, path)
-    return data
-
-
-def _parse_sms_spam(path: Path, content: str) -> LabelledTexts:
-    texts, labels = [], []
-    for line_number, line in enumerate(content.split("\n"), start=1):
-        line = line.removesuffix("\r")  # a file saved with CRLF line endings
-        if not line.strip():
-            continue
-        label, tab, text = line.partition("\t")
-        if not tab:
-            raise ValueError(f"{path}, line {line_number}: no tab; each line must be label<TAB>text")
-        if label not in SMS_SPAM_LABELS:
-            raise ValueError(
-                f"{path}, line {line_number}: unknown label {label!r}; the labels are "
-                f"{', '.join(SMS_SPAM_LABELS)} (for other labels use a CSV/TSV file with a header)"
-            )
-        if not text.strip():
-            raise ValueError(f"{path}, line {line_number}: the text after the tab is empty")
-        texts.append(text)
-        labels.append(SMS_SPAM_LABELS.index(label))
-    return LabelledTexts(texts, labels, list(SMS_SPAM_LABELS))
-
-
-def _read_text(path: Path) -> str:
-    """A whole UTF-8 file (a leading byte-order mark is dropped); ValueError when it is not there,
-    not UTF-8 or empty."""
-    if not path.exists():
-        raise ValueError(f"{path}: no such file")
-    if not path.is_file():
-        raise ValueError(f"{path}: not a file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line_number = raw[: error.start].count(b"\n") + 1
-        raise ValueError(
-            f"{path}, line {line_number}: not UTF-8 (byte {raw[error.start]:#04x}); save the file as UTF-8"
-        ) from None
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        raise ValueError(f"{path}: the file is empty")
-    return text
-
-
-def _require_two_classes(data: LabelledTexts, path: Path) -> None:
-    present = [name for name, count in zip(data.label_names, data.class_counts()) if count]
-    if len(present) < 2:
-        raise ValueError(
-            f"{path}: every example has the label {present[0]!r}; a classifier needs two classes or more"
-        )
-
-
-# --------------------------------------------------------------------------- your own data
-
-
-def read_table(path: str | Path, text_column: str = "text", label_column: str = "label",
-               label_names: list[str] | None = None) -> LabelledTexts:
-    """A CSV or TSV file with a header row; texts and labels from the named columns.
-
-    The delimiter follows the extension (.tsv tab, .csv comma) or is guessed from the file.
-    Quoted fields may hold the delimiter and line breaks. Label names are the sorted distinct
-    labels, unless `label_names` fixes them (then any other label is an error): either way
-    the order is stable, and it is saved with the model.
-    """
-    path = Path(path)
-    return _parse_table(path, _read_text(path), text_column, label_column, label_names)
-
-
-def _parse_table(path: Path, content: str, text_column: str, label_column: str,
-                 label_names: list[str] | None) -> LabelledTexts:
-    if label_names is not None and (len(set(label_names)) != len(label_names) or len(label_names) < 2):
-        raise ValueError(f"label_names {label_names}: need two or more distinct names")
-    reader = csv.reader(io.StringIO(content, newline=""), delimiter=_delimiter(path, content))
-    rows = _csv_rows(reader, path)
-    header = [name.strip() for name in next(rows)]
-    columns = []
-    for column in (text_column, label_column):
-        if column not in header:
-            raise ValueError(f"{path}, line 1: no column {column!r}; the columns are {header[:20]} (choose them "
-                             f"with text_column= and label_column=; a file without a header must be in the SMS "
-                             f"format, ham|spam<TAB>text)")
-        columns.append(header.index(column))
-    text_index, label_index = columns
-
-    texts, label_strings = [], []
-    for row in rows:
-        if not row:
-            continue  # a blank line
-        if len(row) != len(header):
-            raise ValueError(
-                f"{path}, line {reader.line_num}: {len(row)} fields but the header has {len(header)}; "
-                f"quote fields that contain the delimiter"
-            )
-        text, label = row[text_index], row[label_index].strip()
-        if not text.strip():
-            raise ValueError(f"{path}, line {reader.line_num}: the {text_column!r} field is empty")
-        if not label:
-            raise ValueError(f"{path}, line {reader.line_num}: the {label_column!r} field is empty")
-        if label_names is not None and label not in label_names:
-            raise ValueError(
-                f"{path}, line {reader.line_num}: unknown label {label!r}; the labels are {label_names}"
-            )
-        texts.append(text)
-        label_strings.append(label)
-    if not texts:
-        raise ValueError(f"{path}: the file has a header but no examples")
-    names = sorted(set(label_strings)) if label_names is None else list(label_names)
-    index = {name: i for i, name in enumerate(names)}
-    data = LabelledTexts(texts, [index[label] for label in label_strings], names)
-    if label_names is None:
-        _require_two_classes(data, path)  # (given names: a small test file may lack a class)
-    return data
-
-
-def _csv_rows(reader, path: Path):
-    """The reader's rows; the csv module's own errors (a field longer than its limit of 131,072
-    characters, a NUL byte) become a ValueError naming the line."""
-    try:
-        yield from reader
-    except csv.Error as error:
-        raise ValueError(f"{path}, line {reader.line_num}: {error}") from None
-
-
-def _delimiter(path: Path, content: str) -> str:
-    """Tab for .tsv, comma for .csv, otherwise guessed from the first lines."""
-    suffix = path.suffix.lower()
-    if suffix in (".tsv", ".tab"):
-        return "\t"
-    if suffix == ".csv":
-        return ","
-    try:
-        return csv.Sniffer().sniff(content[:65536], delimiters=",\t;|").delimiter
-    except csv.Error:
-        raise ValueError(f"{path}: cannot tell the delimiter; name the file .csv or .tsv") from None
-
-
-def _is_sms_format(path: Path, content: str) -> bool:
-    """True for a headerless `ham|spam<TAB>text` file like the UCI original (not .csv/.tsv)."""
-    if path.suffix.lower() in (".csv", ".tsv", ".tab"):
-        return False
-    first_line = next(line for line in content.split("\n") if line.strip())  # content is not blank
-    return first_line.partition("\t")[0] in SMS_SPAM_LABELS
-
-
-def read_labelled(path: str | Path, text_column: str = "text", label_column: str = "label",
-                  label_names: list[str] | None = None) -> LabelledTexts:
-    """Either format: the SMS Spam Collection's `label<TAB>text`, or a CSV/TSV with a header."""
-    path = Path(path)
-    content = _read_text(path)
-    if not _is_sms_format(path, content):
-        return _parse_table(path, content, text_column, label_column, label_names)
-    data = _parse_sms_spam(path, content)
-    if label_names is None:
-        _require_two_classes(data, path)  # (given names: a small test file may lack a class)
-    elif label_names != data.label_names:
-        raise ValueError(f"{path}: the labels are {data.label_names}, expected {label_names}")
-    return data
-
-
-# --------------------------------------------------------------------------- balance and split
 
 
 def balance(data: LabelledTexts, seed: int) -> LabelledTexts:
@@ -328,25 +154,67 @@ def book_splits(data: LabelledTexts, seed: int = 123) -> Splits:
 def load_splits(path: str | Path | None = None, *, seed: int = 123, balanced: bool = True, text_column: str = "text",
                 label_column: str = "label", validation_path: str | Path | None = None,
                 test_path: str | Path | None = None, cache_dir: str | Path | None = None,
-                progress: hub.Progress | None = None) -> Splits:
+                progress: hub.Progress | None = None, delimiter: str | None = None,
+                encoding: str = "utf-8") -> Splits:
     """Train, validation and test data from a path (or the SMS Spam Collection when path is None).
 
     One file: balanced=True is the book's preparation (`book_splits`); balanced=False a
     stratified 70/10/20 split of all the data. With validation_path and test_path the three
     files are used as given, except that balanced=True undersamples the training file.
+
+    A file is the SMS format (`ham<TAB>text` lines, no header) or a CSV/TSV with a header row
+    whose columns text_column and label_column hold the text and the class; either may come
+    zipped (the UCI archive as downloaded works). delimiter: None finds it from the header among
+    ",", ";", tab and "|"; one of those (or "tab") forces it. encoding: the files' text encoding
+    (default "utf-8"; Excel on Windows saves "cp1252"). Too little data is refused: every split
+    needs one text or more and training needs two classes. Any problem is a ValueError of one
+    line naming the file (and line) and the fix.
     """
+    if (validation_path is None) != (test_path is None):
+        raise ValueError("give both --validation-data and --test-data, or neither (to split --data 70/10/20)")
     path = hub.download_sms_spam(cache_dir, progress) if path is None else Path(path)
-    data = read_labelled(path, text_column, label_column)
-    if validation_path is None and test_path is None:
-        return book_splits(data, seed) if balanced else split(data, seed, BOOK_FRACTIONS, stratify=True)
-    if validation_path is None or test_path is None:
-        raise ValueError("give both validation_path and test_path, or neither (to split one file)")
-    validation = read_labelled(validation_path, text_column, label_column, data.label_names)
-    test = read_labelled(test_path, text_column, label_column, data.label_names)
+    options = dict(delimiter=delimiter, encoding=encoding)
+    data = read_labelled(path, text_column, label_column, **options)
+    if validation_path is None:
+        splits = book_splits(data, seed) if balanced else split(data, seed, BOOK_FRACTIONS, stratify=True)
+        _check_enough(splits, data, hub.printable(str(path)), balanced)
+        return splits
+    validation = read_labelled(validation_path, text_column, label_column, data.label_names, **options)
+    test = read_labelled(test_path, text_column, label_column, data.label_names, **options)
     return Splits(balance(data, seed) if balanced else data, validation, test)
 
 
-# --------------------------------------------------------------------------- tokenization
+def read_labelled(path: str | Path, text_column: str = "text", label_column: str = "label",
+                  label_names: list[str] | None = None, *, delimiter: str | None = None,
+                  encoding: str = "utf-8") -> LabelledTexts:
+    """One file of labelled text, in either format, plain or zipped (datafiles.read_labelled).
+    label_names fixes the classes (a validation or test file takes the training file's)."""
+    return LabelledTexts(*datafiles.read_labelled(path, text_column, label_column, label_names, delimiter, encoding))
+
+
+def _check_enough(splits: Splits, data: LabelledTexts, where: str, balanced: bool) -> None:
+    """Every split needs a text or more, and training two classes; else say how far the data is."""
+    sizes = [len(splits.train), len(splits.validation), len(splits.test)]
+    if min(sizes) > 0 and len(set(splits.train.labels)) >= 2:
+        return
+    cut = f"{' / '.join(map(str, sizes))}; each split needs one text or more and training two classes"
+    if balanced:
+        cut += ", so 10 texts or more in all"  # the book's cut gives validation int(0.1 N) texts
+    counts = data.class_counts()
+    if balanced and sum(sizes) < len(data):
+        smallest = min(counts)
+        raise ValueError(f"{where}: too few texts: balancing undersamples every class to the smallest, "
+                         f"{data.label_names[counts.index(smallest)]!r}, which has {_texts(smallest)}: "
+                         f"{_texts(sum(sizes))} in all, too few to split 70/10/20 ({cut}); add texts or use "
+                         f"--no-balanced")
+    raise ValueError(f"{where}: too few texts: {_texts(len(data))} would split 70/10/20 into {cut}; add texts")
+
+
+def _texts(count: int) -> str:
+    return f"{count} text" if count == 1 else f"{count} texts"
+
+
+# --------------------------------------------------------------------------- step 2: tokenization
 
 
 def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
@@ -398,6 +266,9 @@ class ClassificationDataset(torch.utils.data.Dataset):
         return self.token_ids[index], self.labels[index]
 
 
+# --------------------------------------------------------------------------- batches
+
+
 @dataclass
 class Batch:
     """A padded batch. `lengths` are the real lengths: token_ids[b, lengths[b]:] is padding."""
@@ -430,3 +301,50 @@ def collate(examples: list[tuple[list[int], int]], pad_to: int | None = None, pa
         lengths=torch.tensor(lengths, dtype=torch.long),  # (B,)
         labels=torch.tensor([label for _, label in examples], dtype=torch.long),  # (B,)
     )
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of indices whose texts have similar lengths, so dynamic padding adds little.
+
+    Each epoch: shuffle all indices, sort them by length within windows of `window` batches, cut
+    each window into batches, then shuffle the batches. Training stays randomised (which texts
+    share a window, and the batch order, change every epoch) while a batch's texts are close in
+    length. Every index appears exactly once per epoch (drop_last=False); the order depends only
+    on (seed, epoch): call `set_epoch` before each epoch. shuffle=False gives batches in order
+    of length, for evaluation and inference.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, window: int = 100,
+                 drop_last: bool = False) -> None:
+        if batch_size < 1 or window < 1:
+            raise ValueError(f"batch_size {batch_size} and window {window}: both must be at least 1")
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.shuffle, self.window, self.drop_last, self.epoch = shuffle, window, drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.batch_size if self.drop_last else -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if not self.shuffle:
+            yield from self._cut(sorted(range(len(self.lengths)), key=lambda i: self.lengths[i]))
+            return
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        window_size = self.window * self.batch_size
+        bucketed: list[int] = []
+        for start in range(0, len(order), window_size):  # sorted() is stable: equal lengths keep their random order
+            bucketed += sorted(order[start : start + window_size], key=lambda i: self.lengths[i])
+        batches = self._cut(bucketed)
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[b]
+
+    def _cut(self, order: list[int]) -> list[list[int]]:
+        """Consecutive batches of batch_size (a window holds whole batches, so only the last batch
+        can be short)."""
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches

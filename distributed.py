@@ -198,7 +198,7 @@ class Shards:
     a share may be empty when a batch has fewer texts than processes (it still takes part in the
     gradient exchange, with nothing to add)."""
 
-    sampler: torch.utils.data.Sampler[list[int]]  # fastpath.BucketBatchSampler: set_epoch, len, iter
+    sampler: torch.utils.data.Sampler[list[int]]  # data.BucketBatchSampler: set_epoch, len, iter
     runtime: Runtime
 
     def set_epoch(self, epoch: int) -> None:

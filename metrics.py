@@ -1,14 +1,14 @@
-"""Classification metrics written by hand: accuracy, precision, recall, F1 and the confusion matrix.
+"""Classification metrics written by hand: the confusion matrix, precision, recall, F1 and accuracy.
 
 The chapter's section "Avaliando classificadores de texto" ("Accuracy", "Precision", "Recall",
 "F1-score", "Confusion Matrix"). Accuracy alone misleads on unbalanced data: on a test set with
 95% ham, a model that answers "ham" to every message scores 95% accuracy and catches no spam.
 Precision, recall and F1 per class, and the confusion matrix, show how the model errs.
 
-Everything comes from one table, the confusion matrix: rows are true classes, columns are
-predicted classes. For class k, with the K x K matrix `cm`:
+Everything is read from one table, the confusion matrix: rows are true classes, columns are
+predicted classes. For class k:
 
-    TP = cm[k, k]                 right predictions of k
+    TP = cell (k, k)              predicted k, and it was k
     FP = column k minus TP        predicted k, but it was something else
     FN = row k minus TP           it was k, but predicted something else
     precision = TP / (TP + FP)    of what we called k, how much was k
@@ -52,80 +52,56 @@ def confusion_matrix(y_true: Labels, y_pred: Labels, num_classes: int) -> torch.
     return counts.reshape(num_classes, num_classes)  # (K, K)
 
 
-# --------------------------------------------------------------------------- scores from the matrix
+def count_outcomes(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every class's true positives, false positives and false negatives, read off the matrix.
 
-
-def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator, with 0.0 where the denominator is 0 (no NaN, no warning)."""
-    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), torch.zeros_like(numerator))
-
-
-def _per_class(cm: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Precision, recall, F1 and support of every class, from a (K, K) confusion matrix.
-
-    Counts move to the CPU in float64: K x K numbers are cheap to move, float64 keeps the
-    scores exact to the last digit (and MPS has no float64).
+    In float64 on the CPU: K x K counts are cheap to move, and float64 keeps the scores exact to
+    the last digit (MPS has no float64).
     """
     cm = cm.cpu().double()  # (K, K)
     true_positives = cm.diagonal()  # (K,)
-    predicted = cm.sum(dim=0)  # (K,) TP + FP: column sums
-    support = cm.sum(dim=1)  # (K,) TP + FN: row sums, examples of each true class
-    return {
-        "precision": _divide(true_positives, predicted),  # (K,)
-        "recall": _divide(true_positives, support),  # (K,)
-        # 2 TP / (2 TP + FP + FN) is the harmonic mean 2PR / (P + R) without dividing twice.
-        "f1": _divide(2 * true_positives, predicted + support),  # (K,)
-        "support": support,  # (K,)
-    }
+    false_positives = cm.sum(dim=0) - true_positives  # (K,) the rest of column k
+    false_negatives = cm.sum(dim=1) - true_positives  # (K,) the rest of row k
+    return true_positives, false_positives, false_negatives
 
 
-def _micro(cm: torch.Tensor, metric: str) -> float:
-    """Pool TP, FP and FN over all classes, then score once.
+# --------------------------------------------------------------------------- precision, recall, F1
 
-    With one label per example every mistake is one FP (of the predicted class) and one FN
-    (of the true class), so pooled FP = pooled FN and micro precision = recall = F1 = accuracy.
+
+def precision(y_true: Labels, y_pred: Labels, num_classes: int, average: str | None = "binary",
+              pos_label: int | None = None) -> float | torch.Tensor:
+    """TP / (TP + FP): of the examples predicted as a class, the fraction that belong to it.
+
+    average: "binary" scores pos_label (default the last class) against the rest; "macro" is the
+    plain mean over classes; "micro" pools the counts of all classes first (equals accuracy);
+    "weighted" weights each class by its support; None returns the (K,) float64 per-class scores.
     """
-    cm = cm.cpu().double()  # (K, K)
-    true_positives = cm.diagonal().sum()
-    false_positives = cm.sum() - true_positives  # off-diagonal cells, seen column by column
-    false_negatives = cm.sum() - true_positives  # the same cells, seen row by row
-    if metric == "precision":
-        return float(_divide(true_positives, true_positives + false_positives))
-    if metric == "recall":
-        return float(_divide(true_positives, true_positives + false_negatives))
-    return float(_divide(2 * true_positives, 2 * true_positives + false_positives + false_negatives))
+    true_positives, false_positives, false_negatives = _counts(y_true, y_pred, num_classes, average, pos_label)
+    scores = _divide(true_positives, true_positives + false_positives)  # (K,), or () pooled by "micro"
+    return _average(scores, true_positives + false_negatives, average, pos_label)
 
 
-def _score(
-    y_true: Labels,
-    y_pred: Labels,
-    num_classes: int,
-    metric: str,
-    average: str | None,
-    pos_label: int | None,
-) -> float | torch.Tensor:
-    if average not in AVERAGES:
-        raise ValueError(f"average={average!r} is not one of {AVERAGES}")
-    _check_num_classes(num_classes)
-    if average == "binary":
-        if pos_label is None:
-            pos_label = num_classes - 1  # the last class: "spam" in ["ham", "spam"]
-        if isinstance(pos_label, bool) or not isinstance(pos_label, int) or not 0 <= pos_label < num_classes:
-            raise ValueError(f"pos_label={pos_label!r} is not a class index in [0, {num_classes})")
-    cm = confusion_matrix(y_true, y_pred, num_classes)  # (K, K)
-    num_samples = int(cm.sum())
-    _check_not_empty(num_samples)
-    if average == "micro":
-        return _micro(cm, metric)
-    per_class = _per_class(cm)
-    scores = per_class[metric]  # (K,)
-    if average is None:
-        return scores
-    if average == "binary":
-        return float(scores[pos_label])  # the positive class against all the others
-    if average == "macro":
-        return float(scores.mean())  # every class counts the same, however rare
-    return float((scores * per_class["support"]).sum() / num_samples)  # weighted by support
+def recall(y_true: Labels, y_pred: Labels, num_classes: int, average: str | None = "binary",
+           pos_label: int | None = None) -> float | torch.Tensor:
+    """TP / (TP + FN): of the examples of a class, the fraction the model found.
+
+    Arguments as `precision`.
+    """
+    true_positives, false_positives, false_negatives = _counts(y_true, y_pred, num_classes, average, pos_label)
+    scores = _divide(true_positives, true_positives + false_negatives)  # (K,), or () pooled by "micro"
+    return _average(scores, true_positives + false_negatives, average, pos_label)
+
+
+def f1_score(y_true: Labels, y_pred: Labels, num_classes: int, average: str | None = "binary",
+             pos_label: int | None = None) -> float | torch.Tensor:
+    """Harmonic mean of precision P and recall R, 2PR / (P + R): high only when both are.
+
+    Written with the counts, 2 TP / (2 TP + FP + FN), it needs one division instead of three.
+    Arguments as `precision`; "macro" averages the per-class F1 scores (as scikit-learn does).
+    """
+    true_positives, false_positives, false_negatives = _counts(y_true, y_pred, num_classes, average, pos_label)
+    scores = _divide(2 * true_positives, 2 * true_positives + false_positives + false_negatives)  # (K,) or ()
+    return _average(scores, true_positives + false_negatives, average, pos_label)
 
 
 def accuracy(y_true: Labels, y_pred: Labels, num_classes: int | None = None) -> float:
@@ -140,48 +116,39 @@ def accuracy(y_true: Labels, y_pred: Labels, num_classes: int | None = None) -> 
     return int((true == pred).sum()) / len(true)
 
 
-def precision(
-    y_true: Labels,
-    y_pred: Labels,
-    num_classes: int,
-    average: str | None = "binary",
-    pos_label: int | None = None,
-) -> float | torch.Tensor:
-    """TP / (TP + FP): of the examples predicted as a class, the fraction that belong to it.
-
-    average: "binary" scores pos_label (default the last class) against the rest; "macro" is the
-    plain mean over classes; "micro" pools the counts (equals accuracy); "weighted" weights each
-    class by its support; None returns the (K,) float64 tensor of per-class scores.
-    """
-    return _score(y_true, y_pred, num_classes, "precision", average, pos_label)
+# --------------------------------------------------------------------------- one number from K classes
 
 
-def recall(
-    y_true: Labels,
-    y_pred: Labels,
-    num_classes: int,
-    average: str | None = "binary",
-    pos_label: int | None = None,
-) -> float | torch.Tensor:
-    """TP / (TP + FN): of the examples of a class, the fraction the model found.
-
-    Arguments as `precision`.
-    """
-    return _score(y_true, y_pred, num_classes, "recall", average, pos_label)
+def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, with 0.0 where the denominator is 0 (no NaN, no warning)."""
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), torch.zeros_like(numerator))
 
 
-def f1_score(
-    y_true: Labels,
-    y_pred: Labels,
-    num_classes: int,
-    average: str | None = "binary",
-    pos_label: int | None = None,
-) -> float | torch.Tensor:
-    """Harmonic mean of precision and recall, 2 TP / (2 TP + FP + FN): high only when both are.
+def _counts(y_true: Labels, y_pred: Labels, num_classes: int, average: str | None,
+            pos_label: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TP, FP and FN per class, (K,) each; summed over the classes for average="micro", which
+    scores the pooled counts once. With one label per example every mistake is one FP (of the
+    predicted class) and one FN (of the true class), so micro precision = recall = F1 = accuracy."""
+    _check_arguments(num_classes, average, pos_label)
+    cm = confusion_matrix(y_true, y_pred, num_classes)  # (K, K)
+    _check_not_empty(int(cm.sum()))
+    counts = count_outcomes(cm)
+    return tuple(count.sum() for count in counts) if average == "micro" else counts
 
-    Arguments as `precision`; "macro" averages the per-class F1 scores (as scikit-learn does).
-    """
-    return _score(y_true, y_pred, num_classes, "f1", average, pos_label)
+
+def _average(scores: torch.Tensor, support: torch.Tensor, average: str | None,
+             pos_label: int | None) -> float | torch.Tensor:
+    """The per-class scores (K,) as asked: all of them, one class's, or an average; support (K,)
+    counts each class's examples (TP + FN)."""
+    if average is None:
+        return scores
+    if average == "micro":
+        return float(scores)  # the counts were pooled before dividing
+    if average == "binary":  # the positive class against all the others; default the last ("spam")
+        return float(scores[len(scores) - 1 if pos_label is None else pos_label])
+    if average == "macro":
+        return float(scores.mean())  # every class counts the same, however rare
+    return float((scores * support).sum() / support.sum())  # weighted by support
 
 
 # --------------------------------------------------------------------------- the report
@@ -250,27 +217,25 @@ def classification_report(y_true: Labels, y_pred: Labels, label_names: Sequence[
         raise ValueError(f"label_names has duplicates: {names}; each class needs its own name")
     num_classes = len(names)
     cm = confusion_matrix(y_true, y_pred, num_classes)  # (K, K)
-    num_samples = int(cm.sum())
-    _check_not_empty(num_samples)
-    per_class = _per_class(cm)
-    support = per_class["support"]  # (K,)
-
-    def weighted(scores: torch.Tensor) -> float:
-        return float((scores * support).sum() / num_samples)
-
+    _check_not_empty(int(cm.sum()))
+    support = cm.cpu().double().sum(dim=1)  # (K,) TP + FN: the examples of each true class
+    scores = {name: metric(y_true, y_pred, num_classes, average=None)  # (K,) each
+              for name, metric in (("precision", precision), ("recall", recall), ("f1", f1_score))}
+    macro = {name: _average(per_class, support, "macro", None) for name, per_class in scores.items()}
+    weighted = {name: _average(per_class, support, "weighted", None) for name, per_class in scores.items()}
     return ClassificationReport(
         label_names=names,
-        accuracy=float(cm.diagonal().sum()) / num_samples,
-        precision=per_class["precision"].tolist(),
-        recall=per_class["recall"].tolist(),
-        f1=per_class["f1"].tolist(),
+        accuracy=float(cm.diagonal().sum()) / int(cm.sum()),
+        precision=scores["precision"].tolist(),
+        recall=scores["recall"].tolist(),
+        f1=scores["f1"].tolist(),
         support=[int(count) for count in support.tolist()],
-        macro_precision=float(per_class["precision"].mean()),
-        macro_recall=float(per_class["recall"].mean()),
-        macro_f1=float(per_class["f1"].mean()),
-        weighted_precision=weighted(per_class["precision"]),
-        weighted_recall=weighted(per_class["recall"]),
-        weighted_f1=weighted(per_class["f1"]),
+        macro_precision=macro["precision"],
+        macro_recall=macro["recall"],
+        macro_f1=macro["f1"],
+        weighted_precision=weighted["precision"],
+        weighted_recall=weighted["recall"],
+        weighted_f1=weighted["f1"],
         confusion_matrix=cm.cpu().tolist(),
     )
 
@@ -353,6 +318,16 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 
 # --------------------------------------------------------------------------- checking the input
+
+
+def _check_arguments(num_classes: int, average: str | None, pos_label: int | None) -> None:
+    if average not in AVERAGES:
+        raise ValueError(f"average={average!r} is not one of {AVERAGES}")
+    _check_num_classes(num_classes)
+    if average == "binary" and pos_label is not None and (
+        isinstance(pos_label, bool) or not isinstance(pos_label, int) or not 0 <= pos_label < num_classes
+    ):
+        raise ValueError(f"pos_label={pos_label!r} is not a class index in [0, {num_classes})")
 
 
 def _as_label_tensor(values: Labels, name: str) -> torch.Tensor:

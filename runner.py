@@ -24,6 +24,7 @@ from pathlib import Path
 import classify
 import comparison
 import data
+import datafiles
 import distributed
 import fastpath
 import gpt
@@ -115,6 +116,10 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                        help="CSV/TSV column holding the text (default: %(default)s)")
     group.add_argument("--label-column", default=defaults.label_column, metavar="NAME",
                        help="CSV/TSV column holding the class (default: %(default)s)")
+    group.add_argument("--delimiter", metavar="CHAR", help="the CSV/TSV delimiter: , ; | or tab (default: the one "
+                       "that splits the header into the named columns)")
+    group.add_argument("--encoding", default=defaults.encoding, metavar="NAME", help="the files' text encoding, "
+                       "e.g. cp1252 or latin-1 for files saved by Excel on Windows (default: %(default)s)")
     group.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=defaults.balanced,
                        help="undersample every class to the smallest one, as the book does (SMS: 1,045/149/300; "
                        "the default); --no-balanced keeps all the data and splits it stratified")
@@ -221,6 +226,8 @@ def check_config(cfg) -> gpt.GPTConfig:
     ):
         if not ok:
             raise ValueError(f"{flag} {value}: must be {requirement}")
+    datafiles.check_delimiter(cfg.delimiter)  # ValueError naming --delimiter
+    datafiles.check_encoding(cfg.encoding)  # ValueError naming --encoding
     if (cfg.validation_data is None) != (cfg.test_data is None):
         raise ValueError("give both --validation-data and --test-data, or neither (to split --data 70/10/20)")
     for flag, path in (("--data", cfg.data), ("--validation-data", cfg.validation_data),

@@ -62,6 +62,8 @@ class TrainConfig:
     test_data: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    delimiter: str | None = None  # None: the one among , ; tab | that splits the header into the named columns
+    encoding: str = "utf-8"  # Excel on Windows saves cp1252
     balanced: bool = True  # the book undersamples ham to the 747 spam messages
     model: str = "gpt2-small"
     init: str = "pretrained"  # or "random": same architecture, random weights
@@ -118,15 +120,10 @@ def pipeline(cfg: TrainConfig, job: runner.Job) -> list[RunResult]:
 
 def load_labelled_text(cfg: TrainConfig) -> data.Splits:
     """Step 1, "Texto rotulado": texts with their classes, split into train / validation / test."""
-    splits = data.load_splits(cfg.data, seed=cfg.seed, balanced=cfg.balanced, text_column=cfg.text_column,
-                              label_column=cfg.label_column, validation_path=cfg.validation_data,
-                              test_path=cfg.test_data, cache_dir=cfg.cache_dir, progress=hub.print_progress)
-    if len({label for label in splits.train.labels}) < 2:
-        raise ValueError("the training data has one class only; a classifier needs two or more")
-    for name in ("train", "validation", "test"):
-        if len(getattr(splits, name)) == 0:
-            raise ValueError(f"the {name} split is empty: the data set is too small to split 70/10/20")
-    return splits
+    return data.load_splits(cfg.data, seed=cfg.seed, balanced=cfg.balanced, text_column=cfg.text_column,
+                            label_column=cfg.label_column, validation_path=cfg.validation_data,
+                            test_path=cfg.test_data, cache_dir=cfg.cache_dir, progress=hub.print_progress,
+                            delimiter=cfg.delimiter, encoding=cfg.encoding)
 
 
 @dataclass
@@ -216,7 +213,7 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
     compile_blocks(model, cfg, device, log)
     optimizer = make_optimizer(model, cfg)
     network = distributed.wrap(model, job.runtime)  # torchrun: gradients exchanged between processes
-    sampler = fastpath.BucketBatchSampler(inputs["train"].dataset.lengths, cfg.batch_size, seed)
+    sampler = data.BucketBatchSampler(inputs["train"].dataset.lengths, cfg.batch_size, seed)
     batches = distributed.shard(sampler, job.runtime)  # torchrun: this process's share of every batch
     # "Congelamento de Camadas": the frozen blocks give the same output every epoch, so each text
     # runs through them once, here, and training continues from their stored output.
@@ -395,7 +392,7 @@ def evaluate(model: classify.GPTClassifier, split: fastpath.SplitInputs, job: ru
     """Mean loss and every prediction over a split, in batches ordered by length."""
     model.eval()
     device, loss_sum, predictions = job.runtime.device, 0.0, [0] * len(split.dataset)
-    for indices in fastpath.BucketBatchSampler(split.dataset.lengths, job.eval_batch_size, seed=0, shuffle=False):
+    for indices in data.BucketBatchSampler(split.dataset.lengths, job.eval_batch_size, seed=0, shuffle=False):
         batch = split.batch(indices, device)
         with fastpath.autocast(device):
             logits = model(batch.inputs, batch.lengths, batch.start_block).float()  # (B, K)

@@ -1,4 +1,4 @@
-"""Tests for data.py: steps 1 and 2 of the chapter's pipeline (labelled text, tokenization)."""
+"""Tests for data.py and datafiles.py: steps 1 and 2 of the chapter's pipeline (labelled text, tokenization)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import csv
 import functools
 import hashlib
 import http.server
+import importlib.util
 import inspect
+import os
 import re
 import shutil
 import subprocess
@@ -25,9 +27,10 @@ from hypothesis import strategies as st
 from tiktoken_ext import openai_public
 
 import data
-import fastpath
+import datafiles
 import hub
-from conftest import offline_env
+from conftest import REPO, offline_env
+
 SEEDS = st.integers(min_value=0, max_value=2**32)
 
 
@@ -122,14 +125,14 @@ def test_balance_refuses_a_class_without_examples():
 
 
 def test_the_sms_spam_collection_has_4827_ham_and_747_spam(sms_spam_file):
-    dataset = data.read_sms_spam(sms_spam_file)
+    dataset = data.read_labelled(sms_spam_file)
     assert dataset.label_names == ["ham", "spam"]
     assert dataset.class_counts() == [4827, 747]
     assert dataset.texts[0].startswith("Go until jurong point")
 
 
 def test_the_books_splits_are_1045_149_300_and_balanced(sms_spam_file, tokenizer):
-    dataset = data.read_sms_spam(sms_spam_file)
+    dataset = data.read_labelled(sms_spam_file)
     splits = data.book_splits(dataset, seed=123)
     assert [len(part) for part in parts(splits)] == [1045, 149, 300]
     # Balanced: all 747 spam and 747 of the ham, spread over the splits (pinned for seed 123).
@@ -172,7 +175,7 @@ SMS_ERRORS = [
 def test_bad_sms_files_raise_errors_naming_file_and_line(tmp_path, content, expected):
     path = tmp_path / "SMSSpamCollection"
     path.write_bytes(content)
-    for read in (data.read_sms_spam, lambda p: data.load_splits(p)):
+    for read in (data.read_labelled, data.load_splits):
         with pytest.raises(ValueError) as error:
             read(path)
         message = str(error.value)
@@ -182,7 +185,7 @@ def test_bad_sms_files_raise_errors_naming_file_and_line(tmp_path, content, expe
 
 
 def test_a_missing_file_is_a_value_error_naming_it(tmp_path):
-    for read in (data.read_sms_spam, data.read_table, data.load_splits):
+    for read in (data.read_labelled, data.load_splits):
         with pytest.raises(ValueError, match="nowhere.csv: no such file"):
             read(tmp_path / "nowhere.csv")
 
@@ -190,8 +193,11 @@ def test_a_missing_file_is_a_value_error_naming_it(tmp_path):
 def test_sms_format_accepts_crlf_a_bom_and_blank_lines(tmp_path):
     path = tmp_path / "messages.txt"
     path.write_bytes("\ufeffham\tOi, tudo bem?\r\n\r\nspam\tGanhe já!\r\n".encode())
-    dataset = data.read_sms_spam(path)
+    dataset = data.read_labelled(path)
     assert dataset.texts == ["Oi, tudo bem?", "Ganhe já!"] and dataset.labels == [0, 1]
+    renamed = tmp_path / "messages.csv"  # the format is in the content, not the name
+    renamed.write_bytes(path.read_bytes())
+    assert data.read_labelled(renamed) == dataset
 
 
 TABLE_ERRORS = [
@@ -210,7 +216,7 @@ def test_bad_tables_raise_errors_naming_file_and_line(tmp_path, content, options
     path = tmp_path / "data.csv"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError) as error:
-        data.read_table(path, **options)
+        data.read_labelled(path, **options)
     message = str(error.value)
     assert str(path) in message
     for text in expected:
@@ -229,7 +235,7 @@ def test_real_world_csv_quotes_commas_newlines_bom_crlf(tmp_path):
         "3,plain,neutral\r\n"
     )
     path.write_bytes(content.encode("utf-8"))
-    dataset = data.read_table(path)
+    dataset = data.read_labelled(path)
     assert dataset.texts == ["Great, really great", 'Line one\r\nline two "quoted"', "plain"]
     assert dataset.label_names == ["neg", "neutral", "pos"]  # sorted: a stable order
     assert [dataset.label_names[y] for y in dataset.labels] == ["pos", "neg", "neutral"]
@@ -238,13 +244,13 @@ def test_real_world_csv_quotes_commas_newlines_bom_crlf(tmp_path):
 def test_tsv_custom_columns_fixed_label_names_and_a_sniffed_delimiter(tmp_path):
     tsv = tmp_path / "data.tsv"
     tsv.write_text("message\tclass\tsource\nhello, there\tz\tweb\nbye\ta\tsms\n", encoding="utf-8")
-    dataset = data.read_table(tsv, text_column="message", label_column="class", label_names=["z", "a"])
+    dataset = data.read_labelled(tsv, text_column="message", label_column="class", label_names=["z", "a"])
     assert dataset.texts == ["hello, there", "bye"]
     assert dataset.label_names == ["z", "a"] and dataset.labels == [0, 1]
 
     semicolons = tmp_path / "data.txt"
     semicolons.write_text("text;label\nbom dia;a\nboa noite;b\nola;c\n", encoding="utf-8")
-    assert data.read_table(semicolons).texts == ["bom dia", "boa noite", "ola"]
+    assert data.read_labelled(semicolons).texts == ["bom dia", "boa noite", "ola"]
 
 
 LABEL_TEXT = st.text(min_size=1, max_size=12).filter(lambda s: s == s.strip())
@@ -264,7 +270,7 @@ def test_label_names_round_trip_through_a_csv_file(names, rows):
             writer = csv.writer(file)
             writer.writerow(["label", "text"])
             writer.writerows([names[k], text] for text, k in rows)
-        dataset = data.read_table(path)
+        dataset = data.read_labelled(path)
     assert dataset.label_names == sorted(names)
     assert dataset.texts == [text for text, _ in rows]
     assert [dataset.label_names[y] for y in dataset.labels] == [names[k] for _, k in rows]
@@ -282,7 +288,7 @@ def test_a_three_class_csv_goes_all_the_way_to_batches(tmp_path, tokenizer):
     assert [part.class_counts() for part in parts(splits)] == [[21] * 3, [3] * 3, [6] * 3]  # stratified
     dataset = data.ClassificationDataset.from_texts(splits.train, tokenizer, None)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=fastpath.BucketBatchSampler(dataset.lengths, 8, seed=0), collate_fn=data.collate
+        dataset, batch_sampler=data.BucketBatchSampler(dataset.lengths, 8, seed=0), collate_fn=data.collate
     )
     batches = list(loader)
     assert sum(len(batch.labels) for batch in batches) == 63
@@ -303,7 +309,7 @@ def test_separate_files_are_used_as_given(tmp_path):
         files["train"], balanced=False, validation_path=files["validation"], test_path=files["test"]
     )
     assert len(unbalanced.train) == 12
-    with pytest.raises(ValueError, match="both validation_path and test_path"):
+    with pytest.raises(ValueError, match="both --validation-data and --test-data"):
         data.load_splits(files["train"], validation_path=files["validation"])
     sms = tmp_path / "validation"
     sms.write_text("ham\toi\nspam\tpromo\n", encoding="utf-8")
@@ -321,6 +327,277 @@ def test_a_separate_sms_format_test_file_may_hold_one_class(tmp_path):
     assert splits.test.class_counts() == [0, 2]
     with pytest.raises(ValueError, match="every example has the label 'spam'"):
         data.read_labelled(only_spam)  # a training file still needs two classes
+
+
+# --------------------------------------------------------------------------- files people have
+
+
+def one_line_value_error(call) -> str:
+    """The message of the ValueError `call()` raises, checked to be one line."""
+    with pytest.raises(ValueError) as error:
+        call()
+    message = str(error.value)
+    assert message and "\n" not in message and "\r" not in message
+    return message
+
+
+COLUMN_NAME = LABEL_TEXT.filter(lambda s: s != "id")  # "id" is the first column
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    delimiter=st.sampled_from([",", ";", "\t", "|"]),
+    suffix=st.sampled_from([".csv", ".tsv", ".txt", ""]),
+    columns=st.lists(COLUMN_NAME, min_size=2, max_size=2, unique=True),
+    rows=st.lists(st.tuples(BODY_TEXT, LABEL_TEXT), min_size=2, max_size=12),
+)
+def test_any_delimiter_round_trips_with_the_delimiter_found_from_the_header(delimiter, suffix, columns, rows):
+    """Whatever the extension says: an Excel .csv in Portuguese is split by ';'."""
+    rows = [(text, label) for text, label in rows] + [("one more", "another class")]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"data{suffix}"
+        with path.open("w", encoding="utf-8", newline="") as file:
+            writer = csv.writer(file, delimiter=delimiter)
+            writer.writerow(["id", *columns])
+            writer.writerows([i, text, label] for i, (text, label) in enumerate(rows))
+        if len({label for _, label in rows}) < 2:
+            return
+        dataset = data.read_labelled(path, text_column=columns[0], label_column=columns[1])
+        forced = data.read_labelled(path, columns[0], columns[1], delimiter="tab" if delimiter == "\t" else delimiter)
+    assert dataset.texts == [text for text, _ in rows]
+    assert [dataset.label_names[y] for y in dataset.labels] == [label for _, label in rows]
+    assert forced == dataset
+
+
+WINDOWS_TEXT = st.text(st.characters(codec="cp1252", exclude_characters="\x00"), min_size=1, max_size=30).filter(
+    str.strip)
+
+
+@settings(max_examples=40, deadline=None)
+@given(texts=st.lists(WINDOWS_TEXT, min_size=2, max_size=10))
+def test_cp1252_text_with_accents_reads_back_exactly(texts):
+    rows = [("Promoção: você ganhou um prêmio!", "spam"), *((text, "ham") for text in texts)]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "mensagens.csv"
+        with path.open("w", encoding="cp1252", newline="") as file:
+            csv.writer(file, delimiter=";").writerows([("mensagem", "classe"), *rows])
+        dataset = data.read_labelled(path, "mensagem", "classe", encoding="cp1252")
+        message = one_line_value_error(lambda: data.read_labelled(path, "mensagem", "classe"))
+    assert dataset.texts == [text for text, _ in rows]
+    assert dataset.label_names == ["ham", "spam"] and dataset.labels == [1] + [0] * len(texts)
+    assert "line 2: not UTF-8 (byte 0xe7)" in message and "--encoding cp1252" in message
+
+
+def test_a_brazilian_excel_export_trains_with_encoding_cp1252(tmp_path):
+    """`;` between columns, cp1252 bytes, Windows line ends, a header in Portuguese."""
+    path = tmp_path / "mensagens.csv"
+    lines = ["mensagem;classe"] + [f"Olá, tudo bem? Reunião às {i}h;normal" for i in range(20)]
+    lines += [f"Promoção imperdível nº {i}: você ganhou!;spam" for i in range(20)]
+    path.write_bytes("\r\n".join(lines).encode("cp1252"))
+    splits = data.load_splits(path, text_column="mensagem", label_column="classe", encoding="cp1252")
+    assert splits.label_names == ["normal", "spam"] and [len(part) for part in parts(splits)] == [28, 4, 8]
+    assert "Olá, tudo bem? Reunião às 0h" in [text for part in parts(splits) for text in part.texts]
+    message = one_line_value_error(lambda: data.load_splits(path, text_column="mensagem", label_column="classe"))
+    assert message == f"{path}, line 2: not UTF-8 (byte 0xe1); if it was saved by Excel, try --encoding cp1252"
+    message = one_line_value_error(lambda: data.load_splits(path, encoding="cp1252"))
+    assert "no column 'text'; the columns are ['mensagem', 'classe']" in message  # split at ';', not one column
+    assert "--text-column" in message and "--label-column" in message and "text_column=" not in message
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"delimiter": ","}, ["no column 'mensagem'", "['mensagem;classe'] (split at ',')",
+                          "and the delimiter with --delimiter"]),
+    ({"delimiter": "x"}, ["--delimiter 'x'", "tab"]),
+    ({"encoding": "klingon"}, ["--encoding 'klingon'", "cp1252"]),
+    ({"encoding": "rot13"}, ["--encoding 'rot13'"]),
+    ({"label_column": "mensagem"}, ["--text-column and --label-column both name 'mensagem'"]),
+])
+def test_wrong_options_name_their_flags(tmp_path, options, expected):
+    path = tmp_path / "mensagens.csv"
+    path.write_text("mensagem;classe\nbom dia;a\nganhe;b\n", encoding="utf-8")
+    message = one_line_value_error(lambda: data.read_labelled(path, **{"text_column": "mensagem",
+                                                                       "label_column": "classe", **options}))
+    for text in expected:
+        assert text in message
+
+
+FRAGMENTS = [b"ham\t", b"spam\t", b"text", b"label", b",", b";", b"\t", b"|", b"\n", b"\r\n", b'"', b"hi",
+             b"\xe9", b"\xef\xbb\xbf", b"\x00", b" ", b"PK\x03\x04", b"readme"]
+ANY_BYTES = st.tuples(st.sampled_from([b"", b"text,label\n", b"label;text\r\n", b"ham\thi\n"]),
+                      st.binary(max_size=300) | st.lists(st.sampled_from(FRAGMENTS), max_size=60).map(b"".join)
+                      ).map(b"".join)  # a plausible start now and then, so that rows get parsed too
+
+
+@settings(max_examples=300, deadline=None)
+@given(content=ANY_BYTES, suffix=st.sampled_from(["", ".csv", ".tsv", ".txt", ".zip"]),
+       zipped_as=st.sampled_from([None, "SMSSpamCollection", "data.csv", "notes.txt"]),
+       encoding=st.sampled_from(["utf-8", "cp1252", "latin-1", "utf-16"]), balanced=st.booleans())
+def test_any_bytes_give_labelled_texts_or_a_one_line_value_error(content, suffix, zipped_as, encoding, balanced):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"any{suffix}"
+        if zipped_as is None:
+            path.write_bytes(content)
+        else:
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr(zipped_as, content)
+                archive.writestr("readme", b"about the data")
+        for read in (data.read_labelled, functools.partial(data.load_splits, balanced=balanced)):
+            try:
+                result = read(path, encoding=encoding)
+            except ValueError as error:
+                assert str(error) and "\n" not in str(error) and "\r" not in str(error)
+            else:
+                assert isinstance(result, (data.LabelledTexts, data.Splits))
+
+
+def zip_of(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return path
+
+
+def test_the_uci_archive_as_downloaded_is_accepted(sms_spam_file, tmp_path):
+    """`--data smsspamcollection.zip`: the archive holds SMSSpamCollection and a readme."""
+    archive = zip_of(tmp_path / "smsspamcollection.zip",
+                     {"readme": b"SMS Spam Collection v.1\n", hub.SMS_SPAM_MEMBER: sms_spam_file.read_bytes()})
+    splits = data.load_splits(archive, seed=123)
+    assert splits == data.load_splits(sms_spam_file, seed=123)
+    assert [len(part) for part in parts(splits)] == [1045, 149, 300]
+    # A broken line inside it is reported in the archive and its member.
+    broken = zip_of(tmp_path / "broken.zip", {hub.SMS_SPAM_MEMBER: b"ham\tok\nspam\tfine\nham no tab\n"})
+    assert one_line_value_error(lambda: data.read_labelled(broken)) == (
+        f"{broken}, file SMSSpamCollection, line 3: no tab; each line must be label<TAB>text")
+
+
+def test_a_zip_with_one_data_file_beside_a_readme_is_read(tmp_path):
+    rows = "review,sentiment\n" + "".join(f"text {i},{'good' if i % 2 else 'bad'}\n" for i in range(20))
+    archive = zip_of(tmp_path / "reviews.zip", {"reviews/README.md": b"# About", "reviews/reviews.csv": rows.encode(),
+                                                "__MACOSX/reviews/._reviews.csv": b"\x00\x05", "reviews/": b""})
+    dataset = data.read_labelled(archive, "review", "sentiment")
+    assert dataset.texts == [f"text {i}" for i in range(20)] and dataset.label_names == ["bad", "good"]
+
+
+def test_a_zip_without_one_data_file_or_too_large_is_one_line(tmp_path, monkeypatch):
+    cases = {
+        "two.zip": ({"a.csv": b"text,label\n", "b.csv": b"text,label\n"}, "holds ['a.csv', 'b.csv']"),
+        "readme.zip": ({"readme": b"hello"}, "holds ['readme']"),
+        "empty.zip": ({}, "holds []"),
+        "big.zip": ({hub.SMS_SPAM_MEMBER: b"ham\thi\n" * (hub.SMS_SPAM_SIZE // 7 + 1)}, "larger than 477,907 bytes"),
+    }
+    for name, (members, expected) in cases.items():
+        message = one_line_value_error(lambda: data.read_labelled(zip_of(tmp_path / name, members)))
+        assert expected in message and "--data" in message and str(tmp_path / name) in message
+    monkeypatch.setattr(datafiles, "MAX_MEMBER_BYTES", 1000)  # (1 GiB in use)
+    bomb = zip_of(tmp_path / "bomb.zip", {"data.csv": b"text,label\n" + b"a" * 10_000_000 + b",x\n"})
+    assert bomb.stat().st_size < 100_000
+    assert "data.csv: larger than 1,000 bytes" in one_line_value_error(lambda: data.read_labelled(bomb))
+    fake = tmp_path / "fake.zip"
+    fake.write_text("text,label\n", encoding="utf-8")
+    assert "not a zip archive" in one_line_value_error(lambda: data.read_labelled(fake))
+
+
+# --------------------------------------------------------------------------- too little data
+
+
+def test_the_readmes_two_row_example_is_too_few_texts(tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text('review,sentiment\n"Great phone, battery lasts two days",positive\n'
+                    '"Stopped working after a week",negative\n', encoding="utf-8")
+    expected = {True: "1 / 0 / 1; each split needs one text or more and training two classes, so 10 texts or more "
+                      "in all; add texts",  # the book's cut: int(0.7 N), int(0.1 N), the rest
+                False: "2 / 0 / 0; each split needs one text or more and training two classes; add texts"}
+    for balanced in (True, False):
+        message = one_line_value_error(lambda: data.load_splits(path, balanced=balanced, text_column="review",
+                                                                label_column="sentiment"))
+        assert message == f"{path}: too few texts: 2 texts would split 70/10/20 into {expected[balanced]}"
+
+
+def test_a_tiny_class_under_balancing_says_what_balancing_did(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("text,label\n" + "".join(f"text {i},a\n" for i in range(30)) + "rare,x\n", encoding="utf-8")
+    message = one_line_value_error(lambda: data.load_splits(path))
+    assert message == (f"{path}: too few texts: balancing undersamples every class to the smallest, 'x', which has "
+                       f"1 text: 2 texts in all, too few to split 70/10/20 (1 / 0 / 1; each split needs one text or "
+                       f"more and training two classes, so 10 texts or more in all); add texts or use --no-balanced")
+    splits = data.load_splits(path, balanced=False)  # all 31 texts, stratified
+    assert [part.class_counts() for part in parts(splits)] == [[21, 1], [3, 0], [6, 0]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(class_sizes=st.lists(st.integers(1, 9), min_size=2, max_size=4), balanced=st.booleans(), seed=SEEDS)
+def test_load_splits_refuses_exactly_the_data_that_leaves_a_split_empty(class_sizes, balanced, seed):
+    dataset = labelled(class_sizes)
+    expected = data.book_splits(dataset, seed) if balanced else data.split(dataset, seed)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "data.csv"
+        with path.open("w", encoding="utf-8", newline="") as file:
+            names = [dataset.label_names[y] for y in dataset.labels]
+            csv.writer(file).writerows([("text", "label"), *zip(dataset.texts, names)])
+        enough = all(len(part) for part in parts(expected)) and len(set(expected.train.labels)) >= 2
+        if enough:
+            assert data.load_splits(path, seed=seed, balanced=balanced) == expected
+        else:
+            message = one_line_value_error(lambda: data.load_splits(path, seed=seed, balanced=balanced))
+            assert "too few texts" in message
+            assert " / ".join(str(len(part)) for part in parts(expected)) in message
+    if balanced:  # the book's cut needs 10 texts in all: int(0.1 N) >= 1
+        assert enough == (min(class_sizes) * len(class_sizes) >= 10)
+
+
+# --------------------------------------------------------------------------- where the tests find the SMS file
+
+
+def load_conftest(tmp_path: Path, monkeypatch, environment: dict[str, str]):
+    """A fresh copy of tests/conftest.py, in a repository folder with nothing beside it."""
+    folder = tmp_path / "clone" / "tests"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(__file__).parent / "conftest.py", folder / "conftest.py")
+    monkeypatch.delenv("SMS_SPAM_FILE", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("conftest_copy", folder / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_tests_find_the_sms_file_in_three_places_and_say_so(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    nowhere = load_conftest(tmp_path, monkeypatch, {"GPT2_CLASSIFICATION_CACHE": str(cache)})
+    cached = cache / "sms_spam" / "SMSSpamCollection"
+    beside = tmp_path / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
+    for place in (str(cached), str(beside), "SMS_SPAM_FILE", "`python train.py` once"):
+        assert place in nowhere.SMS_SPAM_MISSING
+
+    beside.parent.mkdir(parents=True)
+    beside.write_text("ham\thi\n")
+    assert load_conftest(tmp_path, monkeypatch, {"GPT2_CLASSIFICATION_CACHE": str(cache)}).SMS_SPAM_FILE == beside
+    cached.parent.mkdir(parents=True)
+    cached.write_text("ham\thi\n")  # the download cache comes first
+    assert load_conftest(tmp_path, monkeypatch, {"GPT2_CLASSIFICATION_CACHE": str(cache)}).SMS_SPAM_FILE == cached
+    chosen = load_conftest(tmp_path, monkeypatch, {"GPT2_CLASSIFICATION_CACHE": str(cache),
+                                                   "SMS_SPAM_FILE": str(tmp_path / "mine")})
+    assert chosen.SMS_SPAM_FILE == tmp_path / "mine" and "SMS_SPAM_FILE" in chosen.SMS_SPAM_MISSING
+
+
+def test_a_missing_sms_file_is_a_skip_that_says_where_to_get_it(tmp_path):
+    """A fresh clone with no copy anywhere: pytest's summary shows the reason (-rfEs in pyproject.toml)."""
+    clone = tmp_path / "clone"
+    (clone / "tests").mkdir(parents=True)
+    shutil.copyfile(REPO / "pyproject.toml", clone / "pyproject.toml")
+    shutil.copyfile(REPO / "tests" / "conftest.py", clone / "tests" / "conftest.py")
+    test = "def test_it(sms_spam_file):\n    assert sms_spam_file.is_file()\n"
+    (clone / "tests" / "test_needs_it.py").write_text(test)
+    env = {name: value for name, value in os.environ.items() if name != "SMS_SPAM_FILE"}
+    env.update(GPT2_CLASSIFICATION_CACHE=str(tmp_path / "empty-cache"), PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider"], cwd=clone, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 skipped" in result.stdout
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert len(skipped) == 1 and "run `python train.py` once" in skipped[0]
+    assert str(tmp_path / "empty-cache" / "sms_spam" / "SMSSpamCollection") in skipped[0]
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -484,6 +761,63 @@ def test_collate_errors_and_batch_to():
     assert batch.token_ids.tolist() == [[5, 0], [6, 7]]
     moved = batch.to("meta")
     assert moved.token_ids.device.type == moved.lengths.device.type == moved.labels.device.type == "meta"
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=200), max_size=300),
+    batch_size=st.integers(min_value=1, max_value=16),
+    window=st.integers(min_value=1, max_value=5),
+    seed=SEEDS,
+    epoch=st.integers(min_value=0, max_value=10),
+)
+def test_bucketing_visits_every_example_exactly_once_per_epoch(lengths, batch_size, window, seed, epoch):
+    sampler = data.BucketBatchSampler(lengths, batch_size, seed, window=window)
+    sampler.set_epoch(epoch)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert all(1 <= len(batch) <= batch_size for batch in batches)
+    assert sum(len(batch) < batch_size for batch in batches) <= 1
+    assert list(sampler) == batches  # deterministic per (seed, epoch)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=50), max_size=100),
+    batch_size=st.integers(min_value=1, max_value=8),
+    seed=SEEDS,
+)
+def test_one_window_holding_everything_gives_the_sorted_batches(lengths, batch_size, seed):
+    evaluation = data.BucketBatchSampler(lengths, batch_size, seed, shuffle=False)
+    in_order = [lengths[i] for batch in evaluation for i in batch]
+    assert in_order == sorted(lengths)
+    training = data.BucketBatchSampler(lengths, batch_size, seed, window=len(lengths) + 1)
+    as_lengths = lambda sampler: sorted(tuple(sorted(lengths[i] for i in batch)) for batch in sampler)  # noqa: E731
+    assert as_lengths(training) == as_lengths(evaluation)
+
+
+def test_bucketing_reshuffles_every_epoch_and_saves_padding():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 120, (1000,), generator=generator).tolist()
+    sampler = data.BucketBatchSampler(lengths, 8, seed=123, window=10)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch0 != epoch1 and sorted(map(sorted, epoch0)) != sorted(map(sorted, epoch1))
+    assert list(data.BucketBatchSampler(lengths, 8, seed=124, window=10)) != epoch0
+    # The batches themselves are shuffled: with one window, their order is not the length order.
+    longest = [max(lengths[i] for i in batch) for batch in data.BucketBatchSampler(lengths, 8, 0, window=1000)]
+    assert longest != sorted(longest)
+
+    def pad_tokens(batches):
+        return sum(max(lengths[i] for i in batch) * len(batch) - sum(lengths[i] for i in batch) for batch in batches)
+
+    unbucketed = [list(range(start, start + 8)) for start in range(0, 1000, 8)]  # random lengths, no sorting
+    assert pad_tokens(epoch0) < 0.2 * pad_tokens(unbucketed)
+
+    full = data.BucketBatchSampler(lengths, 8, seed=0, drop_last=True)
+    assert len(list(full)) == len(full) == 125 and all(len(batch) == 8 for batch in full)
 
 
 # --------------------------------------------------------------------------- download

@@ -125,68 +125,6 @@ def test_frozen_prefix_length_per_strategy():
         assert fastpath.frozen_prefix_length(model) == (4 - epoch if epoch < 4 else None)
 
 
-# --------------------------------------------------------------------------- length bucketing
-
-
-@settings(max_examples=50, deadline=None)
-@given(
-    lengths=st.lists(st.integers(min_value=1, max_value=200), max_size=300),
-    batch_size=st.integers(min_value=1, max_value=16),
-    window=st.integers(min_value=1, max_value=5),
-    seed=SEEDS,
-    epoch=st.integers(min_value=0, max_value=10),
-)
-def test_bucketing_visits_every_example_exactly_once_per_epoch(lengths, batch_size, window, seed, epoch):
-    sampler = fastpath.BucketBatchSampler(lengths, batch_size, seed, window=window)
-    sampler.set_epoch(epoch)
-    batches = list(sampler)
-    assert len(batches) == len(sampler)
-    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-    assert all(1 <= len(batch) <= batch_size for batch in batches)
-    assert sum(len(batch) < batch_size for batch in batches) <= 1
-    assert list(sampler) == batches  # deterministic per (seed, epoch)
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    lengths=st.lists(st.integers(min_value=1, max_value=50), max_size=100),
-    batch_size=st.integers(min_value=1, max_value=8),
-    seed=SEEDS,
-)
-def test_one_window_holding_everything_gives_the_sorted_batches(lengths, batch_size, seed):
-    evaluation = fastpath.BucketBatchSampler(lengths, batch_size, seed, shuffle=False)
-    in_order = [lengths[i] for batch in evaluation for i in batch]
-    assert in_order == sorted(lengths)
-    training = fastpath.BucketBatchSampler(lengths, batch_size, seed, window=len(lengths) + 1)
-    as_lengths = lambda sampler: sorted(tuple(sorted(lengths[i] for i in batch)) for batch in sampler)  # noqa: E731
-    assert as_lengths(training) == as_lengths(evaluation)
-
-
-def test_bucketing_reshuffles_every_epoch_and_saves_padding():
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, 120, (1000,), generator=generator).tolist()
-    sampler = fastpath.BucketBatchSampler(lengths, 8, seed=123, window=10)
-    epoch0 = list(sampler)
-    sampler.set_epoch(1)
-    epoch1 = list(sampler)
-    assert epoch0 != epoch1 and sorted(map(sorted, epoch0)) != sorted(map(sorted, epoch1))
-    assert list(fastpath.BucketBatchSampler(lengths, 8, seed=124, window=10)) != epoch0
-    # The batches themselves are shuffled: with one window, their order is not the length order.
-    longest = [max(lengths[i] for i in batch) for batch in fastpath.BucketBatchSampler(lengths, 8, 0, window=1000)]
-    assert longest != sorted(longest)
-
-    def pad_tokens(batches):
-        return sum(max(lengths[i] for i in batch) * len(batch) - sum(lengths[i] for i in batch) for batch in batches)
-
-    unbucketed = [list(range(start, start + 8)) for start in range(0, 1000, 8)]  # random lengths, no sorting
-    assert pad_tokens(epoch0) < 0.2 * pad_tokens(unbucketed)
-
-    full = fastpath.BucketBatchSampler(lengths, 8, seed=0, drop_last=True)
-    assert len(list(full)) == len(full) == 125 and all(len(batch) == 8 for batch in full)
-
-
-
-
 # --------------------------------------------------------------------------- frozen work shared by several runs
 
 

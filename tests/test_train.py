@@ -29,7 +29,7 @@ import metrics
 import report
 import runner
 import train
-from conftest import REPO, SMS_SPAM_FILE, offline_env
+from conftest import REPO, SMS_SPAM_FILE, SMS_SPAM_MISSING, offline_env
 
 TINY_GPT = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128, "vocab_size": 50257}
 SMS_LINES = 200  # 33 spam among them: a balanced split of 46 / 6 / 14 texts
@@ -39,7 +39,7 @@ SMS_LINES = 200  # 33 spam among them: a balanced split of 46 / 6 / 14 texts
 def workspace(tmp_path_factory) -> Path:
     """A folder with a tiny GPT-2 config (Hugging Face style) and the first SMS lines."""
     if not SMS_SPAM_FILE.is_file():
-        pytest.skip(f"the SMS Spam Collection is not at {SMS_SPAM_FILE} (set SMS_SPAM_FILE)")
+        pytest.skip(SMS_SPAM_MISSING)
     root = tmp_path_factory.mktemp("train")
     (root / "tiny-gpt").mkdir()
     (root / "tiny-gpt" / "config.json").write_text(json.dumps(TINY_GPT))
