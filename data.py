@@ -10,7 +10,7 @@ stratified split for unbalanced data. `load_splits` does the whole step from a p
 Step 2, "Tokenização": GPT-2's byte-pair encoding (tiktoken) turns each text into token ids, and
 a `ClassificationDataset` holds (token ids, label) pairs. Batches: `collate` pads each batch to
 its own longest text, keeping the real lengths so the classifier can find each text's last real
-token, and `BucketBatchSampler` groups texts of similar length so that padding stays small.
+token, and `bucket_batches` groups texts of similar length so that padding stays small.
 (The book pads every text to the longest training text; `collate(..., pad_to=...)` does that.)
 
 All randomness comes from a `torch.Generator` seeded by the caller: the same seed gives the same
@@ -20,7 +20,7 @@ downloading the SMS file is hub.py's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,6 +266,31 @@ class ClassificationDataset(torch.utils.data.Dataset):
         return self.token_ids[index], self.labels[index]
 
 
+@dataclass
+class TokenizedSplits:
+    """Step 2's output: token ids and labels of each split, all cut to `max_length` tokens."""
+
+    train: ClassificationDataset
+    validation: ClassificationDataset
+    test: ClassificationDataset
+    max_length: int
+
+    def items(self) -> list[tuple[str, ClassificationDataset]]:
+        return [("train", self.train), ("validation", self.validation), ("test", self.test)]
+
+
+def tokenize(splits: Splits, max_length: int | None, limit: int) -> TokenizedSplits:
+    """Step 2 for the three splits: GPT-2's token ids of every text. Without `max_length` the
+    longest training text sets it (as in the book), but never beyond `limit`, what the model
+    reads; validation and test texts are cut to the same length."""
+    tokenizer = get_tokenizer("gpt2")
+    train = ClassificationDataset.from_texts(splits.train, tokenizer, max_length or limit)
+    max_length = max_length or max(train.lengths)
+    validation = ClassificationDataset.from_texts(splits.validation, tokenizer, max_length)
+    test = ClassificationDataset.from_texts(splits.test, tokenizer, max_length)
+    return TokenizedSplits(train, validation, test, max_length)
+
+
 # --------------------------------------------------------------------------- batches
 
 
@@ -303,48 +328,30 @@ def collate(examples: list[tuple[list[int], int]], pad_to: int | None = None, pa
     )
 
 
-class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of indices whose texts have similar lengths, so dynamic padding adds little.
+def bucket_batches(lengths: Sequence[int], batch_size: int, seed: int | None = None, epoch: int = 0,
+                   window: int = 100) -> list[list[int]]:
+    """Batches of indices whose texts have similar lengths, so that padding each batch to its own
+    longest text adds little.
 
-    Each epoch: shuffle all indices, sort them by length within windows of `window` batches, cut
-    each window into batches, then shuffle the batches. Training stays randomised (which texts
-    share a window, and the batch order, change every epoch) while a batch's texts are close in
-    length. Every index appears exactly once per epoch (drop_last=False); the order depends only
-    on (seed, epoch): call `set_epoch` before each epoch. shuffle=False gives batches in order
-    of length, for evaluation and inference.
+    With a seed (training): shuffle every index, sort them by length within windows of `window`
+    batches, cut each window into batches, then shuffle the batches. Which texts share a window,
+    and the batch order, change every epoch, while a batch's texts stay close in length; the
+    order depends on (seed, epoch) alone. Without one (evaluation, inference): the batches in
+    order of length. Every index appears exactly once (a window holds whole batches: only the
+    last batch can be short).
     """
+    if batch_size < 1 or window < 1:
+        raise ValueError(f"batch_size {batch_size} and window {window}: both must be at least 1")
+    if seed is None:
+        return _cut(sorted(range(len(lengths)), key=lambda i: lengths[i]), batch_size)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window_size = window * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window_size):  # sorted() is stable: equal lengths keep their random order
+        batches += _cut(sorted(order[start : start + window_size], key=lambda i: lengths[i]), batch_size)
+    return [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, window: int = 100,
-                 drop_last: bool = False) -> None:
-        if batch_size < 1 or window < 1:
-            raise ValueError(f"batch_size {batch_size} and window {window}: both must be at least 1")
-        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
-        self.shuffle, self.window, self.drop_last, self.epoch = shuffle, window, drop_last, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths) // self.batch_size if self.drop_last else -(-len(self.lengths) // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if not self.shuffle:
-            yield from self._cut(sorted(range(len(self.lengths)), key=lambda i: self.lengths[i]))
-            return
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        window_size = self.window * self.batch_size
-        bucketed: list[int] = []
-        for start in range(0, len(order), window_size):  # sorted() is stable: equal lengths keep their random order
-            bucketed += sorted(order[start : start + window_size], key=lambda i: self.lengths[i])
-        batches = self._cut(bucketed)
-        for b in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[b]
-
-    def _cut(self, order: list[int]) -> list[list[int]]:
-        """Consecutive batches of batch_size (a window holds whole batches, so only the last batch
-        can be short)."""
-        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        return batches
+def _cut(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]

@@ -25,7 +25,7 @@ import datetime
 import math
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -191,31 +191,15 @@ def load_in_turn(runtime: Runtime, load: Callable[[], Result]) -> Result:
 # --------------------------------------------------------------------------- the two seams
 
 
-@dataclass
-class Shards:
-    """This process's share of every batch the sampler draws: (its indices, the whole batch's
-    size). Shares hold every world_size-th text of a batch sorted by length, so they cost alike;
-    a share may be empty when a batch has fewer texts than processes (it still takes part in the
-    gradient exchange, with nothing to add)."""
-
-    sampler: torch.utils.data.Sampler[list[int]]  # data.BucketBatchSampler: set_epoch, len, iter
-    runtime: Runtime
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[tuple[list[int], int]]:
-        for indices in self.sampler:
-            mine = indices[self.runtime.rank :: self.runtime.world_size]
-            self.runtime.share = len(mine) / len(indices)
-            yield mine, len(indices)
-
-
-def shard(sampler: torch.utils.data.Sampler[list[int]], runtime: Runtime) -> Shards:
-    return Shards(sampler, runtime)
+def shard(batches: Iterable[list[int]], runtime: Runtime) -> Iterator[tuple[list[int], int]]:
+    """This process's share of each batch, with the whole batch's size: every world_size-th text
+    of a batch sorted by length, so the shares cost alike. A share may be empty when a batch has
+    fewer texts than processes; it still takes part in the gradient exchange, weighing nothing.
+    One process: every batch whole."""
+    for indices in batches:
+        mine = indices[runtime.rank :: runtime.world_size]
+        runtime.share = len(mine) / len(indices)  # what `wrap`'s hook weighs this process's gradient by
+        yield mine, len(indices)
 
 
 def _weighted_sum(runtime, bucket):  # no annotations: DDP checks them, and this file's are strings

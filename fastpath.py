@@ -14,9 +14,8 @@ train.py picks these (`--no-cache` trains through the plain forward instead).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,12 +25,6 @@ import classify
 import data
 
 CACHE_MEMORY_BUDGET = 2**30  # bytes, for all splits together
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bfloat16 mixed precision on CUDA; float32 elsewhere (CPUs without native bfloat16 run it
-    ~100x slower)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- the frozen-prefix cache
@@ -228,11 +221,6 @@ class SplitInputs:
         batch = data.collate([self.dataset[i] for i in indices]).to(device)
         return Batch(batch.token_ids, batch.lengths, labels, 0, size)
 
-    def batches(self, sampler: Iterable[tuple[list[int], int]], device: torch.device) -> Iterator[Batch]:
-        """The batches of `sampler`'s (indices, size of the whole batch) pairs (distributed.shard)."""
-        for indices, size in sampler:
-            yield self.batch(indices, device, size)
-
 
 @dataclass
 class CacheStatus:
@@ -245,16 +233,6 @@ class CacheStatus:
     seconds: float = 0.0
     reason: str = ""
     shared: bool = False  # taken from the frozen work done once for several runs
-
-    def describe(self) -> str:
-        if not self.used:
-            return f"frozen-prefix cache off ({self.reason})"
-        size = f"{self.nbytes / 2**20:.1f} MiB" if self.nbytes >= 2**20 else f"{self.nbytes / 1024:.1f} KiB"
-        if self.shared:
-            return (f"frozen-prefix cache: outputs of the embeddings and blocks 0-{self.start_block - 1}, from the "
-                    f"frozen work done once for every run, {size} ({self.dtype})")
-        return (f"frozen-prefix cache: outputs of the embeddings and blocks 0-{self.start_block - 1} computed once, "
-                f"{size} ({self.dtype}), built in {self.seconds:.1f} s")
 
 
 def refresh_caches(model: classify.GPTClassifier, splits: dict[str, SplitInputs], device: torch.device,

@@ -43,6 +43,8 @@ class Job:
 
     cfg: object  # train.TrainConfig
     runtime: distributed.Runtime
+    gpt_config: gpt.GPTConfig | None = None  # the model's shape, read once when the arguments were checked
+    text_tokens: int = 0  # the most tokens of a text the classifier reads (classify.longest_text)
     log: Log = report.quiet
     save: Callable[..., None] = lambda *run: None  # (model, result, tokens): a finished run
     frozen_work: fastpath.SharedPrefix | None = None
@@ -70,7 +72,8 @@ def run(cfg, argv: list[str], log: Log, pipeline: Callable[..., list]) -> int:
     gpt_config = check_config(cfg)
     comparing = bool(cfg.compare) or len(cfg.seeds) > 1  # one folder per run, compare.json beside them
     with distributed.session(cfg.device) as runtime:
-        job = Job(cfg, runtime, log if runtime.is_main_process else report.quiet)
+        job = Job(cfg, runtime, gpt_config, classify.longest_text(gpt_config, cfg.pooling),
+                  log if runtime.is_main_process else report.quiet)
         out = Path(cfg.out) if cfg.out else report.default_out_dir()
         with report.staged_output(out, runtime) as staging:  # None on every process but rank 0
             distributed.load_in_turn(runtime, lambda: fetch_files(cfg))

@@ -97,8 +97,8 @@ def pipeline(cfg: TrainConfig, job: runner.Job) -> list[RunResult]:
     (one of each without --compare and --seeds) steps 4-7, the evaluation, and the classifier
     saved for classify.py. Every run starts from the same texts and the same GPT-2."""
     splits = load_labelled_text(cfg)  # 1. texto rotulado
-    tokens = tokenize(splits, cfg)  # 2. tokenização
-    gpt_model = load_gpt(cfg, log=job.log)  # 3. processamento pelo GPT (its pretrained weights)
+    tokens = data.tokenize(splits, cfg.max_length, job.text_tokens)  # 2. tokenização
+    gpt_model = load_gpt(cfg, job.gpt_config, job.log)  # 3. processamento pelo GPT (its pretrained weights)
     job.log(describe_steps(cfg, splits, tokens, gpt_model, job.runtime))
     shelf = share_frozen_work(gpt_model, tokens, len(splits.label_names), job)  # several runs: frozen work once
     results = []
@@ -124,33 +124,6 @@ def load_labelled_text(cfg: TrainConfig) -> data.Splits:
                             label_column=cfg.label_column, validation_path=cfg.validation_data,
                             test_path=cfg.test_data, cache_dir=cfg.cache_dir, progress=hub.print_progress,
                             delimiter=cfg.delimiter, encoding=cfg.encoding)
-
-
-@dataclass
-class TokenizedSplits:
-    """Step 2's output: token ids and labels of each split, all cut to `max_length` tokens."""
-
-    train: data.ClassificationDataset
-    validation: data.ClassificationDataset
-    test: data.ClassificationDataset
-    max_length: int
-
-    def items(self) -> list[tuple[str, data.ClassificationDataset]]:
-        return [("train", self.train), ("validation", self.validation), ("test", self.test)]
-
-
-def tokenize(splits: data.Splits, cfg: TrainConfig) -> TokenizedSplits:
-    """Step 2, "Tokenização": GPT-2's BPE turns each text into token ids.
-
-    Without --max-length the longest training text sets it (as in the book), but never beyond
-    what the model reads; validation and test texts are cut to the same length.
-    """
-    tokenizer, longest = data.get_tokenizer("gpt2"), classify.longest_text(gpt.load_config(cfg.model), cfg.pooling)
-    train = data.ClassificationDataset.from_texts(splits.train, tokenizer, cfg.max_length or longest)
-    max_length = cfg.max_length or max(train.lengths)
-    validation = data.ClassificationDataset.from_texts(splits.validation, tokenizer, max_length)
-    test = data.ClassificationDataset.from_texts(splits.test, tokenizer, max_length)
-    return TokenizedSplits(train, validation, test, max_length)
 
 
 def load_gpt(cfg: TrainConfig, gpt_config: gpt.GPTConfig | None = None,
@@ -208,34 +181,34 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
     the validation set. Keeps a copy of the weights of the epoch with the best validation
     accuracy (of equals, the lower loss, then the earlier epoch)."""
     cfg, device, log = job.cfg, job.runtime.device, job.log
-    training_started = time.perf_counter()
+    started = time.perf_counter()
     model.to(device)
     compile_blocks(model, cfg, device, log)
     optimizer = make_optimizer(model, cfg)
-    network = distributed.wrap(model, job.runtime)  # torchrun: gradients exchanged between processes
-    sampler = data.BucketBatchSampler(inputs["train"].dataset.lengths, cfg.batch_size, seed)
-    batches = distributed.shard(sampler, job.runtime)  # torchrun: this process's share of every batch
+    network = distributed.wrap(model, job.runtime)  # torchrun: the processes' gradients added up, each by its share
     # "Congelamento de Camadas": the frozen blocks give the same output every epoch, so each text
     # runs through them once, here, and training continues from their stored output.
-    cache = fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache)
-    log(cache.describe())
-    training = Training(cache=cache, best_state=trainable_state(model))
-    progress = Progress(total_steps=cfg.epochs * len(batches), log_every=max(1, len(batches) // 10))
+    training = Training(fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache), trainable_state(model))
+    log(describe_cache(training.cache))
+    lengths = inputs["train"].dataset.lengths
+    steps = -(-len(lengths) // cfg.batch_size)  # batches per epoch
+    progress = Progress(total_steps=cfg.epochs * steps, log_every=max(1, steps // 10))
     for epoch in range(cfg.epochs):
-        started = time.perf_counter()
+        epoch_started = time.perf_counter()
         if strategy == "gradual" and epoch > 0 and unfreeze_next_block(model, optimizer, training, epoch):
             del network  # under torchrun the old DDP and its gradient hooks go first
             network = distributed.wrap(model, job.runtime)  # DDP must see the new trainable set
             training.set_cache(fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache))
             log(f"epoch {epoch + 1}: unfrozen, now training {describe_trainable(model)}; "
-                f"{training.cache.describe()}")
+                f"{describe_cache(training.cache)}")
         trainable = describe_trainable(model)
-        batches.set_epoch(epoch)  # a new batch order every epoch, the same for every run with this seed
+        batches = data.bucket_batches(lengths, cfg.batch_size, seed, epoch)  # a new order every epoch
         loss_sum = torch.zeros((), device=device)  # this process's texts, summed on the device: no sync per step
         correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
         model.train()
-        for step, batch in enumerate(inputs["train"].batches(batches, device), start=1):
-            with fastpath.autocast(device):  # bfloat16 on CUDA
+        for step, (indices, size) in enumerate(distributed.shard(batches, job.runtime), start=1):
+            batch = inputs["train"].batch(indices, device, size)  # token ids, or the frozen blocks' output
+            with mixed_precision(device):
                 logits = network(batch.inputs, batch.lengths, batch.start_block).float()  # steps 3-5: (B, K)
             loss = supervised_loss(logits, batch.labels)  # step 6
             optimizer.zero_grad(set_to_none=True)
@@ -244,12 +217,11 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
             if len(batch.labels):  # a torchrun process's share may be empty (the mean of nothing is NaN)
                 loss_sum += loss.detach() * len(batch.labels)
                 correct += (logits.argmax(dim=-1) == batch.labels).sum()
-            seen += batch.size  # the whole batch's texts, on every process
-            progress.advance(batch.size)
+            seen += size  # the whole batch's texts, on every process
+            progress.advance(size)
             check_now = cfg.eval_every > 0 and progress.step % cfg.eval_every == 0
-            if check_now or step % progress.log_every == 0 or step == len(batches):
-                running_loss = finite(per_text(job, loss_sum, seen), "training")
-                line = progress.line(epoch, cfg.epochs, step, len(batches), running_loss)
+            if check_now or step % progress.log_every == 0 or step == steps:
+                line = progress.line(epoch, cfg.epochs, step, steps, finite(per_text(job, loss_sum, seen), "training"))
                 if check_now:
                     check = evaluate(model, inputs["validation"], job)
                     model.train()
@@ -258,16 +230,21 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
                 log(line)
         train_loss, train_accuracy = finite(per_text(job, loss_sum, seen), "training"), per_text(job, correct, seen)
         validation = evaluate(model, inputs["validation"], job)
-        record = EpochRecord(epoch + 1, trainable, train_loss, train_accuracy,
-                                    finite(validation.loss, "validation"), validation.accuracy)
+        record = EpochRecord(epoch + 1, trainable, train_loss, train_accuracy, finite(validation.loss, "validation"),
+                             validation.accuracy)
         training.history.append(record)
-        training.epoch_seconds.append(time.perf_counter() - started)
+        training.epoch_seconds.append(time.perf_counter() - epoch_started)
         best = max(training.history, key=lambda r: (r.validation_accuracy, -r.validation_loss))  # first of equals
         if best is record:
             training.best_epoch, training.best_state = record.epoch, trainable_state(model)
         log(epoch_line(record, cfg.epochs, training))
-    training.seconds = time.perf_counter() - training_started
+    training.seconds = time.perf_counter() - started
     return training
+
+
+def mixed_precision(device: torch.device) -> torch.autocast:
+    """bfloat16 autocast on CUDA; float32 elsewhere (CPUs without native bfloat16 run it ~100x slower)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def per_text(job: runner.Job, total: torch.Tensor, texts: int) -> float:
@@ -392,9 +369,9 @@ def evaluate(model: classify.GPTClassifier, split: fastpath.SplitInputs, job: ru
     """Mean loss and every prediction over a split, in batches ordered by length."""
     model.eval()
     device, loss_sum, predictions = job.runtime.device, 0.0, [0] * len(split.dataset)
-    for indices in data.BucketBatchSampler(split.dataset.lengths, job.eval_batch_size, seed=0, shuffle=False):
+    for indices in data.bucket_batches(split.dataset.lengths, job.eval_batch_size):  # in order of length
         batch = split.batch(indices, device)
-        with fastpath.autocast(device):
+        with mixed_precision(device):
             logits = model(batch.inputs, batch.lengths, batch.start_block).float()  # (B, K)
         loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
         for i, prediction in zip(indices, logits.argmax(dim=-1).tolist()):
@@ -485,6 +462,17 @@ def describe_strategy(model: classify.GPTClassifier, strategy: str, epochs: int,
         for epoch, n in enumerate(counts))
 
 
+def describe_cache(cache: fastpath.CacheStatus) -> str:
+    """What "compute the frozen blocks once" did in this run."""
+    if not cache.used:
+        return f"frozen-prefix cache off ({cache.reason})"
+    size = f"{cache.nbytes / 2**20:.1f} MiB" if cache.nbytes >= 2**20 else f"{cache.nbytes / 1024:.1f} KiB"
+    what = f"frozen-prefix cache: outputs of the embeddings and blocks 0-{cache.start_block - 1}"
+    if cache.shared:
+        return f"{what}, from the frozen work done once for every run, {size} ({cache.dtype})"
+    return f"{what} computed once, {size} ({cache.dtype}), built in {cache.seconds:.1f} s"
+
+
 def describe_trainable(model: classify.GPTClassifier) -> str:
     """What trains, in words: 'head + final LayerNorm + blocks 10-11'."""
     adapters = {id(p) for m in model.modules() if isinstance(m, classify.LoRALinear) for p in (m.lora_A, m.lora_B)}
@@ -511,7 +499,7 @@ def parameter_counts(model: nn.Module) -> dict[str, float]:
 # --------------------------------------------------------------------------- several runs, and the command
 
 
-def share_frozen_work(gpt_model: gpt.GPTModel, tokens: TokenizedSplits, num_classes: int, job: runner.Job
+def share_frozen_work(gpt_model: gpt.GPTModel, tokens: data.TokenizedSplits, num_classes: int, job: runner.Job
                       ) -> dict[str, dict[int, fastpath.PrefixCache]]:
     """Several runs (--compare, --seeds) start from the same frozen weights, so the frozen blocks
     compute the same for all of them: once here, for every frozen boundary the runs will ask for

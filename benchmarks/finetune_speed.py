@@ -83,11 +83,11 @@ def run_one(method: str, strategy: str, args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, seed=args.seed, device=args.device,
         use_prefix_cache=method == "ours", compile=args.compile,
     )
-    runner.check_config(cfg)
-    job = runner.Job(cfg, distributed.Runtime(distributed.pick_device(cfg.device)))
+    gpt_config = runner.check_config(cfg)
+    job = runner.Job(cfg, distributed.Runtime(distributed.pick_device(cfg.device)), gpt_config)
     splits = train.load_labelled_text(cfg)  # then as train.pipeline does for one strategy:
-    tokens = train.tokenize(splits, cfg)
-    gpt_model = train.load_gpt(cfg)
+    tokens = data.tokenize(splits, cfg.max_length, classify.longest_text(gpt_config, cfg.pooling))
+    gpt_model = train.load_gpt(cfg, gpt_config)
     if method == "ours":
         model = train.build_classifier(gpt_model, len(splits.label_names), "last", cfg.seed)
     else:
@@ -109,7 +109,7 @@ def run_one(method: str, strategy: str, args: argparse.Namespace) -> dict:
         "training_examples_per_second": examples / seconds,
         "peak_memory_bytes": peak_memory_bytes(job.runtime.device),
         "test_accuracy": reports["test"].accuracy,
-        "prefix_cache": training.cache.describe(),
+        "prefix_cache": train.describe_cache(training.cache),
     }
 
 

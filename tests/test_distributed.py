@@ -29,7 +29,6 @@ import data
 import distributed
 import fastpath
 import gpt
-import report
 import runner
 import train
 from test_train import (GOLDEN, TINY_GPT, as_golden, assert_same_results, load_metrics, tiny_args,  # noqa: F401

@@ -525,7 +525,7 @@ def test_best_epoch_restore_undoes_blocks_unfrozen_after_it():
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(train, "evaluate", fake_evaluate)
-        job = runner.Job(cfg, distributed.Runtime(torch.device("cpu")), print)
+        job = runner.Job(cfg, distributed.Runtime(torch.device("cpu")), log=print)
         result = train.fine_tune(model, splits, "gradual", 0, job)
     assert result.best_epoch == 1
     assert [record.trainable for record in result.history] == [
