@@ -239,10 +239,11 @@ def read_headers(path: Path) -> dict[str, tuple[Path, TensorInfo]]:
     file, a folder's model.safetensors, or the shards its model.safetensors.index.json lists."""
     if not path.is_dir():
         return {name: (path, info) for name, info in read_header(path)[0].items()}
-    if (path / "model.safetensors").is_file():
-        return read_headers(path / "model.safetensors")
-    if not os.path.lexists(index := path / "model.safetensors.index.json"):
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if not os.path.lexists(single) and not os.path.lexists(index):
         raise ValueError(f"{path} has no model.safetensors (nor {index.name}): save it with safe_serialization=True")
+    if os.path.lexists(single):  # lexists: a pipe or a dangling link there is an error, not a reason to look on
+        return {name: (single, info) for name, info in read_header(single)[0].items()}
     weight_map = check_weight_map(read_json(index), index)  # tensor name -> shard file beside the index
     located = {}
     for shard in sorted(set(weight_map.values())):
@@ -260,7 +261,7 @@ def _local(source: str | Path) -> Path:
     if isinstance(source, str) and source in PRESETS:
         raise ValueError(f"{source} is a preset: download its weights with hub.py, "
                          f"gpt.load_gpt2(hub.fetch({source!r})), or pass a local folder or .safetensors file")
-    if (path := Path(source)).is_dir() or (path.is_file() and path.suffix == ".safetensors"):
+    if (path := Path(source)).is_dir() or (path.exists() and path.suffix == ".safetensors"):
         return path
     raise ValueError(f"{source!r} is neither a preset ({', '.join(PRESETS)}), a Hugging Face model directory "
                      "(config.json + model.safetensors) nor a .safetensors file")
