@@ -90,9 +90,9 @@ def print_progress(done: int, total: int | None) -> None:
 def read_small_file(path: Path, limit: int) -> bytes:
     """At most limit + 1 bytes of a regular file (links followed); OSError for anything else: a named
     pipe would block the read forever, /dev/zero never ends. (gpt.read_json does the same for JSON.)"""
-    if not path.is_file():
-        raise OSError(f"{path} is missing or not a regular file")
-    with open(path, "rb") as file:
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path} is not a regular file")
+    with open(path, "rb") as file:  # a missing one: FileNotFoundError
         return file.read(limit + 1)
 
 
