@@ -23,12 +23,10 @@ from hypothesis import strategies as st
 
 import classify
 import gpt
-import hfformat
 import hub
 import report
 import train
 from conftest import REPO, offline_env
-from test_classify import tiny_classifier
 
 FIXTURES = REPO / "tests" / "fixtures"
 SOME = settings(max_examples=40, deadline=None)
