@@ -398,7 +398,8 @@ def save_classifier(model: GPTClassifier, run_dir: str | Path, label_names: list
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).unlink(missing_ok=True)
-    hub.write_safetensors(run_dir / WEIGHTS_FILE, classifier_tensors(model), metadata={"format": FORMAT})
+    with hub.atomic_open(run_dir / WEIGHTS_FILE) as file:
+        gpt.write_safetensors(file, classifier_tensors(model), metadata={"format": FORMAT})
     with hub.atomic_open(run_dir / CONFIG_FILE) as file:
         file.write((json.dumps(config.to_dict(), indent=2) + "\n").encode("utf-8"))
 

@@ -3,20 +3,24 @@
 Step 3 of the chapter's pipeline ("GPT"): token ids in, one hidden vector per token out. The file
 reads in the order data flows: configuration, attention, feed-forward, block, model; then mapping
 pretrained weights onto it (`load_gpt2`: module names are the checkpoint's own, `wte`,
-`h.0.attn.c_attn`, `ln_f`..., so that is a rename table) and reading the .safetensors files they
-come in. It needs torch alone, copied into another project on its own. Downloading a preset is
-hub.py's job, as is the check that weights speak English: `python gpt.py "Every effort moves"`.
+`h.0.attn.c_attn`, `ln_f`..., so that is a rename table), the .safetensors files they come in, and
+`generate`, GPT-2's own next-token loop. The checks that keep an untrusted file from becoming a
+crash or a wrong model close the file. It needs torch alone, copied into another project on its
+own; `python gpt.py "Every effort moves"` also needs hub.py, which downloads and tokenizes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
+import sys
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 if __name__ == "__main__":  # torch warns at import when NumPy is missing; this project does not use NumPy
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -28,7 +32,8 @@ from torch.nn import functional as F
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The shape of a GPT-2 model; the defaults are gpt2-small (124M parameters)."""
+    """The shape of a GPT-2 model; the defaults are gpt2-small (124M parameters). GPT-2's four sizes
+    are PRESETS, at the end of the file: building them runs the checks that precede them."""
 
     vocab_size: int = 50257
     context_length: int = 1024
@@ -39,26 +44,7 @@ class GPTConfig:
     qkv_bias: bool = True  # GPT-2's query/key/value projection has a bias
 
     def __post_init__(self) -> None:
-        sizes = {"vocab_size": self.vocab_size, "context_length": self.context_length, "emb_dim": self.emb_dim,
-                 "n_heads": self.n_heads}  # `type(size) is int`: JSON true is not a size
-        wrong = {name: size for name, size in sizes.items() if type(size) is not int or size < 1}
-        if type(self.n_layers) is not int or self.n_layers < 0:
-            wrong["n_layers"] = self.n_layers
-        if wrong:
-            raise ValueError(f"GPTConfig: sizes must be integers >= 1 (n_layers >= 0); got {wrong}")
-        if self.emb_dim % self.n_heads:
-            raise ValueError(f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
-        if type(self.drop_rate) not in (int, float) or not 0 <= self.drop_rate < 1 or type(self.qkv_bias) is not bool:
-            raise ValueError(f"GPTConfig: drop_rate {self.drop_rate!r} must be a number in [0, 1) "
-                             f"and qkv_bias {self.qkv_bias!r} true or false")
-
-
-PRESETS: dict[str, GPTConfig] = {
-    "gpt2-small": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),  # 124M
-    "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),  # 355M
-    "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),  # 774M
-    "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
-}
+        check_config(self)  # a config.json may hold anything: the checks are at the end of the file
 
 
 def causal_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -205,61 +191,77 @@ def gpt2_name(hf_name: str) -> str | None:
 
 
 def load_gpt2(source: str | Path, *, config: GPTConfig | None = None) -> GPTModel:
-    """Pretrained GPT-2 in eval mode from a Hugging Face folder (config.json + model.safetensors)
-    or a .safetensors file, strictly: every tensor present, none unknown, each shape right.
-
-    `config` overrides the architecture read or inferred from the source. F32, F16 and BF16 files
-    load into float32, each tensor becoming a parameter of a model built on the meta device: one
-    copy of the weights in memory, not two. A preset's weights come through hub.py:
-    `gpt.load_gpt2(hub.fetch("gpt2-small"))`.
-    """
+    """Pretrained GPT-2 in eval mode from a Hugging Face folder (config.json + model.safetensors or
+    its shards) or a .safetensors file, strictly: every tensor present, none unknown, each shape
+    right, every number finite. `config` overrides the architecture read or inferred from the source.
+    Each tensor becomes a parameter (float32) of a model built on the meta device: one copy of the
+    weights in memory, not two. A preset's weights: `gpt.load_gpt2(hub.fetch("gpt2-small"))`."""
     cfg = config if config is not None else load_config(source)
-    if isinstance(source, str) and source in PRESETS:
-        raise ValueError(f"{source} is a preset: download its weights with hub.py, "
-                         f"gpt.load_gpt2(hub.fetch({source!r})), or pass a local folder or .safetensors file")
-    path = _local(source)
-    if path.is_dir() and not (path := path / "model.safetensors").is_file():
-        raise ValueError(f"{path.parent} has no model.safetensors (save with safe_serialization=True)")
-    infos, _, _ = read_header(path)
-    blocks = {match.group(1) for name in infos if (match := re.match(r"(?:transformer\.)?h\.(\d+)\.", name))}
+    located = read_headers(_local(source))  # name -> (file, TensorInfo)
+    blocks = {match.group(1) for name in located if (match := re.match(r"(?:transformer\.)?h\.(\d+)\.", name))}
     if cfg.n_layers > len(blocks):  # checked before building anything: a config may claim a billion blocks
-        raise ValueError(f"{path}: the config says {cfg.n_layers} blocks, the file holds {len(blocks)}")
+        raise ValueError(f"{source}: the config says {cfg.n_layers} blocks, the file holds {len(blocks)}")
     with torch.device("meta"):  # shapes only: no memory, no random initialisation
         model = GPTModel(cfg)
     expected = {name: tuple(param.shape)[:: -1 if HF_CONV1D_WEIGHTS.fullmatch(name) else 1]
                 for name, param in model.named_parameters()}  # as the file stores them
-    found = {gpt2_name(name): info for name, info in infos.items() if gpt2_name(name)}
-    for name, want in expected.items():
-        if name not in found:
-            raise ValueError(f"{path}: tensor {name} (shape {want}) is missing from the file")
-    for name, info in found.items():
+    found = {gpt2_name(name): (file, info) for name, (file, info) in located.items() if gpt2_name(name)}
+    if len(found) < sum(gpt2_name(name) is not None for name in located):
+        raise ValueError(f"{source}: a tensor is there both with and without the 'transformer.' prefix")
+    if missing := [name for name in expected if name not in found]:
+        raise ValueError(f"{source}: tensor {missing[0]} (shape {expected[missing[0]]}) is missing from the file")
+    for name, (file, info) in found.items():
         want = expected.get(name, expected["wte.weight"] if name == "lm_head.weight" else None)
         if want is None:
-            raise ValueError(f"{path}: unknown tensor {name} (shape {info.shape}): GPTModel has no such weight")
+            raise ValueError(f"{file}: unknown tensor {quoted(name)} (shape {info.shape}): GPTModel has no such weight")
         if info.shape != want:
-            raise ValueError(f"{path}: tensor {name}: shape {info.shape} in file, model expects {want}")
+            raise ValueError(f"{file}: tensor {name}: shape {info.shape} in file, model expects {want}")
         if info.dtype not in LOADABLE_DTYPES:
-            raise ValueError(f"{path}: tensor {name} is {info.dtype}; weights load from {sorted(LOADABLE_DTYPES)}")
+            raise ValueError(f"{file}: tensor {name} is {info.dtype}; weights load from {sorted(LOADABLE_DTYPES)}")
     state = {}
-    for hf_name, tensor in iter_safetensors(path):
-        name = gpt2_name(hf_name)
-        if name is not None:
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"{path}: tensor {hf_name} holds NaN or infinity")
-            tensor = tensor.float()  # F16/BF16 files load into float32; F32 is not copied
-            state[name] = tensor.t().contiguous() if HF_CONV1D_WEIGHTS.fullmatch(name) else tensor
+    for file in dict.fromkeys(file for file, _ in located.values()):  # each file (or shard) once
+        for hf_name, tensor in read_safetensors(file).items():
+            if (name := gpt2_name(hf_name)) is not None:
+                if not torch.isfinite(tensor).all():
+                    raise ValueError(f"{file}: tensor {hf_name} holds NaN or infinity")
+                tensor = tensor.float()  # F16/BF16 files load into float32; F32 is not copied
+                state[name] = tensor.t().contiguous() if HF_CONV1D_WEIGHTS.fullmatch(name) else tensor
     if "lm_head.weight" in state and not torch.equal(state.pop("lm_head.weight"), state["wte.weight"]):
-        raise ValueError(f"{path}: lm_head.weight differs from wte.weight, but GPTModel ties its output head "
+        raise ValueError(f"{source}: lm_head.weight differs from wte.weight, but GPTModel ties its output head "
                          "to the token embedding (as GPT-2 does); this checkpoint cannot load into it")
     model.load_state_dict(state, strict=False, assign=True)  # the checks above were the strict ones
     model.lm_head.weight = model.wte.weight  # assign replaced wte's Parameter: tie the head again
     return model.eval()
 
 
+def read_headers(path: Path) -> dict[str, tuple[Path, TensorInfo]]:
+    """Every tensor of a checkpoint, header checked: name -> (its file, where in it). A .safetensors
+    file, a folder's model.safetensors, or the shards its model.safetensors.index.json lists."""
+    if not path.is_dir():
+        return {name: (path, info) for name, info in read_header(path)[0].items()}
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if not os.path.lexists(single) and not os.path.lexists(index):
+        raise ValueError(f"{path} has no model.safetensors (nor {index.name}): save it with safe_serialization=True")
+    if os.path.lexists(single):  # lexists: a pipe or a dangling link there is an error, not a reason to look on
+        return {name: (single, info) for name, info in read_header(single)[0].items()}
+    weight_map = check_weight_map(read_json(index), index)  # tensor name -> shard file beside the index
+    located = {}
+    for shard in sorted(set(weight_map.values())):
+        for name, info in read_header(path / shard)[0].items():
+            if weight_map.get(name) != shard:  # so no tensor comes from two shards
+                raise ValueError(f"{path / shard}: tensor {quoted(name)} is not listed for this shard in {index.name}")
+            located[name] = (path / shard, info)
+    if missing := sorted(weight_map.keys() - located.keys()):
+        raise ValueError(f"{index}: tensor {quoted(missing[0])} is not in {weight_map[missing[0]]}")
+    return located
+
+
 def _local(source: str | Path) -> Path:
     """`source` as a local Hugging Face folder or .safetensors file."""
-    path = Path(source)
-    if path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
+    if isinstance(source, str) and source in PRESETS:
+        raise ValueError(f"{source} is a preset: download its weights with hub.py, "
+                         f"gpt.load_gpt2(hub.fetch({source!r})), or pass a local folder or .safetensors file")
+    if (path := Path(source)).is_dir() or (path.exists() and path.suffix == ".safetensors"):
         return path
     raise ValueError(f"{source!r} is neither a preset ({', '.join(PRESETS)}), a Hugging Face model directory "
                      "(config.json + model.safetensors) nor a .safetensors file")
@@ -270,63 +272,52 @@ def load_config(source: str | Path) -> GPTConfig:
     .safetensors file (inferred from the tensor shapes in its header)."""
     if isinstance(source, str) and source in PRESETS:
         return PRESETS[source]
-    path = _local(source)
-    if not path.is_dir():
-        infos, metadata, _ = read_header(path)
-        return config_from_shapes({name: info.shape for name, info in infos.items()}, metadata, path)
-    if not (path / "config.json").is_file():
+    if not (path := _local(source)).is_dir():
+        return config_from_shapes({name: info.shape for name, info in read_header(path)[0].items()}, path)
+    if not os.path.lexists(path / "config.json"):
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
-    return config_from_hf_json(path / "config.json")
+    return config_from_hf(read_json(path / "config.json"), path / "config.json")
 
 
-def config_from_shapes(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], source: object) -> GPTConfig:
-    """Sizes come from the tensor shapes; the head count, which no shape holds, from the metadata
-    (`n_head`, Hugging Face's name, or `n_heads`) or else from GPT-2's 64-wide heads."""
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: object) -> GPTConfig:
+    """Sizes from the tensor shapes; the head count, which no shape holds, from GPT-2's 64-wide heads."""
     shapes = {name.removeprefix("transformer."): shape for name, shape in shapes.items()}
     if len(shapes.get("wte.weight", ())) != 2 or len(shapes.get("wpe.weight", ())) != 2:
         raise ValueError(f"{source}: no 2-d wte.weight and wpe.weight: not a GPT-2 checkpoint")
     (vocab_size, emb_dim), context_length = shapes["wte.weight"], shapes["wpe.weight"][0]
-    layers = {int(match.group(1)) for name in shapes if (match := re.match(r"h\.(\d+)\.", name))}
-    heads = metadata.get("n_head", metadata.get("n_heads"))
-    if heads is None and emb_dim % HF_HEAD_DIM:
-        raise ValueError(f"{source}: cannot infer the number of heads of a {emb_dim}-wide model; "
-                         "pass config=GPTConfig(...) or add n_head to the file's metadata")
-    try:
-        return GPTConfig(vocab_size, context_length, emb_dim, len(layers),
-                         int(heads) if heads is not None else emb_dim // HF_HEAD_DIM,
-                         qkv_bias="h.0.attn.c_attn.bias" in shapes or not layers)
-    except ValueError as error:
-        raise ValueError(f"{source}: inconsistent GPT-2 shapes or metadata ({error})") from None
+    layers = {match.group(1) for name in shapes if (match := re.match(r"h\.(\d+)\.", name))}
+    if emb_dim % HF_HEAD_DIM:
+        raise ValueError(f"{source}: a {emb_dim}-wide model has no 64-wide heads, so the file alone does not say "
+                         "how many; put it in a folder with its config.json, or pass config=GPTConfig(...)")
+    return GPTConfig(vocab_size, context_length, emb_dim, len(layers), emb_dim // HF_HEAD_DIM,
+                     qkv_bias="h.0.attn.c_attn.bias" in shapes or not layers)
 
 
-def config_from_hf_json(path: Path) -> GPTConfig:
-    """GPTConfig from a Hugging Face config.json; variants GPTModel does not implement are refused."""
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as error:
-        raise ValueError(f"{path}: not a readable JSON file ({error})") from None
+def config_from_hf(hf: object, where: Path) -> GPTConfig:
+    """GPTConfig from what a Hugging Face config.json (at `where`) holds; variants GPTModel does not
+    implement are refused, and so is a classifier saved by train.py, which is no GPT-2 folder."""
     if not isinstance(hf, dict):
-        raise ValueError(f"{path}: a config.json must hold a JSON object")
+        raise ValueError(f"{where}: a config.json must hold a JSON object")
+    if hf.get("format") == "gpt2-classifier":  # classify.ClassifierConfig's config.json
+        raise ValueError(f"{where.parent} is a classifier saved by train.py: classify with python classify.py --model "
+                         f"{where.parent}; to fine-tune it further, export it (python classify.py --model "
+                         f"{where.parent} --export-hf HF_DIR) and train from that: python train.py --model HF_DIR")
     sizes = {"vocab_size": hf.get("vocab_size"), "context_length": hf.get("n_positions", hf.get("n_ctx")),
              "emb_dim": hf.get("n_embd"), "n_layers": hf.get("n_layer"), "n_heads": hf.get("n_head")}
-    wrong = {name: value for name, value in sizes.items() if type(value) is not int or value < 1}
-    if wrong:
-        raise ValueError(f"{path}: vocab_size, n_positions, n_embd, n_layer and n_head must be positive "
-                         f"integers; got {wrong} (in GPTConfig's names)")
+    if wrong := {name: value for name, value in sizes.items() if type(value) is not int or value < 1}:
+        raise ValueError(f"{where}: vocab_size, n_positions, n_embd, n_layer and n_head must be positive "
+                         f"integers; got {quoted(wrong)} (in GPTConfig's names)")
     try:
         cfg = GPTConfig(**sizes)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
-    unsupported = {
-        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
-        "n_inner": (hf.get("n_inner"), (None, 4 * cfg.emb_dim)),
-        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
-        "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
-        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
-    }
-    for key, (value, allowed) in unsupported.items():
-        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
-            raise ValueError(f"{path}: {key}={value!r} is not GPT-2's ({allowed[0]!r}); GPTModel cannot load it")
+        raise ValueError(f"{where}: {error}") from None
+    gpt2_only = {  # the value GPTModel implements first: it is also transformers' default
+        "activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * cfg.emb_dim),
+        "layer_norm_epsilon": (1e-5,), "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
+    for key, allowed in gpt2_only.items():
+        value = hf.get(key, allowed[0])
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):  # in Python, 1 == True
+            raise ValueError(f"{where}: {key}={quoted(value)} is not GPT-2's ({allowed[0]!r}); GPTModel cannot load it")
     return cfg
 
 
@@ -334,7 +325,6 @@ def config_from_hf_json(path: Path) -> GPTConfig:
 #
 # A .safetensors file: 8 bytes (little-endian header length N), N bytes of JSON {"name": {"dtype": "F32",
 # "shape": [..], "data_offsets": [begin, end]}, ..., "__metadata__": {..}}, then every tensor's raw bytes.
-# Most of the code checks that a damaged file can never become a wrong tensor. hub.py writes them.
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -354,43 +344,12 @@ class TensorInfo:
     end: int
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """json.loads hook: a name given twice would silently keep only its last entry."""
-    if len({key for key, _ in pairs}) != len(pairs):
-        raise ValueError(f"duplicate key among {[key for key, _ in pairs][:5]}")
-    return dict(pairs)
-
-
-def _tensor_info(where: str, entry: object, data_size: int) -> TensorInfo:
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise ValueError(f"{where}: entry must be an object with dtype, shape and data_offsets")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        raise ValueError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
-    if not (isinstance(shape, list) and all(type(size) is int and size >= 0 for size in shape)
-            and math.prod(max(size, 1) for size in shape) < 2**63):  # even an empty tensor's sizes must fit int64
-        raise ValueError(f"{where}: shape {shape!r} is not a list of sizes >= 0 that fit 64 bits")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(offset) is int for offset in offsets)):
-        raise ValueError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
-    begin, end = offsets
-    if not 0 <= begin <= end <= data_size:
-        raise ValueError(f"{where}: data_offsets {offsets} fall outside the {data_size}-byte data region")
-    needed = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
-    if end - begin != needed:
-        raise ValueError(f"{where}: data_offsets {offsets} hold {end - begin} bytes, "
-                         f"but shape {shape} of {dtype} needs {needed}")
-    return TensorInfo(dtype, tuple(shape), begin, end)
-
-
 def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """Parse and validate a safetensors header: (tensor infos, metadata, offset of the data)."""
+    """A safetensors header, validated (`check_header`): (tensor infos, metadata, offset of the data)."""
     try:
-        if not Path(path).is_file():  # a folder, FIFO or device: opening one could block forever
-            raise OSError("not a regular file")
-        file_size = Path(path).stat().st_size
-        with open(path, "rb") as file:
-            prefix = file.read(8)
-            header_size = int.from_bytes(prefix, "little")
+        with open_regular(path) as file:
+            file_size = os.fstat(file.fileno()).st_size
+            header_size = int.from_bytes(prefix := file.read(8), "little")
             if len(prefix) < 8 or header_size > min(file_size - 8, MAX_HEADER_BYTES):
                 raise ValueError(f"{path}: truncated or not a safetensors file ({file_size} bytes, header "
                                  f"length {header_size if len(prefix) == 8 else '?'}, at most {MAX_HEADER_BYTES})")
@@ -401,50 +360,223 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (ValueError, RecursionError) as error:  # JSON and UTF-8 errors are ValueErrors
         raise ValueError(f"{path}: header is not valid JSON ({error})") from None
+    return (*check_header(header, file_size - 8 - header_size, path), 8 + header_size)
+
+
+def read_safetensors(path: str | Path, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file (those in `names` only, if given), bytes straight from
+    disk into each tensor; the whole header is checked first, and any damage is a ValueError."""
+    infos, _, data_start = read_header(path)
+    tensors = {}
+    try:
+        with open_regular(path) as file:
+            for name, info in infos.items():
+                if names is None or name in names:
+                    buffer = bytearray(info.end - info.begin)
+                    file.seek(data_start + info.begin)
+                    if file.readinto(buffer) != len(buffer):
+                        raise ValueError(f"{path}: tensor {quoted(name)}: the file ended early (changed while reading?)")
+                    dtype = SAFETENSORS_DTYPES[info.dtype]
+                    tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+                    tensors[name] = tensor.reshape(info.shape)  # shares the buffer: no copy
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the file ({error.strerror or error})") from None
+    return tensors
+
+
+def write_safetensors(file: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (and string metadata) as .safetensors into an open binary file; ValueError,
+    before the first byte, for what the format cannot hold. For a whole file on disk or none:
+    `with hub.atomic_open(path) as file: gpt.write_safetensors(file, tensors)`. Tensors that share
+    storage (GPT-2's tied embedding and output head) are each written in full."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"metadata must map strings to strings, got {quoted(metadata)}")
+    header: dict[str, object] = {} if metadata is None else {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__" or getattr(tensor, "dtype", None) not in names:
+            raise ValueError(f"tensor {quoted(name)}: cannot store a {getattr(tensor, 'dtype', type(tensor).__name__)} "
+                             f"under that name (dtypes: {', '.join(SAFETENSORS_DTYPES)})")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
+    file.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
+    for tensor in tensors.values():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)  # (numel,): 0-d becomes (1,)
+        buffer = bytearray(flat.numel() * flat.element_size())  # little-endian, as on every platform torch runs on
+        if buffer:
+            torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat.view(torch.uint8))
+        file.write(buffer)
+
+
+# --------------------------------------------------------------------------- generating text
+
+
+@torch.no_grad()
+def generate(model: GPTModel, token_ids: torch.Tensor, max_new_tokens: int, top_k: int | None = None,
+             temperature: float = 1.0, generator: torch.Generator | None = None,
+             vocab_limit: int | None = None) -> torch.Tensor:
+    """Extend token_ids (B, T) by max_new_tokens tokens: (B, T + max_new_tokens).
+
+    Greedy (the most likely next token) when top_k is None or temperature is 0; otherwise samples
+    among the top_k most likely tokens, their logits divided by temperature. With `vocab_limit`,
+    only tokens below it are chosen (a model whose vocabulary is larger than the tokenizer's).
+    Call model.eval() first if the model has dropout.
+    """
+    check_generation(max_new_tokens, top_k, temperature)
+    for _ in range(max_new_tokens):
+        context = token_ids[:, -model.cfg.context_length :]  # (B, <= context_length)
+        logits = model(context)[:, -1, :vocab_limit]  # (B, V): only the last position predicts the next token
+        if not torch.isfinite(logits).all():
+            raise ValueError("the model's logits are not finite: its weights hold NaN or infinity")
+        if top_k is None or temperature == 0:
+            next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            top_logits, top_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (B, k)
+            # Shifted so the best logit is 0: even a temperature of 1e-320 gives 0 / t, not inf / inf.
+            probabilities = torch.softmax((top_logits - top_logits[:, :1]) / temperature, dim=-1)  # (B, k)
+            next_token = top_ids.gather(-1, torch.multinomial(probabilities, 1, generator=generator))  # (B, 1)
+        token_ids = torch.cat([token_ids, next_token], dim=1)  # (B, T + 1)
+    return token_ids
+
+
+def check_generation(max_new_tokens: int, top_k: int | None, temperature: float) -> None:
+    if not (max_new_tokens >= 0 and (top_k is None or top_k >= 1) and 0 <= temperature < math.inf):
+        raise ValueError(f"need max_new_tokens >= 0, top_k >= 1 and a finite temperature >= 0; "
+                         f"got {max_new_tokens}, {top_k} and temperature {temperature}")
+
+
+# --------------------------------------------------------------------------- untrusted input
+#
+# A config.json, an index of shards or a safetensors header may come from anyone. Each check below
+# turns what would be a crash, a hang, a huge allocation or a wrong model into one ValueError line.
+
+MAX_JSON_BYTES = 16 * 2**20  # a config.json holds a few KB, the index of a large model's shards ~100 KB
+
+
+def read_json(path: str | Path, limit: int = MAX_JSON_BYTES) -> object:
+    """A small JSON file (config.json, model.safetensors.index.json, tokenizer_config.json...) read
+    within bounds: ValueError naming it when it is not a regular file once links are followed (a
+    named pipe would wait forever, /dev/zero never ends), holds more than `limit` bytes, is not
+    UTF-8, or is not JSON (nesting deep enough to exhaust the stack included)."""
+    try:
+        with open_regular(path) as file:
+            raw = file.read(limit + 1)
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from None
+    if len(raw) > limit:
+        raise ValueError(f"{path}: larger than {limit} bytes, too large for a configuration file")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a UTF-8 JSON file ({error})") from None
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """`path` opened for binary reading if, links followed, it is a regular file; else OSError.
+    Opened without blocking, then checked: opening a named pipe would wait for a writer."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # a folder, a pipe, a device such as /dev/zero
+        os.close(descriptor)
+        raise OSError("not a regular file")
+    return os.fdopen(descriptor, "rb")
+
+
+def quoted(value: object, limit: int = 200) -> str:
+    """repr(value), cut to `limit` characters: an error line quotes a hostile file, never all of it."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deep to show>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_config(cfg: GPTConfig) -> None:
+    """GPTConfig's check: a config GPTModel can build, from code or from a config.json."""
+    sizes = {"vocab_size": cfg.vocab_size, "context_length": cfg.context_length, "emb_dim": cfg.emb_dim,
+             "n_heads": cfg.n_heads}  # `type(size) is int`: JSON true is not a size
+    wrong = {name: size for name, size in sizes.items() if type(size) is not int or size < 1}
+    if type(cfg.n_layers) is not int or cfg.n_layers < 0:
+        wrong["n_layers"] = cfg.n_layers
+    if wrong:
+        raise ValueError(f"GPTConfig: sizes must be integers >= 1 (n_layers >= 0); got {quoted(wrong)}")
+    if cfg.emb_dim % cfg.n_heads:
+        raise ValueError(f"emb_dim {cfg.emb_dim} is not divisible by n_heads {cfg.n_heads}")
+    if max(cfg.vocab_size, cfg.context_length, 4 * cfg.emb_dim) * cfg.emb_dim >= 2**60:  # torch counts bytes in 64 bits
+        raise ValueError(f"GPTConfig: emb_dim {cfg.emb_dim}, vocab_size {cfg.vocab_size} and context_length "
+                         f"{cfg.context_length} make a weight larger than any memory")
+    if type(cfg.drop_rate) not in (int, float) or not 0 <= cfg.drop_rate < 1 or type(cfg.qkv_bias) is not bool:
+        raise ValueError(f"GPTConfig: drop_rate {quoted(cfg.drop_rate)} must be a number in [0, 1) "
+                         f"and qkv_bias {quoted(cfg.qkv_bias)} true or false")
+
+
+def check_weight_map(index: object, where: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map: tensor name -> a .safetensors file in the same
+    folder (a name like ../x.safetensors would read elsewhere)."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict) and weight_map and all(
+            isinstance(shard, str) and shard == Path(shard).name and shard.endswith(".safetensors")
+            for shard in weight_map.values())):
+        raise ValueError(f"{where}: weight_map must map tensor names to .safetensors files in the same folder; "
+                         f"got {quoted(weight_map)}")
+    return weight_map
+
+
+def check_header(header: object, data_size: int, path: object) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """A safetensors header's (tensor infos, metadata): known dtypes, sizes that fit 64 bits, and
+    data_offsets that tile the data region exactly: no overlap, no gap, no byte left over."""
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{path}: __metadata__ must map strings to strings")
-    data_size = file_size - 8 - header_size
-    infos = {name: _tensor_info(f"{path}: tensor {name!r}", entry, data_size) for name, entry in header.items()}
-    position, previous = 0, None  # the tensors must tile the data region: no overlap, no gap, no rest
-    for name, info in sorted(infos.items(), key=lambda item: (item[1].begin, item[1].end)):
-        if info.begin != position:
-            problem = f"overlaps tensor {previous!r}" if info.begin < position else f"leaves a gap at {position}"
-            raise ValueError(f"{path}: tensor {name!r} {problem}")
-        position, previous = info.end, name
-    if position != data_size:
-        raise ValueError(f"{path}: the tensors cover {position} bytes of a {data_size}-byte data region")
-    return infos, metadata, 8 + header_size
+    infos = {}
+    for name, entry in header.items():
+        dtype, shape, offsets = (entry.get(key) for key in ("dtype", "shape", "data_offsets")) if isinstance(
+            entry, dict) else (None, None, None)
+        if not (isinstance(dtype, str) and dtype in SAFETENSORS_DTYPES and isinstance(shape, list)
+                and all(type(size) is int and size >= 0 for size in shape)
+                and math.prod(max(size, 1) for size in shape) < 2**63  # even an empty tensor's sizes must fit
+                and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise ValueError(f"{path}: tensor {quoted(name)}: {quoted(entry)} is not a dtype (one of "
+                             f"{', '.join(SAFETENSORS_DTYPES)}), a shape of sizes >= 0 and data_offsets "
+                             f"[begin, end] within the {data_size}-byte data region")
+        if (needed := math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize) != offsets[1] - offsets[0]:
+            raise ValueError(f"{path}: tensor {quoted(name)}: data_offsets {offsets} hold {offsets[1] - offsets[0]} "
+                             f"bytes, but shape {quoted(shape)} of {dtype} needs {needed}")
+        infos[name] = TensorInfo(dtype, tuple(shape), *offsets)
+    spans = sorted((info.begin, info.end) for info in infos.values())
+    if [begin for begin, _ in spans] + [data_size] != [0] + [end for _, end in spans]:
+        raise ValueError(f"{path}: the tensors' data_offsets must cover the {data_size}-byte data region "
+                         "exactly, with no overlap and no gap")
+    return infos, metadata
 
 
-def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for each tensor of a .safetensors file, bytes straight from disk into the
-    tensor; the whole header is checked before the first tensor is read."""
-    infos, _, data_start = read_header(path)
-    try:
-        with open(path, "rb") as file:
-            for name, info in infos.items():
-                buffer = bytearray(info.end - info.begin)
-                file.seek(data_start + info.begin)
-                if file.readinto(buffer) != len(buffer):
-                    raise ValueError(f"{path}: tensor {name!r}: the file ended early (changed while reading?)")
-                dtype = SAFETENSORS_DTYPES[info.dtype]
-                tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-                yield name, tensor.reshape(info.shape)  # shares the buffer: no copy
-    except OSError as error:
-        raise ValueError(f"{path}: cannot read the file ({error.strerror or error})") from None
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json.loads hook: a name given twice would be read differently by readers that keep the first."""
+    if len(found := dict(pairs)) < len(pairs):
+        raise ValueError(f"a key is given twice, among {quoted([key for key, _ in pairs])}")
+    return found
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file; any damage raises ValueError naming file and tensor."""
-    return dict(iter_safetensors(path))
+# --------------------------------------------------------------------------- GPT-2's four sizes
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2-small": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),  # 124M
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),  # 355M
+    "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),  # 774M
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
+}
 
 
 if __name__ == "__main__":  # the command lives in hub.py, which downloads presets and tokenizes (tiktoken)
     try:
         import hub
     except ImportError:  # gpt.py copied alone: the library works, the command needs hub.py
-        raise SystemExit("python gpt.py needs hub.py beside it (and tiktoken); the library needs torch alone")
-    raise SystemExit(hub.generate_command())
+        print("error: python gpt.py needs hub.py beside it (and tiktoken); the library needs torch alone", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(hub.generate_command(sys.modules[__name__]))  # this very module: gpt.py is not imported twice

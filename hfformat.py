@@ -27,6 +27,7 @@ The two classes compute the same thing in two places where they differ in form:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,11 +98,13 @@ def tokenizer_files(max_length: int) -> dict[str, bytes]:
     """GPT-2's tokenizer as transformers' GPT2Tokenizer reads it (AutoTokenizer, pipeline): the BPE
     files this repository ships, under transformers' names, and a config that pads with
     <|endoftext|> on the right and cuts texts to the run's max_length, keeping their start as
-    classify.py does. Empty when the shipped files are missing."""
+    classify.py does. ValueError (one line) when the shipped files are missing or damaged: a folder
+    without them would not load in transformers' pipeline."""
     try:
         texts = hub.read_gpt2_bpe(hub.GPT2_BPE_DIR)
-    except (OSError, ValueError):
-        return {}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"GPT-2's tokenizer files, which an export must hold: {' '.join(str(error).split())}; "
+                         f"restore them (git checkout -- {hub.GPT2_BPE_DIR.name}) and export again") from None
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "padding_side": "right",
               "truncation_side": "right", "add_prefix_space": False, "bos_token": hub.END_OF_TEXT,
               "eos_token": hub.END_OF_TEXT, "unk_token": hub.END_OF_TEXT, "pad_token": hub.END_OF_TEXT}
@@ -116,13 +119,11 @@ class Export:
     folder: Path
     label_names: list[str]
     fold_error: float
-    with_tokenizer: bool
 
     def describe(self) -> str:
-        tokenizer = "and GPT-2's tokenizer" if self.with_tokenizer else "without a tokenizer (gpt2_bpe/ is missing)"
         return (f"exported to {self.folder}: {ARCHITECTURE} with {len(self.label_names)} labels "
-                f"({', '.join(self.label_names)}) {tokenizer}; the head's bias now sits in ln_f's bias (the largest "
-                f"logit change this makes: {self.fold_error:.1e}). Load it with transformers."
+                f"({', '.join(self.label_names)}) and GPT-2's tokenizer; the head's bias now sits in ln_f's bias (the "
+                f"largest logit change this makes: {self.fold_error:.1e}). Load it with transformers."
                 f"GPT2ForSequenceClassification.from_pretrained({str(self.folder)!r})")
 
 
@@ -134,7 +135,7 @@ def export_classifier(tensors: dict[str, torch.Tensor], cfg: gpt.GPTConfig, labe
     `tensors` as classify.classifier_tensors gives them; `cfg`, `label_names`, `pooling` and
     `max_length` from the run's classify.ClassifierConfig. The folder appears only when complete;
     an existing non-empty out_dir is refused. ValueError (one line) for what transformers' class
-    cannot express.
+    cannot express, and nothing written.
     """
     if pooling != "last":
         raise ValueError(f"pooling {pooling!r}: {ARCHITECTURE} reads the last token that is not padding, "
@@ -144,13 +145,14 @@ def export_classifier(tensors: dict[str, torch.Tensor], cfg: gpt.GPTConfig, labe
              **tokenizer_files(max_length)}
     try:
         with hub.staged_folder(out_dir, "--export-hf") as staging:
-            hub.write_safetensors(staging / WEIGHTS_FILE, converted, metadata={"format": "pt"})  # as transformers wants
+            with hub.atomic_open(staging / WEIGHTS_FILE) as file:
+                gpt.write_safetensors(file, converted, metadata={"format": "pt"})  # as transformers wants
             for name, content in files.items():
                 with hub.atomic_open(staging / name) as file:
                     file.write(content)
     except OSError as error:  # a full disk, say; the staged folder is gone
         raise ValueError(f"--export-hf {out_dir}: cannot write it ({error.strerror or error})") from None
-    return Export(Path(out_dir), list(label_names), fold_error, len(files) > 1)
+    return Export(Path(out_dir), list(label_names), fold_error)
 
 
 # --------------------------------------------------------------------------- in: transformers -> our classifier
@@ -158,11 +160,12 @@ def export_classifier(tensors: dict[str, torch.Tensor], cfg: gpt.GPTConfig, labe
 
 def saved_by_transformers(folder: str | Path) -> bool:
     """True when `folder` holds a config.json written by transformers (it always names the
-    model_type), not by classify.save_classifier."""
-    try:
-        config = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+    model_type), not by classify.save_classifier; False when there is none. ValueError (one line)
+    for a config.json that cannot be read: a named pipe, a link to /dev/zero, 1 GB, not JSON."""
+    path = Path(folder) / CONFIG_FILE
+    if not os.path.lexists(path):
         return False
+    config = gpt.read_json(path)
     return isinstance(config, dict) and "model_type" in config and "format" not in config
 
 
@@ -173,60 +176,46 @@ def label_names_from(config: dict, num_labels: int, where: object) -> list[str]:
     if id2label is None:
         return [f"LABEL_{i}" for i in range(num_labels)]
     names = [id2label.get(str(i)) for i in range(num_labels)] if isinstance(id2label, dict) else []
-    if len(id2label) != num_labels or not all(isinstance(n, str) for n in names) or len(set(names)) != num_labels:
-        raise ValueError(f"{where}: id2label {id2label!r} must name each of the {num_labels} classes of "
+    if len(names) != num_labels or len(id2label) != num_labels or not all(isinstance(n, str) for n in names) \
+            or len(set(names)) != num_labels:
+        raise ValueError(f"{where}: id2label {gpt.quoted(id2label)} must name each of the {num_labels} classes of "
                          f"score.weight once, under the keys '0' to '{num_labels - 1}'")
     return names
-
-
-def read_tensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor of a .safetensors file, read without the others, as float32."""
-    infos, _, data_start = gpt.read_header(path)
-    info = infos[name]
-    if info.dtype not in gpt.LOADABLE_DTYPES:
-        raise ValueError(f"{path}: tensor {name} is {info.dtype}; it must be one of {sorted(gpt.LOADABLE_DTYPES)}")
-    try:
-        with open(path, "rb") as file:
-            file.seek(data_start + info.begin)
-            raw = bytearray(file.read(info.end - info.begin))
-    except OSError as error:
-        raise ValueError(f"{path}: cannot read the file ({error.strerror or error})") from None
-    if len(raw) != info.end - info.begin:
-        raise ValueError(f"{path}: tensor {name}: the file ended early (changed while reading?)")
-    return torch.frombuffer(raw, dtype=gpt.SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape).float()
 
 
 def read_classifier(folder: str | Path) -> tuple[gpt.GPTModel, torch.Tensor, list[str], int]:
     """A GPT2ForSequenceClassification folder saved by transformers: (the GPT-2 backbone, the score
     head's weight (K, C), the class names from id2label, the longest text in tokens: the tokenizer's
-    model_max_length where tokenizer_config.json gives one, else the context length). ValueError
-    (one line) for a folder without a classification head, or one whose pad token classify.py would
-    read differently."""
+    model_max_length where tokenizer_config.json gives one, else the context length). Its weights
+    may be one model.safetensors or shards. ValueError (one line) for a folder without a
+    classification head, a head that is not finite, or a pad token classify.py would read differently."""
     folder = Path(folder)
-    shape = gpt.load_config(folder)  # ValueError for a config.json that is not GPT-2's
-    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ValueError(f"{folder} has no {WEIGHTS_FILE} (save it with save_pretrained(..., safe_serialization=True))")
-    infos, _, _ = gpt.read_header(weights)
-    if "score.weight" not in infos:
-        kind = ", ".join(map(str, config.get("architectures") or ["GPT-2"]))
-        raise ValueError(f"{folder} holds {kind} without a classification head (no score.weight): "
+    config = gpt.read_json(folder / CONFIG_FILE)
+    shape = gpt.config_from_hf(config, folder / CONFIG_FILE)  # ValueError for a config.json that is not GPT-2's
+    located = gpt.read_headers(folder)  # name -> (file, TensorInfo), whichever shard holds it
+    if "score.weight" not in located:
+        architectures = config.get("architectures")
+        kind = ", ".join(map(str, architectures)) if isinstance(architectures, list) and architectures else "GPT-2"
+        raise ValueError(f"{folder} holds {kind[:200]} without a classification head (no score.weight): "
                          f"fine-tune it first, python train.py --model {folder}")
-    num_labels, width = (infos["score.weight"].shape + (0, 0))[:2]
-    if len(infos["score.weight"].shape) != 2 or width != shape.emb_dim or num_labels < 2:
-        raise ValueError(f"{weights}: score.weight has shape {infos['score.weight'].shape}; "
-                         f"expected (classes >= 2, {shape.emb_dim})")
+    weights, info = located["score.weight"]
+    num_labels, width = (info.shape + (0, 0))[:2]
+    if len(info.shape) != 2 or width != shape.emb_dim or num_labels < 2 or info.dtype not in gpt.LOADABLE_DTYPES:
+        raise ValueError(f"{weights}: score.weight is {info.dtype} of shape {info.shape}; expected a float tensor "
+                         f"of shape (classes >= 2, {shape.emb_dim})")
     pad = config.get("pad_token_id")
-    if pad is not None and not (isinstance(pad, int) and (pad == PAD_TOKEN_ID or pad > PAD_TOKEN_ID)):
-        raise ValueError(f"{folder}: pad_token_id {pad!r} is a token GPT-2's tokenizer emits inside texts, where "
-                         "transformers would skip it and classify.py would not; classify.py reads folders whose "
+    if pad is not None and not (type(pad) is int and pad >= PAD_TOKEN_ID):
+        raise ValueError(f"{folder}: pad_token_id {gpt.quoted(pad)} is a token GPT-2's tokenizer emits inside texts, "
+                         "where transformers would skip it and classify.py would not; classify.py reads folders whose "
                          f"pad_token_id is {PAD_TOKEN_ID} (<|endoftext|>), a new token, or null")
     label_names = label_names_from(config, num_labels, folder / CONFIG_FILE)
-    try:
-        max_length = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))["model_max_length"]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError):
-        max_length = None
+    max_length = None
+    if os.path.lexists(folder / "tokenizer_config.json"):  # optional; when there, readable
+        tokenizer_config = gpt.read_json(folder / "tokenizer_config.json")
+        max_length = tokenizer_config.get("model_max_length") if isinstance(tokenizer_config, dict) else None
     if not (type(max_length) is int and 1 <= max_length <= shape.context_length):  # transformers' "no limit": 1e30
         max_length = shape.context_length
-    return gpt.load_gpt2(folder, config=shape), read_tensor(weights, "score.weight"), label_names, max_length
+    score = gpt.read_safetensors(weights, names={"score.weight"})["score.weight"].float()
+    if not torch.isfinite(score).all():
+        raise ValueError(f"{weights}: score.weight holds NaN or infinity: no text could be classified with it")
+    return gpt.load_gpt2(folder, config=shape), score, label_names, max_length

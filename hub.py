@@ -3,12 +3,12 @@
 - downloads: GPT-2's weights from the Hugging Face hub (`fetch`, `download_preset`) and the SMS
   Spam Collection from UCI (`download_sms_spam`), each resumable, checked against a sha256,
   and renamed into the cache only when complete;
-- writing: `atomic_open`, `write_safetensors` (gpt.py reads the format) and `staged_folder`, so a
-  crash leaves the old file or none, never half a file or folder;
+- writing: `atomic_open` (with gpt.write_safetensors for weights) and `staged_folder`, so a crash
+  leaves the old file or none, never half a file or folder;
 - GPT-2's tokenizer from the BPE files shipped in `gpt2_bpe/` (`gpt2_tokenizer`), so tokenizing
   never needs the network;
-- the check that downloaded weights work: `generate` text, the command behind
-  `python gpt.py "Every effort moves"` (`generate_command`).
+- the command behind `python gpt.py "Every effort moves"` (`generate_command`), the check that
+  downloaded weights work. gpt.py hands itself over to it: hub.py imports no project module.
 
 The cache is `$GPT2_CLASSIFICATION_CACHE`, else `$XDG_CACHE_HOME` or `~/.cache`, then
 `gpt2-classification`; a preset already in the Hugging Face cache (`find_in_hf_cache`) is read from
@@ -23,7 +23,6 @@ import functools
 import hashlib
 import http.client
 import json
-import math
 import os
 import re
 import shutil
@@ -36,13 +35,12 @@ import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import BinaryIO
 
 import tiktoken
 import torch
 from tiktoken_ext import openai_public
-
-import gpt
 
 try:
     import fcntl  # file locks, on every system but Windows
@@ -87,6 +85,15 @@ def print_progress(done: int, total: int | None) -> None:
         line = f"\rdownloading: {done / 1e6:9.1f} MB"
     sys.stderr.write(line + ("\n" if total and done >= total else ""))
     sys.stderr.flush()
+
+
+def read_small_file(path: Path, limit: int) -> bytes:
+    """At most limit + 1 bytes of a regular file (links followed); OSError for anything else: a named
+    pipe would block the read forever, /dev/zero never ends. (gpt.read_json does the same for JSON.)"""
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path} is not a regular file")
+    with open(path, "rb") as file:  # a missing one: FileNotFoundError
+        return file.read(limit + 1)
 
 
 # --------------------------------------------------------------------------- writing files whole
@@ -147,45 +154,6 @@ def staged_folder(out: str | Path, what: str) -> Iterator[Path]:
                          f"the finished work is in {kept if kept.exists() else staging}") from None
 
 
-DTYPE_NAMES = {dtype: name for name, dtype in gpt.SAFETENSORS_DTYPES.items()}
-
-
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (and optional string metadata) as a .safetensors file, atomically.
-
-    Tensors that share storage, like GPT-2's tied embedding and output head, are each written in
-    full: the format has no notion of sharing.
-    """
-    header: dict[str, object] = {}
-    if metadata is not None:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise ValueError(f"{path}: metadata must map strings to strings, got {metadata!r}")
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for name, tensor in tensors.items():
-        if not isinstance(name, str) or not name or name == "__metadata__":
-            raise ValueError(f"{path}: invalid tensor name {name!r}")
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in DTYPE_NAMES:
-            kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"{path}: tensor {name!r}: cannot store {kind} "
-                             f"(supported: {', '.join(gpt.SAFETENSORS_DTYPES)})")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
-    with atomic_open(path) as file:
-        file.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
-        for tensor in tensors.values():
-            flat = tensor.detach().cpu().contiguous().reshape(-1)  # (numel,): 0-d becomes (1,)
-            buffer = bytearray(flat.numel() * flat.element_size())  # little-endian, as on every
-            if buffer:  # platform PyTorch supports
-                torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat.view(torch.uint8))
-            file.write(buffer)
-
-
 # --------------------------------------------------------------------------- GPT-2's tokenizer, shipped
 #
 # tiktoken downloads GPT-2's two BPE files on first use. The repository ships them instead (OpenAI's
@@ -222,10 +190,10 @@ def gpt2_mergeable_ranks(vocab_bpe: str, encoder_json: str) -> dict[bytes, int]:
 
 
 def read_gpt2_bpe(folder: Path) -> dict[str, str]:
-    """The two files' text, each checked against its sha256."""
+    """The two files' text, each checked against its sha256 (OSError or ValueError, one line)."""
     texts = {}
     for name, sha256 in GPT2_BPE_SHA256.items():
-        content = (folder / name).read_bytes()
+        content = read_small_file(folder / name, 2**21)  # each is about 1 MB: more is damage anyway
         if hashlib.sha256(content).hexdigest() != sha256:
             raise ValueError(f"{folder / name} is damaged (its sha256 is not {sha256[:12]}...)")
         texts[name] = content.decode("utf-8")
@@ -437,7 +405,7 @@ def find_in_hf_cache(name: str, hf_cache: str | Path | None = None) -> Path | No
     cache, repo = Path(hf_cache or hf_hub_cache()), PRESET_REPOS[name]
     for folder in (cache / f"models--{repo.replace('/', '--')}", cache / f"models--{repo.split('/')[1]}"):
         try:
-            main = (folder / "refs" / "main").read_text(encoding="utf-8").strip()
+            main = read_small_file(folder / "refs" / "main", 100).decode("utf-8").strip()
         except (OSError, ValueError):
             main = ""
         main = main if re.fullmatch(r"[0-9a-f]{40}", main) else ""  # a commit hash, never a path
@@ -453,7 +421,7 @@ def fetch(source: str | Path, cache_dir: str | Path | None = None, progress: Pro
     """What gpt.load_gpt2 reads for `source`: a preset name becomes its weights file (in our cache,
     else in the Hugging Face cache, else downloaded into ours); a local folder or file is returned
     as it is."""
-    if isinstance(source, str) and source in gpt.PRESETS:
+    if isinstance(source, str) and source in PRESET_REPOS:
         ours = Path(cache_dir if cache_dir is not None else default_cache_dir()) / source / "model.safetensors"
         if not ours.is_file() and (theirs := find_in_hf_cache(source)) is not None:
             return theirs
@@ -512,42 +480,10 @@ def _zip_member(archive: Path, member: str, size: int, url: str) -> bytes:
 # --------------------------------------------------------------------------- the gpt.py command
 
 
-@torch.no_grad()
-def generate(model: gpt.GPTModel, token_ids: torch.Tensor, max_new_tokens: int, top_k: int | None = None,
-             temperature: float = 1.0, generator: torch.Generator | None = None,
-             vocab_limit: int | None = None) -> torch.Tensor:
-    """Extend token_ids (B, T) by max_new_tokens tokens: (B, T + max_new_tokens).
-
-    Greedy (the most likely next token) when top_k is None or temperature is 0; otherwise samples
-    among the top_k most likely tokens, their logits divided by temperature. With `vocab_limit`,
-    only tokens below it are chosen (a model whose vocabulary is larger than the tokenizer's).
-    Call model.eval() first if the model has dropout.
-    """
-    check_generation(max_new_tokens, top_k, temperature)
-    for _ in range(max_new_tokens):
-        context = token_ids[:, -model.cfg.context_length :]  # (B, <= context_length)
-        logits = model(context)[:, -1, :vocab_limit]  # (B, V): only the last position predicts the next token
-        if not torch.isfinite(logits).all():
-            raise ValueError("the model's logits are not finite: its weights hold NaN or infinity")
-        if top_k is None or temperature == 0:
-            next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-        else:
-            top_logits, top_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (B, k)
-            # Shifted so the best logit is 0: even a temperature of 1e-320 gives 0 / t, not inf / inf.
-            probabilities = torch.softmax((top_logits - top_logits[:, :1]) / temperature, dim=-1)  # (B, k)
-            next_token = top_ids.gather(-1, torch.multinomial(probabilities, 1, generator=generator))  # (B, 1)
-        token_ids = torch.cat([token_ids, next_token], dim=1)  # (B, T + 1)
-    return token_ids
-
-
-def check_generation(max_new_tokens: int, top_k: int | None, temperature: float) -> None:
-    if not (max_new_tokens >= 0 and (top_k is None or top_k >= 1) and 0 <= temperature < math.inf):
-        raise ValueError(f"need max_new_tokens >= 0, top_k >= 1 and a finite temperature >= 0; "
-                         f"got {max_new_tokens}, {top_k} and temperature {temperature}")
-
-
-def generate_command(argv: list[str] | None = None) -> int:
-    """`python gpt.py "Every effort moves"`: load GPT-2 and print a continuation."""
+def generate_command(gpt: ModuleType, argv: list[str] | None = None) -> int:
+    """`python gpt.py "Every effort moves"`: load GPT-2 and print a continuation; returns the exit
+    code (2 with one line on stderr for any error). `gpt` is gpt.py, which its `__main__` block
+    passes in: hub.py imports no project module, and gpt.py copied alone needs torch only."""
     parser = argparse.ArgumentParser(
         prog="gpt.py",
         description="Continue a text with pretrained GPT-2 (a check that the weights loaded right).",
@@ -563,26 +499,30 @@ def generate_command(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=123, help="random seed for sampling (default: 123)")
     parser.add_argument("--cache-dir", type=Path, help=f"download folder (default: {default_cache_dir()})")
     args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a character the terminal cannot show: an escape, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        check_generation(args.max_new_tokens, args.top_k, args.temperature)
+        gpt.check_generation(args.max_new_tokens, args.top_k, args.temperature)
         cfg = gpt.load_config(args.model)  # a bad --model fails here, before any download
         tokenizer = gpt2_tokenizer()
-        prompt_ids = tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})
+        prompt_ids = tokenizer.encode(args.prompt, allowed_special={END_OF_TEXT})
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if cfg.vocab_size < tokenizer.n_vocab:
             raise ValueError(f"--model {args.model} has {cfg.vocab_size} tokens, fewer than GPT-2's tokenizer")
         weights = fetch(args.model, args.cache_dir, print_progress)
-        print(f"weights: {weights}", file=sys.stderr)
-        model = gpt.load_gpt2(weights, config=cfg)
-        output = generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, top_k=args.top_k,
-                          temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed),
-                          vocab_limit=tokenizer.n_vocab)
+        print(f"weights: {printable(str(weights))}", file=sys.stderr)
+        output = gpt.generate(gpt.load_gpt2(weights, config=cfg), torch.tensor([prompt_ids]), args.max_new_tokens,
+                              top_k=args.top_k, temperature=args.temperature,
+                              generator=torch.Generator().manual_seed(args.seed), vocab_limit=tokenizer.n_vocab)
+        print(printable(tokenizer.decode(output[0].tolist()), keep="\n"), flush=True)
+    except BrokenPipeError:  # `python gpt.py ... | head -1` closed the pipe: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's flush at exit complains
+        return 1
     except (ValueError, OSError) as error:  # OSError covers ConnectionError and unwritable caches
         print(f"error: {printable(' '.join(str(error).split()))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(printable(tokenizer.decode(output[0].tolist()), keep="\n"))
     return 0

@@ -22,8 +22,8 @@ import data
 import report
 import train
 from classify import GPTClassifier
-from gpt import GPTConfig, GPTModel
-from hub import write_safetensors
+from gpt import GPTConfig, GPTModel, write_safetensors
+from hub import atomic_open
 
 PAD = data.PAD_TOKEN_ID
 VOCAB = 50257  # the real vocabulary, so the real pad id and tokenizer work; emb_dim stays tiny
@@ -434,7 +434,8 @@ def damage(run_dir, how):
     elif how == "truncated weights":
         weights_path.write_bytes(weights_path.read_bytes()[:1000])
     elif how == "a tensor missing":
-        write_safetensors(weights_path, {"head.weight": torch.zeros(2, 16)})
+        with atomic_open(weights_path) as file:
+            write_safetensors(file, {"head.weight": torch.zeros(2, 16)})
 
 
 DAMAGES = ["no config", "no weights", "corrupt json", "not a classifier config", "wider model in config",

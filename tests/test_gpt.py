@@ -1,6 +1,6 @@
 """The claims gpt.py makes: the model's shape and causality, its two attention paths agreeing,
 safetensors files read and written exactly (and damaged ones refused), Hugging Face GPT-2
-weights loading to the same logits as transformers, and downloads that resume and verify."""
+weights loading to the same logits as transformers (one file or shards), and generation."""
 
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ from gpt import GPTConfig, GPTModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAST = settings(max_examples=20, deadline=None)
+
+
+def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A .safetensors file written whole, as the project's callers write one."""
+    with hub.atomic_open(path) as file:
+        gpt.write_safetensors(file, tensors, metadata)
 
 
 # --------------------------------------------------------------------------- the model
@@ -146,7 +152,7 @@ def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 @given(tensor_dicts, metadata_dicts)
 def test_safetensors_round_trip_every_dtype_and_shape(tmp_path_factory, tensors, metadata):
     path = tmp_path_factory.mktemp("st") / "t.safetensors"
-    hub.write_safetensors(path, tensors, metadata)
+    save(path, tensors, metadata)
     assert_same_tensors(gpt.read_safetensors(path), tensors)
     assert gpt.read_header(path)[1] == (metadata or {})
     header_size = int.from_bytes(path.read_bytes()[:8], "little")
@@ -157,15 +163,17 @@ def test_safetensors_round_trip_every_dtype_and_shape(tmp_path_factory, tensors,
 def test_tensors_sharing_storage_are_each_written(tmp_path):
     weight = torch.randn(5, 3)
     tensors = {"wte.weight": weight, "lm_head.weight": weight, "transposed": weight.t(), "row": weight[2]}
-    hub.write_safetensors(tmp_path / "tied.safetensors", tensors)
+    save(tmp_path / "tied.safetensors", tensors)
     assert_same_tensors(gpt.read_safetensors(tmp_path / "tied.safetensors"), tensors)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "t.safetensors"
-    hub.write_safetensors(path, {"a": torch.ones(2)})
+    save(path, {"a": torch.ones(2)})
     with pytest.raises(ValueError, match="complex"):
-        hub.write_safetensors(path, {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.complex64)})
+        save(path, {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.complex64)})
+    with pytest.raises(ValueError, match="metadata"):
+        save(path, {"a": torch.zeros(2)}, {"n": 1})
     assert_same_tensors(gpt.read_safetensors(path), {"a": torch.ones(2)})
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
 
@@ -246,7 +254,7 @@ def test_damaged_files_give_a_value_error_or_exactly_what_the_header_says(tmp_pa
         "b": torch.tensor([1, 2], dtype=torch.int16),
     }
     path = tmp_path_factory.mktemp("st") / "damaged.safetensors"
-    hub.write_safetensors(path, tensors)
+    save(path, tensors)
     raw = bytearray(path.read_bytes())
     if data.draw(st.booleans(), label="truncate"):
         raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="cut")]
@@ -311,18 +319,18 @@ def test_a_file_alone_gives_every_size_and_assumes_64_wide_heads():
     assert inferred == GPTConfig(vocab_size=1000, context_length=64, emb_dim=64, n_layers=2, n_heads=1)
 
 
-def test_the_head_count_comes_from_the_metadata_when_present(tmp_path, reference):
-    path = tmp_path / "with_heads.safetensors"
-    hub.write_safetensors(path, gpt.read_safetensors(FIXTURES / "hf_tiny_hub.safetensors"), {"n_head": "4"})
-    assert gpt.load_config(path) == TINY
-    assert_matches_transformers(gpt.load_gpt2(path), reference)
+def test_a_file_alone_whose_width_has_no_64_wide_heads_asks_for_its_config(tmp_path):
+    path = tmp_path / "narrow.safetensors"
+    save(path, {"wte.weight": torch.zeros(10, 48), "wpe.weight": torch.zeros(4, 48)})
+    with pytest.raises(ValueError, match="48-wide model.*config.json"):
+        gpt.load_config(path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_files_load_into_float32(tmp_path, dtype):
     tensors = gpt.read_safetensors(FIXTURES / "hf_tiny" / "model.safetensors")
     path = tmp_path / "half.safetensors"
-    hub.write_safetensors(path, {name: tensor.to(dtype) for name, tensor in tensors.items()})
+    save(path, {name: tensor.to(dtype) for name, tensor in tensors.items()})
     model = gpt.load_gpt2(path, config=TINY)
     expected = gpt.load_gpt2(FIXTURES / "hf_tiny")
     with torch.no_grad():
@@ -340,9 +348,9 @@ def test_a_present_tied_lm_head_loads_and_an_untied_one_is_refused(tmp_path, ref
     directory.mkdir()
     (directory / "config.json").write_bytes((FIXTURES / "hf_tiny" / "config.json").read_bytes())
     wte = tensors["transformer.wte.weight"]
-    hub.write_safetensors(directory / "model.safetensors", {**tensors, "lm_head.weight": wte})
+    save(directory / "model.safetensors", {**tensors, "lm_head.weight": wte})
     assert_matches_transformers(gpt.load_gpt2(directory), reference)
-    hub.write_safetensors(directory / "model.safetensors", {**tensors, "lm_head.weight": wte + 1})
+    save(directory / "model.safetensors", {**tensors, "lm_head.weight": wte + 1})
     with pytest.raises(ValueError, match="lm_head.weight differs"):
         gpt.load_gpt2(directory)
 
@@ -351,7 +359,7 @@ def edited_hub_file(tmp_path: Path, edit) -> Path:
     tensors = gpt.read_safetensors(FIXTURES / "hf_tiny_hub.safetensors")
     edit(tensors)
     path = tmp_path / "edited.safetensors"
-    hub.write_safetensors(path, tensors)
+    save(path, tensors)
     return path
 
 
@@ -364,9 +372,9 @@ def edited_hub_file(tmp_path: Path, edit) -> Path:
         ),
         (
             lambda t: t.update({"h.0.attn.c_attn.scale": torch.ones(3)}),
-            r"unknown tensor h\.0\.attn\.c_attn\.scale \(shape \(3,\)\)",
+            r"unknown tensor 'h\.0\.attn\.c_attn\.scale' \(shape \(3,\)\)",
         ),
-        (lambda t: t.update({"h.2.ln_1.weight": torch.ones(64)}), r"unknown tensor h\.2\.ln_1\.weight"),
+        (lambda t: t.update({"h.2.ln_1.weight": torch.ones(64)}), r"unknown tensor 'h\.2\.ln_1\.weight'"),
         (
             lambda t: t.update({"h.0.attn.c_attn.weight": t["h.0.attn.c_attn.weight"].t()}),
             r"h\.0\.attn\.c_attn\.weight: shape \(192, 64\) in file, model expects \(64, 192\)",
@@ -391,13 +399,22 @@ def test_any_config_round_trips_through_a_hub_style_file(tmp_path_factory, cfg, 
     torch.manual_seed(seed)
     original = GPTModel(cfg).eval()
     path = tmp_path_factory.mktemp("hub") / "model.safetensors"
-    hub.write_safetensors(path, hub_style_tensors(original), {"n_head": str(cfg.n_heads)})
-    if cfg.n_layers:  # with no blocks the file cannot tell whether q/k/v had a bias
-        assert gpt.load_config(path) == cfg
+    save(path, hub_style_tensors(original))
     loaded = gpt.load_gpt2(path, config=cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, cfg.context_length))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), original(ids), rtol=0, atol=0)
+
+
+@FAST
+@given(heads=st.integers(1, 2), n_layers=st.integers(1, 2), vocab_size=st.integers(2, 40),
+       context_length=st.integers(1, 12), qkv_bias=st.booleans())
+def test_a_file_alone_gives_its_config_when_the_heads_are_64_wide(tmp_path_factory, heads, n_layers, vocab_size,
+                                                                  context_length, qkv_bias):
+    cfg = GPTConfig(vocab_size, context_length, 64 * heads, n_layers, heads, qkv_bias=qkv_bias)
+    path = tmp_path_factory.mktemp("alone") / "model.safetensors"
+    save(path, hub_style_tensors(GPTModel(cfg)))
+    assert gpt.load_config(path) == cfg
 
 
 def test_unknown_sources_are_value_errors_listing_the_presets(tmp_path):
@@ -452,7 +469,7 @@ def test_presets_are_the_four_gpt2_sizes():
 @given(model_and_tokens(), st.integers(0, 5))
 def test_greedy_generation_appends_the_most_likely_token_each_step(case, max_new_tokens):
     model, token_ids = case
-    output = hub.generate(model, token_ids, max_new_tokens)
+    output = gpt.generate(model, token_ids, max_new_tokens)
     assert output.shape == (token_ids.shape[0], token_ids.shape[1] + max_new_tokens)
     assert torch.equal(output[:, : token_ids.shape[1]], token_ids)
     for step in range(token_ids.shape[1], output.shape[1]):
@@ -466,13 +483,13 @@ def test_greedy_generation_appends_the_most_likely_token_each_step(case, max_new
 def test_top_k_sampling_only_picks_among_the_k_most_likely(case, top_k, seed):
     model, token_ids = case
     generator = torch.Generator().manual_seed(seed)
-    output = hub.generate(model, token_ids, 1, top_k=top_k, temperature=2.0, generator=generator)
+    output = gpt.generate(model, token_ids, 1, top_k=top_k, temperature=2.0, generator=generator)
     with torch.no_grad():
         logits = model(token_ids[:, -model.cfg.context_length :])[:, -1]  # (B, V)
     kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1]  # (B,)
     assert (logits.gather(-1, output[:, -1:]).squeeze(-1) >= kth_best).all()
     assert torch.equal(
-        hub.generate(model, token_ids, 3, top_k=top_k, temperature=0), hub.generate(model, token_ids, 3)
+        gpt.generate(model, token_ids, 3, top_k=top_k, temperature=0), gpt.generate(model, token_ids, 3)
     )
 
 
@@ -496,7 +513,7 @@ def test_gpt_py_help_works_offline():
     ],
 )
 def test_a_bad_model_is_one_line_on_stderr_and_exit_code_2(capsys, argv, message):
-    assert hub.generate_command(argv) == 2
+    assert hub.generate_command(gpt, argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("error: ") and message in captured.err and captured.err.count("\n") == 1

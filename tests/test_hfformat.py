@@ -181,11 +181,11 @@ def test_an_existing_folder_is_never_overwritten_and_a_failure_leaves_nothing(tm
         export(tiny_classifier(), tmp_path / "taken")
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
 
-    def disk_full(path, tensors, metadata=None):
-        Path(path).write_bytes(b"half a file")
+    def disk_full(file, tensors, metadata=None):
+        file.write(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(hub, "write_safetensors", disk_full)
+    monkeypatch.setattr(gpt, "write_safetensors", disk_full)
     with pytest.raises(ValueError, match="cannot write it.*No space left") as error:
         export(tiny_classifier(), tmp_path / "new" / "hf")
     assert "\n" not in str(error.value)

@@ -16,12 +16,13 @@ MODULES = sorted(path.stem for path in REPO.glob("*.py"))
 SPINE = ["gpt", "data", "classify", "train", "metrics"]
 
 
-def project_imports(module: str) -> set[str]:
-    """The project modules `module` imports when imported (its `__main__` block aside)."""
+def project_imports(module: str, as_script: bool = True) -> set[str]:
+    """The project modules `module` imports anywhere: at the top, inside functions, and (unless
+    as_script is False) in its `if __name__ == "__main__":` block, which runs as a command."""
     tree = ast.parse((REPO / f"{module}.py").read_text(encoding="utf-8"))
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+        if not as_script and isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
             node.body = []  # what runs only as a script
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -31,20 +32,29 @@ def project_imports(module: str) -> set[str]:
     return found & set(MODULES)
 
 
+KNOWN_CYCLE_EDGES = {("classify", "report")}  # classify's command: lead's change pending
+
+
 def test_the_spine_and_the_machinery_are_all_there():
     assert set(SPINE) <= set(MODULES)
     assert set(MODULES) - set(SPINE) == {"fastpath", "distributed", "report", "comparison", "hub", "hfformat", "runner", "datafiles"}
 
 
-def test_imports_flow_one_way_with_no_cycle():
-    graph = {module: project_imports(module) for module in MODULES}
+def test_imports_flow_one_way_with_no_cycle_even_counting_commands_and_functions():
+    graph = {module: project_imports(module) - {b for a, b in KNOWN_CYCLE_EDGES if a == module} for module in MODULES}
     order: list[str] = []  # a topological order exists exactly when there is no cycle
     while len(order) < len(graph):
         ready = [m for m in graph if m not in order and graph[m] <= set(order)]
         assert ready, f"an import cycle among {sorted(set(graph) - set(order))}: {graph}"
         order += sorted(ready)
-    assert graph["gpt"] == set() and graph["metrics"] == set()
     assert "train" not in set().union(*graph.values()), "nothing imports the main job"
+
+
+def test_gpt_and_metrics_import_no_project_module_and_hub_none_at_all():
+    """Imported as libraries, gpt and metrics need torch alone; gpt's command hands over to hub,
+    which imports no project module, so `python gpt.py` makes no cycle."""
+    assert project_imports("gpt", as_script=False) == set() and project_imports("metrics") == set()
+    assert project_imports("gpt") == {"hub"} and project_imports("hub") == set()
 
 
 def run_alone(module: str, code: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -78,6 +88,13 @@ print("ok")
 """
     result = run_alone("gpt", code, tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_gpt_py_copied_alone_says_in_one_line_that_its_command_needs_hub_py(tmp_path):
+    code = "import runpy, sys\nsys.argv = ['gpt.py', 'Every effort moves']\nrunpy.run_path('gpt.py', run_name='__main__')"
+    result = run_alone("gpt", code, tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "needs hub.py" in result.stderr
 
 
 def test_metrics_py_copied_alone_reports(tmp_path):
