@@ -499,7 +499,7 @@ def predict(model: GPTClassifier, config: ClassifierConfig, texts: list[str], ba
             for text, row in zip(texts, probabilities)]
 
 
-if __name__ == "__main__":  # the command's reading and printing live in report.py
+if __name__ == "__main__":  # the command's reading and printing live in report.py, which never imports this file
     import report
 
-    sys.exit(report.classify_command())
+    sys.exit(report.classify_command(sys.modules[__name__]))  # this very module: classify.py is not imported twice

@@ -3,10 +3,10 @@
 Step 3 of the chapter's pipeline ("GPT"): token ids in, one hidden vector per token out. The file
 reads in the order data flows: configuration, attention, feed-forward, block, model; then mapping
 pretrained weights onto it (`load_gpt2`: module names are the checkpoint's own, `wte`,
-`h.0.attn.c_attn`, `ln_f`..., so that is a rename table), the .safetensors files they come in, and
-`generate`, GPT-2's own next-token loop. The checks that keep an untrusted file from becoming a
-crash or a wrong model close the file. It needs torch alone, copied into another project on its
-own; `python gpt.py "Every effort moves"` also needs hub.py, which downloads and tokenizes.
+`h.0.attn.c_attn`, `ln_f`..., so that is a rename table) and the .safetensors files they come in.
+The checks that keep an untrusted file from becoming a crash or a wrong model close the file.
+It needs torch alone, copied into another project on its own; `python gpt.py "Every effort
+moves"` also needs hub.py, which downloads, tokenizes and generates.
 """
 
 from __future__ import annotations
@@ -410,43 +410,6 @@ def write_safetensors(file: BinaryIO, tensors: dict[str, torch.Tensor], metadata
         if buffer:
             torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat.view(torch.uint8))
         file.write(buffer)
-
-
-# --------------------------------------------------------------------------- generating text
-
-
-@torch.no_grad()
-def generate(model: GPTModel, token_ids: torch.Tensor, max_new_tokens: int, top_k: int | None = None,
-             temperature: float = 1.0, generator: torch.Generator | None = None,
-             vocab_limit: int | None = None) -> torch.Tensor:
-    """Extend token_ids (B, T) by max_new_tokens tokens: (B, T + max_new_tokens).
-
-    Greedy (the most likely next token) when top_k is None or temperature is 0; otherwise samples
-    among the top_k most likely tokens, their logits divided by temperature. With `vocab_limit`,
-    only tokens below it are chosen (a model whose vocabulary is larger than the tokenizer's).
-    Call model.eval() first if the model has dropout.
-    """
-    check_generation(max_new_tokens, top_k, temperature)
-    for _ in range(max_new_tokens):
-        context = token_ids[:, -model.cfg.context_length :]  # (B, <= context_length)
-        logits = model(context)[:, -1, :vocab_limit]  # (B, V): only the last position predicts the next token
-        if not torch.isfinite(logits).all():
-            raise ValueError("the model's logits are not finite: its weights hold NaN or infinity")
-        if top_k is None or temperature == 0:
-            next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-        else:
-            top_logits, top_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (B, k)
-            # Shifted so the best logit is 0: even a temperature of 1e-320 gives 0 / t, not inf / inf.
-            probabilities = torch.softmax((top_logits - top_logits[:, :1]) / temperature, dim=-1)  # (B, k)
-            next_token = top_ids.gather(-1, torch.multinomial(probabilities, 1, generator=generator))  # (B, 1)
-        token_ids = torch.cat([token_ids, next_token], dim=1)  # (B, T + 1)
-    return token_ids
-
-
-def check_generation(max_new_tokens: int, top_k: int | None, temperature: float) -> None:
-    if not (max_new_tokens >= 0 and (top_k is None or top_k >= 1) and 0 <= temperature < math.inf):
-        raise ValueError(f"need max_new_tokens >= 0, top_k >= 1 and a finite temperature >= 0; "
-                         f"got {max_new_tokens}, {top_k} and temperature {temperature}")
 
 
 # --------------------------------------------------------------------------- untrusted input

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import http.client
 import json
+import math
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ from typing import BinaryIO
 
 import tiktoken
 import torch
+from torch import nn
 from tiktoken_ext import openai_public
 
 try:
@@ -480,6 +482,40 @@ def _zip_member(archive: Path, member: str, size: int, url: str) -> bytes:
 # --------------------------------------------------------------------------- the gpt.py command
 
 
+@torch.no_grad()
+def generate(model: nn.Module, token_ids: torch.Tensor, max_new_tokens: int, top_k: int | None = None,
+             temperature: float = 1.0, generator: torch.Generator | None = None,
+             vocab_limit: int | None = None) -> torch.Tensor:
+    """Extend token_ids (B, T) by max_new_tokens tokens: (B, T + max_new_tokens).
+
+    Greedy (the most likely next token) when top_k is None or temperature is 0; otherwise samples
+    among the top_k most likely tokens, their logits divided by temperature. With `vocab_limit`,
+    only tokens below it are chosen (a model whose vocabulary is larger than the tokenizer's).
+    Call model.eval() first if the model has dropout.
+    """
+    check_generation(max_new_tokens, top_k, temperature)
+    for _ in range(max_new_tokens):
+        context = token_ids[:, -model.cfg.context_length :]  # (B, <= context_length)
+        logits = model(context)[:, -1, :vocab_limit]  # (B, V): only the last position predicts the next token
+        if not torch.isfinite(logits).all():
+            raise ValueError("the model's logits are not finite: its weights hold NaN or infinity")
+        if top_k is None or temperature == 0:
+            next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            top_logits, top_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (B, k)
+            # Shifted so the best logit is 0: even a temperature of 1e-320 gives 0 / t, not inf / inf.
+            probabilities = torch.softmax((top_logits - top_logits[:, :1]) / temperature, dim=-1)  # (B, k)
+            next_token = top_ids.gather(-1, torch.multinomial(probabilities, 1, generator=generator))  # (B, 1)
+        token_ids = torch.cat([token_ids, next_token], dim=1)  # (B, T + 1)
+    return token_ids
+
+
+def check_generation(max_new_tokens: int, top_k: int | None, temperature: float) -> None:
+    if not (max_new_tokens >= 0 and (top_k is None or top_k >= 1) and 0 <= temperature < math.inf):
+        raise ValueError(f"need max_new_tokens >= 0, top_k >= 1 and a finite temperature >= 0; "
+                         f"got {max_new_tokens}, {top_k} and temperature {temperature}")
+
+
 def generate_command(gpt: ModuleType, argv: list[str] | None = None) -> int:
     """`python gpt.py "Every effort moves"`: load GPT-2 and print a continuation; returns the exit
     code (2 with one line on stderr for any error). `gpt` is gpt.py, which its `__main__` block
@@ -502,7 +538,7 @@ def generate_command(gpt: ModuleType, argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):  # a character the terminal cannot show: an escape, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        gpt.check_generation(args.max_new_tokens, args.top_k, args.temperature)
+        check_generation(args.max_new_tokens, args.top_k, args.temperature)
         cfg = gpt.load_config(args.model)  # a bad --model fails here, before any download
         tokenizer = gpt2_tokenizer()
         prompt_ids = tokenizer.encode(args.prompt, allowed_special={END_OF_TEXT})
@@ -512,7 +548,7 @@ def generate_command(gpt: ModuleType, argv: list[str] | None = None) -> int:
             raise ValueError(f"--model {args.model} has {cfg.vocab_size} tokens, fewer than GPT-2's tokenizer")
         weights = fetch(args.model, args.cache_dir, print_progress)
         print(f"weights: {printable(str(weights))}", file=sys.stderr)
-        output = gpt.generate(gpt.load_gpt2(weights, config=cfg), torch.tensor([prompt_ids]), args.max_new_tokens,
+        output = generate(gpt.load_gpt2(weights, config=cfg), torch.tensor([prompt_ids]), args.max_new_tokens,
                               top_k=args.top_k, temperature=args.temperature,
                               generator=torch.Generator().manual_seed(args.seed), vocab_limit=tokenizer.n_vocab)
         print(printable(tokenizer.decode(output[0].tolist()), keep="\n"), flush=True)

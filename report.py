@@ -1,10 +1,10 @@
 """What the commands tell and leave behind: machinery the chapter never mentions.
 
-The log lines train.py prints, the records of training (`EpochRecord`, `Training`, `RunResult`),
-metrics.json, the optional plots, and the run folder, which is built aside and appears only when
-complete (`staged_output`); the --compare table and compare.json are comparison.py's; and the
-reading and printing of the `python classify.py` command (`classify_command`). Library code never
-prints: train.py hands a `Log` around, and only rank 0's prints (distributed.py).
+A finished run's evaluation as text (`describe_result`), metrics.json, the optional plots, and
+the run folder, which is built aside and appears only when complete (`staged_output`); the
+--compare table and compare.json are comparison.py's; and the reading and printing of the
+`python classify.py` command (`classify_command`). Library code never prints: train.py hands a
+`Log` around, and only rank 0's prints (distributed.py).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
-import classify
 import distributed
 import hfformat
 import hub
@@ -41,9 +41,6 @@ def quiet(message: str) -> None:
 
 def one_line(error: BaseException) -> str:
     return hub.printable(" ".join(str(error).split())) or type(error).__name__
-
-
-# --------------------------------------------------------------------------- records of training
 
 
 def describe_result(result: RunResult, tokens) -> str:
@@ -222,8 +219,10 @@ def shorten(text: str, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def classify_command(argv: list[str] | None = None) -> int:
-    """`python classify.py --model RUN_DIR "text" ...`: returns the exit code (0, or 2 with one line on stderr)."""
+def classify_command(classify: ModuleType, argv: list[str] | None = None) -> int:
+    """`python classify.py --model RUN_DIR "text" ...`: returns the exit code (0, or 2 with one line
+    on stderr). `classify` is classify.py, which its `__main__` block passes in: this module never
+    imports it, so the imports flow one way."""
     parser = argparse.ArgumentParser(
         prog="classify.py", description="Classify texts with a fine-tuned GPT-2 classifier saved by train.py.",
         epilog="An empty text is classified as the single token <|endoftext|> (the model's view of 'no text'). "

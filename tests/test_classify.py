@@ -500,7 +500,7 @@ def test_predict_restores_training_mode(saved_run):
 
 def test_cli_prints_a_label_and_probabilities_per_text(saved_run, capsys):
     _, run_dir = saved_run
-    assert report.classify_command(["--model", str(run_dir), "WINNER!! claim your prize", "see you at 8"]) == 0
+    assert report.classify_command(classify, ["--model", str(run_dir), "WINNER!! claim your prize", "see you at 8"]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert len(lines) == 2
@@ -510,7 +510,7 @@ def test_cli_prints_a_label_and_probabilities_per_text(saved_run, capsys):
 
 def test_cli_json_output(saved_run, capsys):
     model, run_dir = saved_run
-    assert report.classify_command(["--model", str(run_dir), "--json", *TEXTS]) == 0
+    assert report.classify_command(classify, ["--model", str(run_dir), "--json", *TEXTS]) == 0
     output = json.loads(capsys.readouterr().out)
     assert [item["text"] for item in output] == TEXTS
     _, config = classify.load_classifier(run_dir)
@@ -522,10 +522,10 @@ def test_cli_reads_one_text_per_line_from_a_file_or_stdin(saved_run, tmp_path, c
     _, run_dir = saved_run
     texts_file = tmp_path / "texts.txt"
     texts_file.write_text("first message\r\n\nthird message\n", encoding="utf-8")
-    assert report.classify_command(["--model", str(run_dir), "--json", "--file", str(texts_file)]) == 0
+    assert report.classify_command(classify, ["--model", str(run_dir), "--json", "--file", str(texts_file)]) == 0
     assert [item["text"] for item in json.loads(capsys.readouterr().out)] == ["first message", "", "third message"]
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"from stdin\nand another"), encoding="utf-8"))
-    assert report.classify_command(["--model", str(run_dir), "--json", "--file", "-"]) == 0
+    assert report.classify_command(classify, ["--model", str(run_dir), "--json", "--file", "-"]) == 0
     assert [item["text"] for item in json.loads(capsys.readouterr().out)] == ["from stdin", "and another"]
 
 
@@ -544,13 +544,13 @@ def test_cli_errors_are_one_line_and_exit_code_2(saved_run, tmp_path, capsys, ar
     _, run_dir = saved_run
     places = {"missing": tmp_path / "nowhere", "empty": tmp_path, "run": run_dir}
     argv = [argument.format(**places) for argument in arguments]
-    assert report.classify_command(argv) == 2
+    assert report.classify_command(classify, argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("classify.py: error: ")
 
 
 def test_cli_help_documents_empty_and_long_texts(capsys):
-    assert report.classify_command(["--help"]) == 0
+    assert report.classify_command(classify, ["--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "empty text" in help_text and "max_length" in help_text
 

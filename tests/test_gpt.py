@@ -469,7 +469,7 @@ def test_presets_are_the_four_gpt2_sizes():
 @given(model_and_tokens(), st.integers(0, 5))
 def test_greedy_generation_appends_the_most_likely_token_each_step(case, max_new_tokens):
     model, token_ids = case
-    output = gpt.generate(model, token_ids, max_new_tokens)
+    output = hub.generate(model, token_ids, max_new_tokens)
     assert output.shape == (token_ids.shape[0], token_ids.shape[1] + max_new_tokens)
     assert torch.equal(output[:, : token_ids.shape[1]], token_ids)
     for step in range(token_ids.shape[1], output.shape[1]):
@@ -483,13 +483,13 @@ def test_greedy_generation_appends_the_most_likely_token_each_step(case, max_new
 def test_top_k_sampling_only_picks_among_the_k_most_likely(case, top_k, seed):
     model, token_ids = case
     generator = torch.Generator().manual_seed(seed)
-    output = gpt.generate(model, token_ids, 1, top_k=top_k, temperature=2.0, generator=generator)
+    output = hub.generate(model, token_ids, 1, top_k=top_k, temperature=2.0, generator=generator)
     with torch.no_grad():
         logits = model(token_ids[:, -model.cfg.context_length :])[:, -1]  # (B, V)
     kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1]  # (B,)
     assert (logits.gather(-1, output[:, -1:]).squeeze(-1) >= kth_best).all()
     assert torch.equal(
-        gpt.generate(model, token_ids, 3, top_k=top_k, temperature=0), gpt.generate(model, token_ids, 3)
+        hub.generate(model, token_ids, 3, top_k=top_k, temperature=0), hub.generate(model, token_ids, 3)
     )
 
 

@@ -272,11 +272,11 @@ def test_a_language_model_folder_has_no_head_to_classify_with(tmp_path):
 
 def test_the_command_exports_then_classifies_with_the_export(tmp_path, capsys):
     classify.save_classifier(tiny_classifier(num_classes=2), tmp_path / "run", ["ham", "spam"], max_length=20)
-    assert report.classify_command(["--model", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf")]) == 0
+    assert report.classify_command(classify, ["--model", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf")]) == 0
     assert "GPT2ForSequenceClassification with 2 labels (ham, spam)" in capsys.readouterr().out
-    assert report.classify_command(["--model", str(tmp_path / "hf"), "--device", "cpu", "Win a prize", "Lunch?"]) == 0
+    assert report.classify_command(classify, ["--model", str(tmp_path / "hf"), "--device", "cpu", "Win a prize", "Lunch?"]) == 0
     from_export = capsys.readouterr().out
-    assert report.classify_command(["--model", str(tmp_path / "run"), "--device", "cpu", "Win a prize", "Lunch?"]) == 0
+    assert report.classify_command(classify, ["--model", str(tmp_path / "run"), "--device", "cpu", "Win a prize", "Lunch?"]) == 0
     assert from_export == capsys.readouterr().out  # same labels, same probabilities to 3 decimals
 
 
@@ -290,7 +290,7 @@ def test_command_errors_are_one_line_and_exit_code_2(tmp_path, capsys, case):
             "vocabulary": ["--model", str(FIXTURES / "hf_tiny_classifier"), "--device", "cpu", "hello"],
             "no head": ["--model", str(FIXTURES / "hf_tiny"), "--device", "cpu", "hello"],
             "missing": ["--model", str(tmp_path / "nowhere"), "--export-hf", str(tmp_path / "out")]}[case]
-    assert report.classify_command(argv) == 2
+    assert report.classify_command(classify, argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith("classify.py: error:")
     assert not (tmp_path / "out").exists()

@@ -288,7 +288,7 @@ def test_an_ascii_only_terminal_gets_escapes_not_a_crash(saved_run):
 
 def test_an_endless_file_is_refused_within_its_bound(saved_run, monkeypatch, capsys):
     monkeypatch.setattr(report, "MAX_INPUT_BYTES", 2**20)
-    assert report.classify_command(["--model", str(saved_run), "--file", "/dev/zero"]) == 2
+    assert report.classify_command(classify, ["--model", str(saved_run), "--file", "/dev/zero"]) == 2
     assert "classify it in parts" in capsys.readouterr().err
 
 
@@ -307,5 +307,5 @@ def test_generation_never_picks_a_token_the_tokenizer_cannot_decode():
     model = gpt.GPTModel(gpt.GPTConfig(vocab_size=60, context_length=8, emb_dim=8, n_layers=1, n_heads=2)).eval()
     with torch.no_grad():
         model.wte.weight[50:] += 100.0  # the tokens past the limit are by far the likeliest
-    output = gpt.generate(model, torch.zeros(2, 1, dtype=torch.long), 6, vocab_limit=50)
+    output = hub.generate(model, torch.zeros(2, 1, dtype=torch.long), 6, vocab_limit=50)
     assert output.max() < 50

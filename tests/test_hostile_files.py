@@ -394,7 +394,7 @@ def test_an_export_without_gpt2s_tokenizer_files_is_refused_and_writes_nothing(t
     monkeypatch.setattr(hub, "GPT2_BPE_DIR", bpe)
     run = run_folder(tmp_path)
     with never_hangs():
-        assert report.classify_command(["--model", str(run), "--export-hf", str(tmp_path / "out" / "hf")]) == 2
+        assert report.classify_command(classify, ["--model", str(run), "--export-hf", str(tmp_path / "out" / "hf")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tokenizer files" in err and "gpt2_bpe" in err
     assert not (tmp_path / "out").exists()  # nothing written, not even the parent

@@ -145,7 +145,7 @@ def test_classify_loads_the_run_and_predicts(base_run):
 def test_a_classifier_exported_for_transformers_is_a_backbone_to_fine_tune(workspace, base_run, monkeypatch, capsys):
     """train.py --model takes a GPT2ForSequenceClassification folder: its GPT-2, not its head."""
     exported = workspace / "exported-hf"
-    assert report.classify_command(["--model", str(base_run[0]), "--export-hf", str(exported)]) == 0
+    assert report.classify_command(classify, ["--model", str(base_run[0]), "--export-hf", str(exported)]) == 0
     args = ["--data", str(workspace / "sms.txt"), "--model", str(exported), "--epochs", "1", "--lr", "1e-3",
             "--device", "cpu", "--out", "run"]  # --init pretrained, the default: the exported weights
     code, stdout, stderr = run_in(workspace / "from-hf", args, monkeypatch, capsys)
