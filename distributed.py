@@ -25,6 +25,7 @@ import datetime
 import math
 import os
 import signal
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -96,6 +97,42 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(choice: str, device: torch.device) -> torch.dtype:
+    """The dtype forward passes compute in under autocast (the weights stay float32).
+
+    auto: bfloat16 on CUDA cards with bfloat16 hardware (compute capability 8.0 or more: A100,
+    H100, RTX 30xx and later); float16, with a gradient scaler, on 7.x cards (T4, V100), whose
+    tensor cores have no bfloat16 (PyTorch emulates it there, slower than float32, and
+    torch.cuda.is_bf16_supported() says True all the same); float32 elsewhere (CPU, MPS, older
+    cards). --precision names one instead; ValueError when the device cannot run it.
+    """
+    if choice != "auto" and choice not in PRECISIONS:
+        raise ValueError(f"--precision {choice}: choose auto, {', '.join(PRECISIONS)}")
+    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    if choice == "auto":
+        return torch.bfloat16 if major >= 8 else torch.float16 if major == 7 else torch.float32
+    dtype = PRECISIONS[choice]
+    if dtype == torch.bfloat16 and device.type == "cuda" and major < 8:
+        raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} (compute capability "
+                         f"{major}.{minor}) has no bfloat16 hardware; use fp16 (or auto) or fp32")
+    if dtype != torch.float32 and device.type != "cuda" and not _autocast_runs(device, dtype):
+        raise ValueError(f"--precision {choice}: this PyTorch cannot compute in {dtype} on {device.type}; use fp32")
+    return dtype
+
+
+def _autocast_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unsupported dtype is a warning, then float32
+            with torch.autocast(device.type, dtype=dtype):
+                return (torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)).dtype == dtype
+    except (RuntimeError, TypeError):
+        return False
+
+
 def _has(kind: str) -> bool:
     return {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[kind]
 
@@ -106,6 +143,16 @@ def memory_bytes() -> float:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # a system that does not say
         return math.inf
+
+
+def training_bytes(parameters: int, trainable: int, trained_blocks: int, emb_dim: int, n_heads: int,
+                   micro_batch: int, tokens: int, precision: torch.dtype) -> int:
+    """An estimate of a training step's peak GPU memory: the weights (float32), the trainable ones'
+    gradients and AdamW's two moments (float32 each), and what backward keeps of the blocks that
+    train: about (34 C + 5 H T) bytes per token and block in 16-bit precision (Korthikanti et al.,
+    2022, "Reducing Activation Recomputation in Large Transformer Models"), twice that in float32."""
+    kept = micro_batch * tokens * trained_blocks * (34 * emb_dim + 5 * n_heads * tokens)
+    return (parameters + 3 * trainable) * 4 + kept * (2 if precision == torch.float32 else 1)
 
 
 def process_label() -> str:
@@ -223,6 +270,12 @@ def wrap(network: nn.Module, runtime: Runtime) -> nn.Module:
     wrapped = DistributedDataParallel(network, device_ids=device_ids)  # the model has no buffers to sync
     wrapped.register_comm_hook(runtime, _weighted_sum)
     return wrapped
+
+
+def held(network: nn.Module, hold: bool) -> contextlib.AbstractContextManager:
+    """With gradient accumulation, every micro-batch of an update but the last keeps its gradients
+    on this process (DDP's no_sync): they are exchanged once, with the last. One process: nothing."""
+    return network.no_sync() if hold and isinstance(network, DistributedDataParallel) else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -65,6 +65,7 @@ class RunFacts:
     tokens: object  # train.TokenizedSplits
     gpt_config: object  # gpt.GPTConfig
     runtime: distributed.Runtime
+    precision: torch.dtype  # what autocast computed in
     started: float
     training_seed: int | None = None  # with --seeds: this run's (the split's seed stays cfg.seed)
 
@@ -95,6 +96,7 @@ def metrics_document(result: RunResult, facts: RunFacts) -> dict:
         "model": {"source": facts.cfg.model, "init": facts.cfg.init, **asdict(facts.gpt_config)},
         "prefix_cache": {k: v for k, v in asdict(training.cache).items() if k not in ("seconds", "shared")},
         "device": facts.runtime.device.type,
+        "precision": str(facts.precision).removeprefix("torch."),
         "seed": facts.cfg.seed,
         **({} if facts.training_seed is None else {"training_seed": facts.training_seed}),
         "arguments": {"argv": facts.argv, "config": {key: value for key, value in asdict(facts.cfg).items()

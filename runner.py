@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import classify
 import comparison
 import data
@@ -45,6 +47,7 @@ class Job:
     runtime: distributed.Runtime
     gpt_config: gpt.GPTConfig | None = None  # the model's shape, read once when the arguments were checked
     text_tokens: int = 0  # the most tokens of a text the classifier reads (classify.longest_text)
+    precision: torch.dtype = torch.float32  # what autocast computes in (distributed.pick_precision)
     log: Log = report.quiet
     save: Callable[..., None] = lambda *run: None  # (model, result, tokens): a finished run
     frozen_work: fastpath.SharedPrefix | None = None
@@ -72,7 +75,8 @@ def run(cfg, argv: list[str], log: Log, pipeline: Callable[..., list]) -> int:
     gpt_config = check_config(cfg)
     comparing = bool(cfg.compare) or len(cfg.seeds) > 1  # one folder per run, compare.json beside them
     with distributed.session(cfg.device) as runtime:
-        job = Job(cfg, runtime, gpt_config, classify.longest_text(gpt_config, cfg.pooling),
+        precision = distributed.pick_precision(cfg.precision, runtime.device)
+        job = Job(cfg, runtime, gpt_config, classify.longest_text(gpt_config, cfg.pooling), precision,
                   log if runtime.is_main_process else report.quiet)
         out = Path(cfg.out) if cfg.out else report.default_out_dir()
         with report.staged_output(out, runtime) as staging:  # None on every process but rank 0
@@ -83,7 +87,7 @@ def run(cfg, argv: list[str], log: Log, pipeline: Callable[..., list]) -> int:
                 (staging / folder).mkdir(parents=True, exist_ok=True)
                 classify.save_classifier(model.cpu(), staging / folder, result.reports["train"].label_names,
                                          tokens.max_length)
-                facts = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, started)
+                facts = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, precision, started)
                 report.write_run(staging / folder, out / folder, result, facts, job.log)
 
             if staging is not None:  # rank 0 writes the classifier (for classify.py), metrics.json, plots
@@ -155,8 +159,18 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                        help="passes over the training data (default: %(default)s)")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
                        help="texts per weight update (default: %(default)s)")
+    group.add_argument("--accumulation-steps", type=int, default=defaults.accumulation_steps, metavar="N",
+                       help="compute each update in N smaller micro-batches (less GPU memory, the same update; "
+                       "default: %(default)s)")
     group.add_argument("--lr", type=float, default=defaults.lr, metavar="RATE",
                        help="AdamW learning rate (default: %(default)s)")
+    group.add_argument("--schedule", default=defaults.schedule, choices=("constant", "linear", "cosine"),
+                       help="the learning rate over the run: constant (the book's) or a decay to 0 (default: "
+                       "%(default)s)")
+    group.add_argument("--warmup", type=int, default=defaults.warmup, metavar="STEPS",
+                       help="updates whose learning rate rises linearly to --lr (default: %(default)s)")
+    group.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, metavar="NORM",
+                       help="clip the gradient to this norm before each update (default: no clipping)")
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, metavar="W",
                        help="AdamW weight decay (default: %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, metavar="N",
@@ -165,6 +179,9 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     group.add_argument("--eval-every", type=int, default=defaults.eval_every, metavar="STEPS",
                        help="also print the validation loss every this many steps (default 0: only after each epoch)")
     group = parser.add_argument_group("running and output")
+    group.add_argument("--precision", default=defaults.precision, choices=("auto", *distributed.PRECISIONS),
+                       help="what the forward passes compute in: auto picks bf16 on GPUs with bfloat16 hardware "
+                       "(compute capability 8.0+), fp16 on 7.x cards (T4, V100), fp32 elsewhere (default: %(default)s)")
     group.add_argument("--device", default=defaults.device, metavar="NAME",
                        help="auto (the default: cuda, then mps, then cpu), cuda, mps or cpu")
     group.add_argument("--out", metavar="DIR", help="where the run is written (classifier.safetensors, "
@@ -219,6 +236,11 @@ def check_config(cfg) -> gpt.GPTConfig:
     for flag, value, ok, requirement in (
         ("--epochs", cfg.epochs, cfg.epochs >= 1, "at least 1"),
         ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, "at least 1"),
+        ("--accumulation-steps", cfg.accumulation_steps, 1 <= cfg.accumulation_steps <= cfg.batch_size,
+         f"between 1 and --batch-size ({cfg.batch_size})"),
+        ("--warmup", cfg.warmup, cfg.warmup >= 0, "0 or more"),
+        ("--max-grad-norm", cfg.max_grad_norm, cfg.max_grad_norm is None or 0 < cfg.max_grad_norm < math.inf,
+         "a finite number greater than 0"),
         ("--eval-every", cfg.eval_every, cfg.eval_every >= 0, "0 or more"),
         ("--lr", cfg.lr, 0 < cfg.lr < math.inf, "a finite number greater than 0"),
         ("--weight-decay", cfg.weight_decay, 0 <= cfg.weight_decay < math.inf, "a finite number, 0 or more"),
@@ -243,7 +265,7 @@ def check_config(cfg) -> gpt.GPTConfig:
                          f"(its context length{', less the special token' if cfg.pooling == 'special' else ''})")
     if cfg.init == "pretrained" and Path(cfg.model).is_dir() and not (Path(cfg.model) / "model.safetensors").is_file():
         raise ValueError(f"--model {cfg.model}: no model.safetensors there (for its architecture alone: --init random)")
-    distributed.pick_device(cfg.device)  # ValueError: unknown or absent
+    distributed.pick_precision(cfg.precision, distributed.pick_device(cfg.device))  # ValueError: unknown, absent, unable
     return gpt_config
 
 

@@ -72,9 +72,14 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     epochs: int = 5
-    batch_size: int = 8
+    batch_size: int = 8  # texts per weight update
+    accumulation_steps: int = 1  # each update adds this many micro-batches (smaller ones fit smaller GPUs)
     lr: float = 5e-5
+    schedule: str = "constant"  # or "linear", "cosine": the decay from lr to 0 over the run
+    warmup: int = 0  # updates whose learning rate rises linearly from 0 to lr
+    max_grad_norm: float | None = None  # clip the gradient's norm to this (None: no clipping)
     weight_decay: float = 0.1
+    precision: str = "auto"  # autocast dtype: auto (by the card), fp32, bf16, fp16
     max_length: int | None = None  # None: the longest training text (at most the context length)
     seed: int = 123
     device: str = "auto"
@@ -99,13 +104,13 @@ def pipeline(cfg: TrainConfig, job: runner.Job) -> list[RunResult]:
     splits = load_labelled_text(cfg)  # 1. texto rotulado
     tokens = data.tokenize(splits, cfg.max_length, job.text_tokens)  # 2. tokenização
     gpt_model = load_gpt(cfg, job.gpt_config, job.log)  # 3. processamento pelo GPT (its pretrained weights)
-    job.log(describe_steps(cfg, splits, tokens, gpt_model, job.runtime))
+    job.log(describe_steps(cfg, splits, tokens, gpt_model, job))
     shelf = share_frozen_work(gpt_model, tokens, len(splits.label_names), job)  # several runs: frozen work once
     results = []
     for strategy, seed in itertools.product(cfg.compare or [cfg.strategy], cfg.seeds or [cfg.seed]):
         model = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, seed)  # 4-5. representação, head
         freeze(model, strategy, seed, cfg)  # "Congelamento de Camadas": what trains
-        job.log(describe_strategy(model, strategy, cfg.epochs, seed if cfg.seeds else None))
+        job.log(describe_strategy(model, strategy, seed if cfg.seeds else None, job, tokens.max_length))
         parameters = parameter_counts(model)  # what trains from the start (gradual: then more)
         inputs = {name: fastpath.SplitInputs(dataset, shelf=shelf.get(name, {})) for name, dataset in tokens.items()}
         training = fine_tune(model, inputs, strategy, seed, job)  # 6-7. loss, atualização dos pesos
@@ -185,20 +190,23 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
     model.to(device)
     compile_blocks(model, cfg, device, log)
     optimizer = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=job.precision == torch.float16)  # float16 needs it
     network = distributed.wrap(model, job.runtime)  # torchrun: the processes' gradients added up, each by its share
     # "Congelamento de Camadas": the frozen blocks give the same output every epoch, so each text
     # runs through them once, here, and training continues from their stored output.
-    training = Training(fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache), trainable_state(model))
+    with mixed_precision(job):
+        training = Training(fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache), trainable_state(model))
     log(describe_cache(training.cache))
     lengths = inputs["train"].dataset.lengths
-    steps = -(-len(lengths) // cfg.batch_size)  # batches per epoch
+    steps = -(-len(lengths) // cfg.batch_size)  # weight updates per epoch
     progress = Progress(total_steps=cfg.epochs * steps, log_every=max(1, steps // 10))
     for epoch in range(cfg.epochs):
         epoch_started = time.perf_counter()
         if strategy == "gradual" and epoch > 0 and unfreeze_next_block(model, optimizer, training, epoch):
             del network  # under torchrun the old DDP and its gradient hooks go first
             network = distributed.wrap(model, job.runtime)  # DDP must see the new trainable set
-            training.set_cache(fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache))
+            with mixed_precision(job):
+                training.set_cache(fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache))
             log(f"epoch {epoch + 1}: unfrozen, now training {describe_trainable(model)}; "
                 f"{describe_cache(training.cache)}")
         trainable = describe_trainable(model)
@@ -207,16 +215,19 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
         correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
         model.train()
         for step, (indices, size) in enumerate(distributed.shard(batches, job.runtime), start=1):
-            batch = inputs["train"].batch(indices, device, size)  # token ids, or the frozen blocks' output
-            with mixed_precision(device):
-                logits = network(batch.inputs, batch.lengths, batch.start_block).float()  # steps 3-5: (B, K)
-            loss = supervised_loss(logits, batch.labels)  # step 6
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # gradients reach the trainable parameters only
-            optimizer.step()  # step 7: AdamW moves them against their gradient
-            if len(batch.labels):  # a torchrun process's share may be empty (the mean of nothing is NaN)
-                loss_sum += loss.detach() * len(batch.labels)
-                correct += (logits.argmax(dim=-1) == batch.labels).sum()
+            parts = micro_batches(indices, cfg.accumulation_steps)  # one part, unless --accumulation-steps
+            for part in parts:
+                batch = inputs["train"].batch(part, device)  # token ids, or the frozen blocks' output
+                with mixed_precision(job), distributed.held(network, part is not parts[-1]):
+                    logits = network(batch.inputs, batch.lengths, batch.start_block).float()  # steps 3-5: (B, K)
+                loss = supervised_loss(logits, batch.labels)  # step 6
+                share = len(part) / max(len(indices), 1)  # this part's share of the batch's mean loss
+                scaler.scale(loss * share if len(parts) > 1 else loss).backward()  # reaches trainable weights only
+                if len(part):  # a torchrun process's share may be empty (the mean of nothing is NaN)
+                    loss_sum += loss.detach() * len(part)
+                    correct += (logits.argmax(dim=-1) == batch.labels).sum()
+            update_weights(optimizer, scaler, cfg, progress.step, progress.total_steps)  # step 7
             seen += size  # the whole batch's texts, on every process
             progress.advance(size)
             check_now = cfg.eval_every > 0 and progress.step % cfg.eval_every == 0
@@ -242,9 +253,47 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
     return training
 
 
-def mixed_precision(device: torch.device) -> torch.autocast:
-    """bfloat16 autocast on CUDA; float32 elsewhere (CPUs without native bfloat16 run it ~100x slower)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def micro_batches(indices: list[int], parts: int) -> list[list[int]]:
+    """A batch cut into at most `parts` consecutive micro-batches of (nearly) equal size, for
+    --accumulation-steps; always one at least, possibly empty (a torchrun process's empty share)."""
+    size = max(1, -(-len(indices) // parts))
+    return [indices[start : start + size] for start in range(0, len(indices), size)] or [indices]
+
+
+def update_weights(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: TrainConfig, step: int,
+                   total_steps: int) -> None:
+    """Step 7, "Atualização dos pesos": this update's learning rate (--schedule, --warmup), the
+    gradient's norm clipped (--max-grad-norm), then AdamW's step. In float16 the scaler first
+    divides the gradients back, and an update whose gradients overflowed is skipped (the scale
+    is lowered for the next)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, total_steps, cfg)
+    if cfg.max_grad_norm is not None:
+        scaler.unscale_(optimizer)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
+    scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
+    scaler.update()
+
+
+def learning_rate(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """The learning rate of update `step` (0, 1, ...): rising linearly from lr / warmup to lr over
+    --warmup updates, then --schedule: constant (the book's), or a linear or cosine decay from lr
+    toward 0 at the end of the run."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    decayed = (step - cfg.warmup) / max(total_steps - cfg.warmup, 1)  # 0 at the first update after warmup
+    if cfg.schedule == "linear":
+        return cfg.lr * (1 - decayed)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * decayed))
+    return cfg.lr
+
+
+def mixed_precision(job: runner.Job) -> torch.autocast:
+    """Autocast in the precision chosen for the card (distributed.pick_precision); float32: off."""
+    device = job.runtime.device
+    return torch.autocast(device.type, dtype=job.precision, enabled=job.precision != torch.float32)
 
 
 def per_text(job: runner.Job, total: torch.Tensor, texts: int) -> float:
@@ -371,7 +420,7 @@ def evaluate(model: classify.GPTClassifier, split: fastpath.SplitInputs, job: ru
     device, loss_sum, predictions = job.runtime.device, 0.0, [0] * len(split.dataset)
     for indices in data.bucket_batches(split.dataset.lengths, job.eval_batch_size):  # in order of length
         batch = split.batch(indices, device)
-        with mixed_precision(device):
+        with mixed_precision(job):
             logits = model(batch.inputs, batch.lengths, batch.start_block).float()  # (B, K)
         loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
         for i, prediction in zip(indices, logits.argmax(dim=-1).tolist()):
@@ -383,7 +432,8 @@ def evaluate_splits(model: classify.GPTClassifier, inputs: dict[str, fastpath.Sp
                     job: runner.Job) -> tuple[dict[str, metrics.ClassificationReport], dict[str, float], dict[str, list[int]]]:
     """The chapter's metrics ("Avaliando classificadores de texto") on every split; also each
     split's predictions, text by text (to compare strategies on the same texts)."""
-    fastpath.refresh_caches(model, inputs, job.runtime.device, job.cfg.use_prefix_cache)  # training's, if it can
+    with mixed_precision(job):
+        fastpath.refresh_caches(model, inputs, job.runtime.device, job.cfg.use_prefix_cache)  # training's, if it can
     reports, losses, predictions = {}, {}, {}
     for name, split in inputs.items():
         evaluation = evaluate(model, split, job)
@@ -424,42 +474,79 @@ def epoch_line(record: EpochRecord, epochs: int, training: Training) -> str:
             + ("  (best so far)" if training.best_epoch == record.epoch else ""))
 
 
-def describe_steps(cfg, splits, tokens, gpt_model: nn.Module, runtime: distributed.Runtime) -> str:
+def describe_steps(cfg: TrainConfig, splits: data.Splits, tokens: data.TokenizedSplits, gpt_model: nn.Module,
+                   job: runner.Job) -> str:
     """Steps 1-7 in one line each, as the run sets them up."""
+    runtime = job.runtime
     counts = " / ".join(f"{name} {len(dataset):,}" for name, dataset in tokens.items())
     truncated = sum(dataset.num_truncated for _, dataset in tokens.items())
     batch = f"batch size {cfg.batch_size}"
-    if runtime.distributed:
+    if cfg.accumulation_steps > 1:
+        batch += f" in {cfg.accumulation_steps} micro-batches"
+    if runtime.world_size > 1:
         batch += (f" (the global batch: texts per weight update, shared by {runtime.world_size} processes, "
                   f"about {cfg.batch_size / runtime.world_size:g} each)")
     torchrun = (f"torchrun: {runtime.world_size} processes train together ({torch.distributed.get_backend()}, "
-                f"DistributedDataParallel), rank 0 on {runtime.device}\n" if runtime.distributed else "")
+                f"DistributedDataParallel), rank 0 on {runtime.device}\n" if runtime.world_size > 1 else "")
+    precision = str(job.precision).removeprefix("torch.")
+    if job.precision != torch.float32:
+        precision += " (autocast; the weights stay float32" + ("; gradients scaled)" if precision == "float16" else ")")
+    rate = f"lr {cfg.lr:g}" + (f", {cfg.warmup} warmup updates" if cfg.warmup else "") + (
+        f", {cfg.schedule} decay" if cfg.schedule != "constant" else "")
+    clip = f", gradient norm clipped at {cfg.max_grad_norm:g}" if cfg.max_grad_norm is not None else ""
     return (f"{torchrun}1. labelled text: {cfg.data or 'SMS Spam Collection'} "
             f"({'balanced' if cfg.balanced else 'all data'}): {counts}; classes {', '.join(splits.label_names)}\n"
             f"2. tokenization: GPT-2 BPE, max_length {tokens.max_length} tokens, "
             f"{truncated} text{'s' if truncated != 1 else ''} cut to fit\n"
             f"3. GPT: {cfg.model}, {cfg.init} weights, {sum(p.numel() for p in gpt_model.parameters()):,} "
-            f"parameters, on {runtime.device}\n"
+            f"parameters, on {runtime.device}, computing in {precision}\n"
             f"4. representation: pooling {cfg.pooling!r}; 5. classification head: "
             f"Linear({gpt_model.cfg.emb_dim} -> {len(splits.label_names)})\n"
-            f"6. supervised loss: cross-entropy; 7. weight update: AdamW lr {cfg.lr:g}, weight decay "
-            f"{cfg.weight_decay:g}, {batch}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}"
+            f"6. supervised loss: cross-entropy; 7. weight update: AdamW {rate}, weight decay "
+            f"{cfg.weight_decay:g}, {batch}{clip}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}"
             + (f"; training seeds {', '.join(map(str, cfg.seeds))} (the split"
                f"{' and the random GPT' if cfg.init == 'random' else ''}: seed {cfg.seed})" if cfg.seeds else ""))
 
 
-def describe_strategy(model: classify.GPTClassifier, strategy: str, epochs: int, seed: int | None = None) -> str:
-    parameters = parameter_counts(model)
+def describe_strategy(model: classify.GPTClassifier, strategy: str, seed: int | None, job: runner.Job,
+                      max_length: int) -> str:
+    """What trains, and, on a GPU, whether the run will fit in its memory."""
+    parameters, epochs = parameter_counts(model), job.cfg.epochs
     line = (f"strategy {strategy}{'' if seed is None else f', training seed {seed}'}: training "
             f"{describe_trainable(model)}: {parameters['trainable']:,} of "
             f"{parameters['total']:,} parameters ({parameters['share']:.2%})")
-    if strategy != "gradual":
-        return line
     n_layers = len(model.gpt.h)
-    counts = [classify.trainable_blocks("gradual", n_layers, epoch) for epoch in range(epochs)]
-    return line + "\ngradual schedule: " + "; ".join(
-        f"epoch {epoch + 1}: head + final LayerNorm" + (f" + top {n} block{'s' if n > 1 else ''}" if n else "")
-        for epoch, n in enumerate(counts))
+    if strategy == "gradual":
+        counts = [classify.trainable_blocks("gradual", n_layers, epoch) for epoch in range(epochs)]
+        line += "\ngradual schedule: " + "; ".join(
+            f"epoch {epoch + 1}: head + final LayerNorm" + (f" + top {n} block{'s' if n > 1 else ''}" if n else "")
+            for epoch, n in enumerate(counts))
+    if job.runtime.device.type == "cuda":
+        trained = n_layers if strategy == "lora" else classify.trainable_blocks(strategy, n_layers, epochs - 1)
+        free, _ = torch.cuda.mem_get_info(job.runtime.device)
+        line += "\n" + describe_memory(parameters, trained, model.gpt.cfg, job, max_length, free)
+    return line
+
+
+def describe_memory(parameters: dict[str, float], trained_blocks: int, gpt_config: gpt.GPTConfig, job: runner.Job,
+                    max_length: int, free_bytes: int) -> str:
+    """The estimated peak memory of a training step against what the GPU has free; when it will not
+    fit, the fewest micro-batches (--accumulation-steps) that would."""
+    cfg = job.cfg
+
+    def need(parts: int) -> int:
+        return distributed.training_bytes(int(parameters["total"]), int(parameters["trainable"]), trained_blocks,
+                                          gpt_config.emb_dim, gpt_config.n_heads, -(-cfg.batch_size // parts),
+                                          max_length, job.precision)
+
+    line = (f"memory: about {need(cfg.accumulation_steps) / 2**30:.1f} GiB at the peak of a step (an estimate), "
+            f"{free_bytes / 2**30:.1f} GiB free on {job.runtime.device}")
+    if need(cfg.accumulation_steps) <= free_bytes:
+        return line
+    fits = next((parts for parts in range(cfg.accumulation_steps, cfg.batch_size + 1) if need(parts) <= free_bytes), None)
+    advice = (f"--accumulation-steps {fits} (about {need(fits) / 2**30:.1f} GiB)" if fits else
+              "a smaller --max-length or --model")
+    return line + f"; it will probably NOT fit: try {advice}, or a strategy that trains fewer blocks (last-block, lora)"
 
 
 def describe_cache(cache: fastpath.CacheStatus) -> str:

@@ -166,7 +166,7 @@ def test_rank_0_alone_prints_and_writes(two_runs):
 # --------------------------------------------------------------------------- one weight update
 
 
-def sgd_epoch(runtime: distributed.Runtime, strategy: str) -> dict:
+def sgd_epoch(runtime: distributed.Runtime, strategy: str, accumulation_steps: int = 1) -> dict:
     """One epoch of plain SGD (3 steps: batches of 3, 3 and 1) on 7 short texts through
     train.fine_tune, then an evaluation of the training texts and of a one-text split; the same in
     every process (one seed)."""
@@ -179,7 +179,7 @@ def sgd_epoch(runtime: distributed.Runtime, strategy: str) -> dict:
     one_text = data.ClassificationDataset(token_ids[:1], [0])
     splits = {"train": fastpath.SplitInputs(dataset), "validation": fastpath.SplitInputs(one_text),
               "test": fastpath.SplitInputs(dataset)}
-    cfg = train.TrainConfig(batch_size=3, epochs=1)
+    cfg = train.TrainConfig(batch_size=3, epochs=1, accumulation_steps=accumulation_steps)
     job = runner.Job(cfg, runtime)
     real_optimizer = train.make_optimizer
     train.make_optimizer = lambda model, cfg: torch.optim.SGD(classify.trainable_parameters(model), lr=0.5)
@@ -200,13 +200,15 @@ SGD_STRATEGIES = ["head", "last-block", "all", "lora"]  # cached one position, c
 
 
 def test_one_update_is_the_whole_batch_gradient(tmp_path):
+    """Also with --accumulation-steps 2: each process's share in micro-batches, gradients exchanged
+    once per update (DDP's no_sync on all but the last), the same update as one process, whole."""
     completed = torchrun(Path(__file__), ["sgd-epoch", str(tmp_path)], tmp_path)
     assert completed.returncode == 0, completed.stderr
-    for strategy in SGD_STRATEGIES:
+    for strategy, accumulation in [(strategy, 1) for strategy in SGD_STRATEGIES] + [("last-block", 2), ("all", 2)]:
         one = sgd_epoch(distributed.Runtime(torch.device("cpu")), strategy)
         assert one["cache"] == (strategy in ("head", "last-block"))
         for rank in (0, 1):
-            two = torch.load(tmp_path / f"{strategy}-rank{rank}.pt")
+            two = torch.load(tmp_path / f"{strategy}-{accumulation}-rank{rank}.pt")
             assert two["cache"] == one["cache"]
             assert two["weights"].keys() == one["weights"].keys()
             # Tolerances of float32 summation order: the processes add the batch's gradient in another
@@ -264,8 +266,9 @@ def worker(argv: list[str]) -> int:
     mode, rest = argv[0], argv[1:]
     if mode == "sgd-epoch":
         with distributed.session("cpu") as runtime:
-            for strategy in SGD_STRATEGIES:
-                torch.save(sgd_epoch(runtime, strategy), Path(rest[0]) / f"{strategy}-rank{runtime.rank}.pt")
+            for strategy, accumulation in [(strategy, 1) for strategy in SGD_STRATEGIES] + [("last-block", 2), ("all", 2)]:
+                torch.save(sgd_epoch(runtime, strategy, accumulation),
+                           Path(rest[0]) / f"{strategy}-{accumulation}-rank{runtime.rank}.pt")
         return 0
     calls = []
     loss = train.supervised_loss
