@@ -84,7 +84,8 @@ def run_one(method: str, strategy: str, args: argparse.Namespace) -> dict:
         use_prefix_cache=method == "ours", compile=args.compile,
     )
     gpt_config = runner.check_config(cfg)
-    job = runner.Job(cfg, distributed.Runtime(distributed.pick_device(cfg.device)), gpt_config)
+    device = distributed.pick_device(cfg.device)
+    job = runner.Job(cfg, distributed.Runtime(device), gpt_config, precision=distributed.pick_precision("auto", device))
     splits = train.load_labelled_text(cfg)  # then as train.pipeline does for one strategy:
     tokens = data.tokenize(splits, cfg.max_length, classify.longest_text(gpt_config, cfg.pooling))
     gpt_model = train.load_gpt(cfg, gpt_config)
@@ -210,9 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def machine_facts() -> dict:
+    """The machine, for the record: with a GPU, its name, compute capability and the precision
+    --precision auto picks on it."""
+    device = distributed.pick_device("auto")
     return {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())) if torch.cuda.is_available()
+            else None, "precision": str(distributed.pick_precision("auto", device)).removeprefix("torch.")}
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ def test_the_gpu_check_runs_every_job_offline_and_writes_one_json(sms_spam_file,
     assert result.returncode == 0, result.stderr
     document = json.loads((tmp_path / "gpu.json").read_text())
     assert document["dry_run"] and document["machine"]["torch"] == __import__("torch").__version__
+    assert document["machine"]["precision"] == "float32" and document["machine"]["compute_capability"] is None
     assert [job["compile"] for job in document["default_job"]] == [False, True]
     assert all(job["process_seconds"] > 0 and 0 <= job["test_accuracy"] <= 1 for job in document["default_job"])
     assert "--init random" in document["default_job"][0]["command"]
