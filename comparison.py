@@ -110,13 +110,19 @@ def comparison_document(results: list[RunResult], experiment: Experiment, cfg, a
     }
 
 
-def _mean_cell(row: dict, key: str, percent: bool = False, digits: int = 4) -> str:
+def _mean_cell(row: dict, key: str, scale: float = 100, unit: str = "%", digits: int = 1) -> str:
+    """The mean over the seeds, and ± the standard deviation when there are several."""
     numbers = row["spread"][key]
-    scale, unit = (100, "%") if percent else (1, "")
-    mean = f"{numbers['mean'] * scale:.{2 if percent else digits}f}"
-    if numbers["std"] is None:
-        return mean + unit
-    return f"{mean} ± {numbers['std'] * scale:.{2 if percent else digits}f}{unit}"
+    spread = "" if numbers["std"] is None else f" ± {numbers['std'] * scale:.{digits}f}"
+    return f"{numbers['mean'] * scale:.{digits}f}{spread}{unit}"
+
+
+def _count(parameters: int) -> str:
+    """12,834 as 12.8K; 124,439,808 as 124.4M."""
+    for size, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "K")):
+        if parameters >= size:
+            return f"{parameters / size:.1f}{suffix}"
+    return str(parameters)
 
 
 def _significance_cell(row: dict) -> str:
@@ -126,36 +132,35 @@ def _significance_cell(row: dict) -> str:
     p_values = [pair["p_value"] for pair in versus["pairs"]]
     mark = " *" if versus["significant"] else ""
     if len(p_values) == 1:
-        return f"p {p_values[0]:.2g}{mark}"
-    return f"p {min(p_values):.2g}-{max(p_values):.2g}, {versus['significant_pairs']}/{len(p_values)}{mark}"
+        return f"p = {p_values[0]:.2g}{mark}"
+    return f"p <= {max(p_values):.2g}, {versus['significant_pairs']} of {len(p_values)} < 5%{mark}"
 
 
 def format_comparison(document: dict) -> str:
-    """One table: what each strategy costs (parameters, time) and what it buys (accuracy, P/R/F1),
-    mean ± std over the seeds, and its test against the reference; then how to read it."""
+    """One table, within 100 columns: what each strategy costs (trainable parameters, time) and
+    what it buys (validation and test accuracy, the positive class's F1), mean ± std over the
+    seeds, and its test against the reference; then how to read it. Precision, recall, train
+    accuracy, min and max are in compare.json."""
     rows, reference, seeds = document["rows"], document["reference"], document["seeds"]
-    positive = rows[0]["positive_class"]
-    header = ["strategy", "trainable params", "train time", "train acc", "val acc", "test acc",
-              f"test P ({positive})", f"test R ({positive})", f"test F1 ({positive})", f"vs {reference}"]
-    table = [[row["strategy"], f"{row['trainable_parameters']:,}", _mean_cell(row, "training_seconds", digits=1) + " s",
-              *(_mean_cell(row, key, percent=True)
-                for key in ("train_accuracy", "validation_accuracy", "test_accuracy")),
-              *(_mean_cell(row, key) for key in ("test_precision", "test_recall", "test_f1")),
+    header = ["strategy", "params", "time", "val acc", "test acc", f"test F1 {rows[0]['positive_class']}"[:18],
+              f"vs {reference}"]
+    table = [[row["strategy"], _count(row["trainable_parameters"]),
+              _mean_cell(row, "training_seconds", 1, " s"),
+              *(_mean_cell(row, key) for key in ("validation_accuracy", "test_accuracy", "test_f1")),
               _significance_cell(row)] for row in rows]
     widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i in (0, len(header) - 1) else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(line, widths))).rstrip() for line in [header, *table]]
     if len(seeds) > 1:
-        lines.append(f"\nmean ± standard deviation over {len(seeds)} training seeds ({', '.join(map(str, seeds))}); "
-                     f"min and max in compare.json")
-    lines.append(f"vs {reference}: McNemar's exact test on the same test texts (two-sided), "
-                 + ("run i against the reference's run i: p range, pairs below 5%; " if len(seeds) > 1 else "")
-                 + "* = significant at 5%" + (" in every pair" if len(seeds) > 1 else ""))
+        lines.append(f"\nmean ± standard deviation over {len(seeds)} training seeds ({', '.join(map(str, seeds))})")
+    lines.append(f"vs {reference}: McNemar's exact test, two-sided, on the same test texts; * = significant at 5%"
+                 + ("\n  (run i against its run i: the largest p, and the pairs below 5%; * in every pair)"
+                    if len(seeds) > 1 else ""))
     frozen = document["frozen_work"]
     if frozen is not None:
-        lines.append(f"train time: each run's own training; the frozen work done once for all runs took "
+        lines.append(f"time: each run's own training; the frozen work done once for all runs took "
                      f"{frozen['seconds']:.1f} s more")
-    lines.append(f"whole comparison: {document['total_seconds']:.1f} s")
+    lines.append(f"whole comparison: {document['total_seconds']:.1f} s; precision, recall, min and max: compare.json")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ train.py picks these (`--no-cache` trains through the plain forward instead).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,8 +23,10 @@ from torch import nn
 
 import classify
 import data
+import report
 
 CACHE_MEMORY_BUDGET = 2**30  # bytes, for all splits together
+Progress = Callable[[int], None]  # told how many more texts are done
 
 
 # --------------------------------------------------------------------------- the frozen-prefix cache
@@ -91,7 +93,7 @@ class PrefixCache:
     @classmethod
     def build(cls, model: classify.GPTClassifier, token_ids: list[list[int]], start_block: int,
               device: torch.device | str, memory_budget_bytes: int = CACHE_MEMORY_BUDGET,
-              batch_size: int = 64) -> PrefixCache | None:
+              batch_size: int = 64, progress: Progress | None = None) -> PrefixCache | None:
         n_layers = len(model.gpt.h)
         if not 0 <= start_block <= n_layers:
             raise ValueError(f"start_block {start_block}: must be in 0..{n_layers} (the model's blocks)")
@@ -112,10 +114,10 @@ class PrefixCache:
 
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         return cls._run_blocks(model, first_input, order, lengths, 0, start_block, device, memory_budget_bytes,
-                               batch_size)
+                               batch_size, progress)
 
     def deepen(self, model: classify.GPTClassifier, start_block: int, memory_budget_bytes: int = CACHE_MEMORY_BUDGET,
-               batch_size: int = 64) -> PrefixCache | None:
+               batch_size: int = 64, progress: Progress | None = None) -> PrefixCache | None:
         """The cache at a deeper frozen boundary, computed from this one: only
         blocks[self.start_block:start_block] run, over the stored states; the embeddings and the
         blocks below are not run again. Equal to `build` at `start_block` to the last bit: the
@@ -138,14 +140,15 @@ class PrefixCache:
             return hidden.to(model_device), text_lengths.to(model_device)
 
         return self._run_blocks(model, first_input, self.order, lengths, self.start_block, start_block,
-                                self.states.device, memory_budget_bytes, batch_size)
+                                self.states.device, memory_budget_bytes, batch_size, progress)
 
     @classmethod
     def _run_blocks(cls, model: classify.GPTClassifier, first_input, order: list[int], lengths: torch.Tensor,
                     first_block: int, start_block: int, device: torch.device | str, memory_budget_bytes: int,
-                    batch_size: int) -> PrefixCache | None:
+                    batch_size: int, progress: Progress | None) -> PrefixCache | None:
         """Run blocks[first_block:start_block] over `first_input(chunk)` for each chunk of texts
-        (in `order`, by length) and store the positions `lengths` says."""
+        (in `order`, by length) and store the positions `lengths` says; `progress(n)` after each
+        chunk of n texts."""
         offsets = torch.cumsum(lengths, dim=0) - lengths  # (N,)
         rows, emb_dim = int(lengths.sum()), model.gpt.cfg.emb_dim
         dtype = next((d for d in (torch.float32, torch.float16) if rows * emb_dim * d.itemsize <= memory_budget_bytes),
@@ -166,6 +169,8 @@ class PrefixCache:
                 for row, i in enumerate(chunk):
                     offset, length = int(offsets[i]), int(lengths[i])
                     states[offset : offset + length] = hidden[row, :length].to(device, dtype)
+                if progress is not None:
+                    progress(len(chunk))
         if dtype == torch.float16 and not bool(torch.isfinite(states).all()):
             return None  # a value beyond float16's range: caching would change the results
         return cls(states, offsets, lengths, start_block, order)
@@ -236,11 +241,12 @@ class CacheStatus:
 
 
 def refresh_caches(model: classify.GPTClassifier, splits: dict[str, SplitInputs], device: torch.device,
-                   enabled: bool = True) -> CacheStatus:
+                   enabled: bool = True, tell: Callable[[str], None] | None = None) -> CacheStatus:
     """Store what the frozen blocks compute, for every split, so that batches carry it instead of
     token ids; rebuilt only when the boundary between frozen and trainable blocks moved (the
     "gradual" strategy moves it every epoch), and taken from a split's shelf when the frozen work
-    was done beforehand. `enabled` False (--no-cache): token ids, every block at every step."""
+    was done beforehand. `enabled` False (--no-cache): token ids, every block at every step.
+    `tell` hears how the build goes, with the time left, when it takes more than a moment."""
     for split in splits.values():
         split.cache = None if not enabled else split.cache
     if not enabled:
@@ -249,6 +255,8 @@ def refresh_caches(model: classify.GPTClassifier, splits: dict[str, SplitInputs]
     started, caches, shelved = time.perf_counter(), {}, set()
     if start_block:
         total_tokens = sum(sum(split.dataset.lengths) for split in splits.values())
+        ticker = report.Ticker("frozen-prefix cache", sum(len(split.dataset) for split in splits.values()),
+                               tell or report.quiet)
         for name, split in splits.items():
             if split.cache is not None and split.cache.start_block == start_block:
                 caches[name] = split.cache
@@ -259,7 +267,8 @@ def refresh_caches(model: classify.GPTClassifier, splits: dict[str, SplitInputs]
                 shelved.add(name)
                 continue
             budget = CACHE_MEMORY_BUDGET * sum(split.dataset.lengths) // max(total_tokens, 1)
-            caches[name] = PrefixCache.build(model, split.dataset.token_ids, start_block, device, budget)
+            caches[name] = PrefixCache.build(model, split.dataset.token_ids, start_block, device, budget,
+                                             progress=ticker.add)
     fits = bool(caches) and all(cache is not None for cache in caches.values())
     for name, split in splits.items():
         split.cache = caches[name] if fits else None
@@ -313,7 +322,8 @@ class SharedPrefix:
 
 
 def share_frozen_work(model: classify.GPTClassifier, datasets: dict[str, data.ClassificationDataset],
-                      prefix_lengths: Sequence[int], device: torch.device) -> SharedPrefix:
+                      prefix_lengths: Sequence[int], device: torch.device,
+                      tell: Callable[[str], None] | None = None) -> SharedPrefix:
     """What the frozen blocks compute, once for several runs that start from the same frozen
     weights (several strategies, several training seeds): strategies whose frozen prefixes nest
     (head over all blocks, last-block over all but one, ...) share one pass. The shallowest
@@ -322,15 +332,18 @@ def share_frozen_work(model: classify.GPTClassifier, datasets: dict[str, data.Cl
     started, total_tokens = time.perf_counter(), sum(sum(d.lengths) for d in datasets.values())
     caches: dict[str, dict[int, PrefixCache]] = {name: {} for name in datasets}
     steps, below = [], 0
+    texts = sum(len(d) for d in datasets.values())
+    ticker = report.Ticker("frozen work for every run", texts * len(set(prefix_lengths)), tell or report.quiet)
     for start_block in sorted(set(prefix_lengths)):
         step_started, deepened = time.perf_counter(), True
         for name, dataset in datasets.items():
             budget = CACHE_MEMORY_BUDGET * sum(dataset.lengths) // max(total_tokens, 1)
             previous = caches[name].get(below)
             if previous is not None and previous.dtype == torch.float32:
-                cache = previous.deepen(model, start_block, budget)
+                cache = previous.deepen(model, start_block, budget, progress=ticker.add)
             else:
-                cache, deepened = PrefixCache.build(model, dataset.token_ids, start_block, device, budget), False
+                cache = PrefixCache.build(model, dataset.token_ids, start_block, device, budget, progress=ticker.add)
+                deepened = False
             if cache is not None:
                 caches[name][start_block] = cache
         blocks = range(below if deepened else 0, start_block)

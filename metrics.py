@@ -240,15 +240,16 @@ def classification_report(y_true: Labels, y_pred: Labels, label_names: Sequence[
     )
 
 
-def format_report(report: ClassificationReport, digits: int = 4) -> str:
-    """The report as a plain-text table, then the confusion matrix labelled with class names."""
+def format_report(report: ClassificationReport, digits: int = 4, percent: bool = False) -> str:
+    """The report as a plain-text table, then the confusion matrix labelled with class names.
+    Scores as fractions with `digits` decimals (scikit-learn's look), or as percentages."""
     rows_names = [*report.label_names, "accuracy", "macro avg", "weighted avg"]
     name_width = max(len(name) for name in rows_names)
-    width = max(len("precision"), digits + 2)
+    width = max(len("precision"), digits + 5)
     support_width = max(len("support"), len(str(report.num_samples)))
 
     def number(value: float) -> str:
-        return f"{value:>{width}.{digits}f}"
+        return f"{f'{100 * value:.{digits}f}%' if percent else f'{value:.{digits}f}':>{width}}"
 
     lines = [
         f"{'':<{name_width}}  {'precision':>{width}}  {'recall':>{width}}  "

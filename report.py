@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -39,18 +41,73 @@ def quiet(message: str) -> None:
     """The log of every process but rank 0."""
 
 
+@dataclass
+class Console:
+    """Where train.py prints: whole lines (`line`), and progress (`progress`) that the next line
+    replaces on a terminal; where the output is no terminal (a file, a pipe, a notebook), progress
+    lines are lines too. Text from users (paths, class names) is printed escaped."""
+
+    stream: TextIO = field(default_factory=lambda: sys.stdout)
+    open: bool = False  # a progress line is on screen, not yet ended
+
+    def line(self, message: str) -> None:
+        if self.open:
+            self.stream.write("\n")
+            self.open = False
+        print(hub.printable(message, keep="\n"), file=self.stream, flush=True)
+
+    def progress(self, message: str) -> None:
+        if not self.stream.isatty():
+            return self.line(message)
+        self.stream.write("\r" + hub.printable(message) + "\x1b[K")  # back to the start, clear to the end
+        self.stream.flush()
+        self.open = True
+
+
+@dataclass
+class Ticker:
+    """A long piece of work told as it goes (`add` what was just done), with the time left: at most
+    every tenth of it, and nothing in its first two seconds (quick work stays quiet)."""
+
+    what: str
+    total: int
+    tell: Log
+    done: int = 0
+    told: int = 0  # tenths told so far
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, count: int) -> None:
+        self.done += count
+        elapsed, tenth = time.perf_counter() - self.started, 10 * self.done // max(self.total, 1)
+        if tenth > self.told and elapsed > 2 and self.done < self.total:
+            self.told = tenth
+            self.tell(f"{self.what}: {self.done:,} of {self.total:,} texts ({self.done / self.total:.0%}), "
+                      f"time left {clock(elapsed / self.done * (self.total - self.done))}")
+
+
+def clock(seconds: float) -> str:
+    """h:mm:ss"""
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
 def one_line(error: BaseException) -> str:
     return hub.printable(" ".join(str(error).split())) or type(error).__name__
 
 
-def describe_result(result: RunResult, tokens) -> str:
-    """The chapter's evaluation for every split, then what the training cost."""
-    parts = [f"\n{name} ({len(getattr(tokens, name)):,} texts), loss {result.losses[name]:.4f}\n"
-             + metrics.format_report(report) for name, report in result.reports.items()]
-    parameters = result.parameters
-    parts.append(f"{result.strategy}: trained in {result.training_seconds:.1f} s; trainable parameters "
-                 f"{parameters['trainable']:,} of {parameters['total']:,} ({parameters['share']:.2%})")
-    return "\n".join(parts)
+def describe_result(result: RunResult, tokens, brief: bool = False, seeded: bool = False) -> str:
+    """A finished run: its test report in full (the chapter's metrics and the confusion matrix),
+    then one line; `brief` (a comparison's runs): the line alone; `seeded`: it names the seed."""
+    test, positive = result.reports["test"], result.reports["test"].label_names[-1]
+    line = (f"{result.strategy}{f', seed {result.seed}' if seeded else ''}: test accuracy "
+            f"{test.accuracy:.2%}; {positive}: precision {test.precision[-1]:.2%}, recall {test.recall[-1]:.2%}, "
+            f"F1 {test.f1[-1]:.2%}; trained in {result.training_seconds:.1f} s")
+    if brief:
+        return line
+    train, validation = result.reports["train"], result.reports["validation"]
+    return (f"\naccuracy: train {train.accuracy:.2%}, validation {validation.accuracy:.2%} (the kept epoch, "
+            f"{result.training.best_epoch}); test ({len(tokens.test):,} texts, loss {result.losses['test']:.4f}):\n"
+            f"{metrics.format_report(test, 2, percent=True)}\n{line}")
 
 
 # --------------------------------------------------------------------------- the run folder
@@ -177,6 +234,39 @@ def _plot(result: RunResult, folder: Path, plt, MaxNLocator) -> None:  # noqa: N
 
 def default_out_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def point_latest(out: Path) -> Path | None:
+    """runs/latest -> the run just finished (a symbolic link, replaced whole); None where the system
+    allows no link (Windows without the right): the run is there all the same."""
+    link, temporary = out.parent / "latest", out.parent / f".latest-{os.getpid()}"
+    try:
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(out.name, target_is_directory=True)
+        os.replace(temporary, link)
+        return link
+    except OSError:
+        return None
+
+
+def example_text(test: Any, sms: bool) -> str:
+    """A text to try the classifier on: for the SMS data a spam message in the book's style; for
+    your own data, the first test text of the last class (the positive one), cut to a few words."""
+    if sms:
+        return "WINNER!! Claim your free prize now"
+    positive = len(test.label_names) - 1
+    text = " ".join(next((t for t, y in zip(test.texts, test.labels) if y == positive), test.texts[0]).split())
+    return text if len(text) <= 60 else text[:60].rsplit(" ", 1)[0] + "..."
+
+
+def describe_end(out: Path, folders: list[Path], latest: Path | None, example: str, seconds: float) -> str:
+    """The last lines of a run: where it is, and the exact command to try it."""
+    where = f"saved to {out}" + (f" (also {latest})" if latest is not None else "")
+    if len(folders) > 1:
+        where += f": one folder per run, {folders[0].relative_to(out)}, ..."
+    model = latest if latest is not None and len(folders) == 1 else folders[-1]
+    return (f"\n{where}; total time {seconds:.1f} s\n"
+            f"try it: python classify.py --model {shlex.quote(str(model))} {shlex.quote(example)}")
 
 
 @contextlib.contextmanager

@@ -48,7 +48,9 @@ class Job:
     gpt_config: gpt.GPTConfig | None = None  # the model's shape, read once when the arguments were checked
     text_tokens: int = 0  # the most tokens of a text the classifier reads (classify.longest_text)
     precision: torch.dtype = torch.float32  # what autocast computes in (distributed.pick_precision)
-    log: Log = report.quiet
+    log: Log = report.quiet  # lines that stay
+    progress: Log = report.quiet  # lines the next replaces, on a terminal
+    detail: Log = report.quiet  # a run's own lines: `log` for one run, `progress` in a comparison
     save: Callable[..., None] = lambda *run: None  # (model, result, tokens): a finished run
     frozen_work: fastpath.SharedPrefix | None = None
 
@@ -66,29 +68,33 @@ def fetch_files(cfg) -> None:
         hub.fetch(cfg.model, cfg.cache_dir, hub.print_progress)
 
 
-def run(cfg, argv: list[str], log: Log, pipeline: Callable[..., list]) -> int:
+def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., list]) -> int:
     """`pipeline(cfg, job)` inside the machinery. The arguments are checked before any work; under
     torchrun the processes join (distributed.session) and rank 0 downloads first while the others
     wait; the run folder is built aside and appears only when complete (report.staged_output);
-    several runs add compare.json and the comparison table."""
+    several runs add compare.json and the comparison table. The end says how to use the result."""
     started = time.perf_counter()
     gpt_config = check_config(cfg)
     comparing = bool(cfg.compare) or len(cfg.seeds) > 1  # one folder per run, compare.json beside them
     with distributed.session(cfg.device) as runtime:
         precision = distributed.pick_precision(cfg.precision, runtime.device)
-        job = Job(cfg, runtime, gpt_config, classify.longest_text(gpt_config, cfg.pooling), precision,
-                  log if runtime.is_main_process else report.quiet)
+        job = Job(cfg, runtime, gpt_config, classify.longest_text(gpt_config, cfg.pooling), precision)
+        if runtime.is_main_process:  # the other processes under torchrun stay quiet
+            job.log, job.progress = console.line, console.progress
+            job.detail = console.progress if comparing else console.line
         out = Path(cfg.out) if cfg.out else report.default_out_dir()
+        folders, example = [], []
         with report.staged_output(out, runtime) as staging:  # None on every process but rank 0
             distributed.load_in_turn(runtime, lambda: fetch_files(cfg))
 
-            def save(model: classify.GPTClassifier, result, tokens) -> None:
+            def save(model: classify.GPTClassifier, result, tokens, splits: data.Splits) -> None:
                 folder = report.run_folder(result.strategy, result.seed, comparing, several_seeds=len(cfg.seeds) > 1)
                 (staging / folder).mkdir(parents=True, exist_ok=True)
-                classify.save_classifier(model.cpu(), staging / folder, result.reports["train"].label_names,
-                                         tokens.max_length)
+                classify.save_classifier(model.cpu(), staging / folder, splits.label_names, tokens.max_length)
                 facts = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, precision, started)
                 report.write_run(staging / folder, out / folder, result, facts, job.log)
+                folders.append(out / folder)
+                example[:] = [report.example_text(splits.test, cfg.data is None)]
 
             if staging is not None:  # rank 0 writes the classifier (for classify.py), metrics.json, plots
                 job.save = save
@@ -100,7 +106,9 @@ def run(cfg, argv: list[str], log: Log, pipeline: Callable[..., list]) -> int:
                                                    results[0].test_labels, job.frozen_work,
                                                    time.perf_counter() - started)
                 job.log(comparison.write_comparison(staging, out, results, experiment, cfg, argv))
-        job.log(f"\ntotal time {time.perf_counter() - started:.1f} s; written to {out}")
+        if staging is not None:
+            latest = report.point_latest(out) if cfg.out is None else None
+            job.log(report.describe_end(out, folders, latest, example[0], time.perf_counter() - started))
     return 0
 
 
@@ -287,7 +295,7 @@ def main(argv: list[str] | None, config_class: type, pipeline: Callable[..., lis
         sys.stdout.reconfigure(errors="backslashreplace")
     previous_handler = signal.signal(signal.SIGTERM, stop_like_ctrl_c)  # kill, docker stop, a scheduler
     try:
-        return run(config_from_args(args, config_class), argv, report.print_line, pipeline)
+        return run(config_from_args(args, config_class), argv, report.Console(), pipeline)
     except BrokenPipeError:  # the output went to a pipe that closed (`| head`): stop quietly
         return 1
     except ConnectionError as error:

@@ -107,10 +107,11 @@ def pipeline(cfg: TrainConfig, job: runner.Job) -> list[RunResult]:
     job.log(describe_steps(cfg, splits, tokens, gpt_model, job))
     shelf = share_frozen_work(gpt_model, tokens, len(splits.label_names), job)  # several runs: frozen work once
     results = []
-    for strategy, seed in itertools.product(cfg.compare or [cfg.strategy], cfg.seeds or [cfg.seed]):
+    runs = list(itertools.product(cfg.compare or [cfg.strategy], cfg.seeds or [cfg.seed]))
+    for strategy, seed in runs:
         model = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, seed)  # 4-5. representação, head
         freeze(model, strategy, seed, cfg)  # "Congelamento de Camadas": what trains
-        job.log(describe_strategy(model, strategy, seed if cfg.seeds else None, job, tokens.max_length))
+        job.detail(describe_strategy(model, strategy, seed if cfg.seeds else None, job, tokens.max_length))
         parameters = parameter_counts(model)  # what trains from the start (gradual: then more)
         inputs = {name: fastpath.SplitInputs(dataset, shelf=shelf.get(name, {})) for name, dataset in tokens.items()}
         training = fine_tune(model, inputs, strategy, seed, job)  # 6-7. loss, atualização dos pesos
@@ -118,8 +119,8 @@ def pipeline(cfg: TrainConfig, job: runner.Job) -> list[RunResult]:
         reports, losses, predictions = evaluate_splits(model, inputs, splits.label_names, job)  # avaliação
         results.append(RunResult(strategy, reports, losses, parameters, training, seed, predictions["test"],
                                  list(tokens.test.labels)))
-        job.log(report.describe_result(results[-1], tokens))
-        job.save(model, results[-1], tokens)  # inferência: classify.py loads it
+        job.log(report.describe_result(results[-1], tokens, brief=len(runs) > 1, seeded=bool(cfg.seeds)))
+        job.save(model, results[-1], tokens, splits)  # inferência: classify.py loads it
     return results
 
 
@@ -185,7 +186,7 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
     """Steps 6 and 7, epoch after epoch ("Treinamento Supervisionado"), each epoch then measured on
     the validation set. Keeps a copy of the weights of the epoch with the best validation
     accuracy (of equals, the lower loss, then the earlier epoch)."""
-    cfg, device, log = job.cfg, job.runtime.device, job.log
+    cfg, device, log = job.cfg, job.runtime.device, job.detail
     started = time.perf_counter()
     model.to(device)
     compile_blocks(model, cfg, device, log)
@@ -195,7 +196,8 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
     # "Congelamento de Camadas": the frozen blocks give the same output every epoch, so each text
     # runs through them once, here, and training continues from their stored output.
     with mixed_precision(job):
-        training = Training(fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache), trainable_state(model))
+        cache = fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache, job.progress)
+    training = Training(cache, trainable_state(model))
     log(describe_cache(training.cache))
     lengths = inputs["train"].dataset.lengths
     steps = -(-len(lengths) // cfg.batch_size)  # weight updates per epoch
@@ -206,7 +208,7 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
             del network  # under torchrun the old DDP and its gradient hooks go first
             network = distributed.wrap(model, job.runtime)  # DDP must see the new trainable set
             with mixed_precision(job):
-                training.set_cache(fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache))
+                training.set_cache(fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache, job.progress))
             log(f"epoch {epoch + 1}: unfrozen, now training {describe_trainable(model)}; "
                 f"{describe_cache(training.cache)}")
         trainable = describe_trainable(model)
@@ -238,7 +240,7 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
                     model.train()
                     training.step_checks.append({"step": progress.step, "validation_loss": check.loss})
                     line += f"  validation loss {check.loss:.4f}"
-                log(line)
+                job.progress(line)
         train_loss, train_accuracy = finite(per_text(job, loss_sum, seen), "training"), per_text(job, correct, seen)
         validation = evaluate(model, inputs["validation"], job)
         record = EpochRecord(epoch + 1, trainable, train_loss, train_accuracy, finite(validation.loss, "validation"),
@@ -414,11 +416,14 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: classify.GPTClassifier, split: fastpath.SplitInputs, job: runner.Job) -> Evaluation:
+def evaluate(model: classify.GPTClassifier, split: fastpath.SplitInputs, job: runner.Job,
+             name: str = "validation") -> Evaluation:
     """Mean loss and every prediction over a split, in batches ordered by length."""
     model.eval()
     device, loss_sum, predictions = job.runtime.device, 0.0, [0] * len(split.dataset)
+    ticker = report.Ticker(f"evaluating on {name}", len(split.dataset), job.progress)
     for indices in data.bucket_batches(split.dataset.lengths, job.eval_batch_size):  # in order of length
+        ticker.add(len(indices))
         batch = split.batch(indices, device)
         with mixed_precision(job):
             logits = model(batch.inputs, batch.lengths, batch.start_block).float()  # (B, K)
@@ -436,7 +441,7 @@ def evaluate_splits(model: classify.GPTClassifier, inputs: dict[str, fastpath.Sp
         fastpath.refresh_caches(model, inputs, job.runtime.device, job.cfg.use_prefix_cache)  # training's, if it can
     reports, losses, predictions = {}, {}, {}
     for name, split in inputs.items():
-        evaluation = evaluate(model, split, job)
+        evaluation = evaluate(model, split, job, name)
         reports[name] = metrics.classification_report(evaluation.y_true, evaluation.y_pred, label_names)
         losses[name], predictions[name] = evaluation.loss, evaluation.y_pred
     return reports, losses, predictions
@@ -598,7 +603,10 @@ def share_frozen_work(gpt_model: gpt.GPTModel, tokens: data.TokenizedSplits, num
     frozen = classify.GPTClassifier(gpt_model, num_classes, cfg.pooling).to(job.runtime.device)
     classify.apply_strategy(frozen, "head")
     lengths = fastpath.planned_prefix_lengths(frozen, cfg.compare or [cfg.strategy], cfg.epochs)
-    job.frozen_work = fastpath.share_frozen_work(frozen, dict(tokens.items()), lengths, job.runtime.device)
+    with mixed_precision(job):
+        job.frozen_work = fastpath.share_frozen_work(frozen, dict(tokens.items()), lengths, job.runtime.device,
+                                                     job.progress)
+    gpt_model.cpu()  # each run trains a copy of it (build_classifier), made where memory is largest
     job.log(job.frozen_work.describe())
     return job.frozen_work.caches
 

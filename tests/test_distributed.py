@@ -156,8 +156,11 @@ def test_rank_0_alone_prints_and_writes(two_runs):
     for strategy in STRATEGIES:
         assert sorted(os.listdir(distributed / strategy)) == ["classifier.safetensors", "config.json", "metrics.json"]
     assert completed.stdout.count("1. labelled text") == 1, "one process prints"
-    assert completed.stdout.count("strategy head:") == 1 and completed.stdout.count("test F1 (spam)") == 1
+    assert completed.stdout.count("strategy head:") == 1 and completed.stdout.count("test F1 spam") == 1
     assert "batch size 3 (the global batch" in completed.stdout and "2 processes" in completed.stdout
+    table = completed.stdout[completed.stdout.index("strategy  "):completed.stdout.index("whole comparison")]
+    assert [line.split()[0] for line in table.splitlines()[1: 1 + len(STRATEGIES)]] == STRATEGIES
+    assert max(map(len, table.splitlines())) <= 100, "the table and its notes fit 100 columns"
     rows = [without_training_seconds(row)
             for folder in (single, distributed) for row in json.loads((folder / "compare.json").read_text())["rows"]]
     assert_same_document(rows[: len(STRATEGIES)], rows[len(STRATEGIES) :])

@@ -373,6 +373,16 @@ def test_format_report_shows_every_number_in_aligned_columns():
     assert all(line == line.rstrip() for line in matrix_lines)  # counts end under their class name
 
 
+def test_format_report_in_percent_gives_the_same_numbers_times_100():
+    report = classification_report([0] * 9 + [1] * 3, [0] * 6 + [1] * 3 + [1, 1, 0], ["ham", "spam"])
+    rows = dict(zip(("fraction", "percent"), (format_report(report), format_report(report, 2, percent=True))))
+    ham = {kind: next(line for line in text.splitlines() if line.strip().startswith("ham ")).split()
+           for kind, text in rows.items()}
+    assert ham["percent"] == ["ham", "85.71%", "66.67%", "75.00%", "9"]
+    for fraction, percent in zip(ham["fraction"][1:4], ham["percent"][1:4]):
+        assert float(percent[:-1]) == pytest.approx(100 * float(fraction), abs=0.01)
+
+
 def test_format_report_widens_columns_for_long_names_and_digits():
     names = ["a", "a much longer class name", "c"]
     report = classification_report([0, 1, 2, 1], [0, 1, 1, 1], names)
