@@ -172,22 +172,20 @@ def write_comparison(folder: Path, final_folder: Path, results: list[RunResult],
     report.write_json(folder / "compare.json", document)
     text = "\n" + format_comparison(document)
     if cfg.plot:
-        text += "\n" + write_plot(document, folder, final_folder)
+        text += "\n" + write_plot(document, folder, final_folder, report.plot_title(cfg))
     return text
 
 
-def write_plot(document: dict, folder: Path, final_folder: Path) -> str:
+def write_plot(document: dict, folder: Path, final_folder: Path, title: str) -> str:
     """compare.png: per strategy, test accuracy and the positive class's F1 (bars: the mean;
     whiskers: min to max over the seeds; * beside a significant difference from the reference),
     and beside them the training time. matplotlib is optional."""
-    try:
-        import matplotlib
+    import matplotlib  # train.py checks that it is there before any work
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "--plot: matplotlib is not installed, no compare.png written (pip install matplotlib)"
-    rows, positive = document["rows"], document["rows"][0]["positive_class"]
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, positive, seeds = document["rows"], document["rows"][0]["positive_class"], len(document["seeds"])
     names = [row["strategy"] + (" *" if row.get("vs_reference", {}).get("significant") else "") for row in rows]
     positions = list(range(len(rows)))
     figure, (scores, times) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(rows), 4.2),
@@ -197,7 +195,7 @@ def write_plot(document: dict, folder: Path, final_folder: Path) -> str:
         numbers = [row["spread"][key] for row in rows]
         means = [n["mean"] * scale for n in numbers]
         whiskers = [[m - n["min"] * scale for m, n in zip(means, numbers)],
-                    [n["max"] * scale - m for m, n in zip(means, numbers)]]
+                    [n["max"] * scale - m for m, n in zip(means, numbers)]] if seeds > 1 else None
         axes.bar([p + offset for p in positions], means, width, yerr=whiskers, capsize=4, label=label, color=color)
         for p, m, n in zip(positions, means, numbers):  # the mean, above the top whisker
             axes.annotate(f"{m:.{digits}f}", (p + offset, n["max"] * scale), xytext=(0, 3), textcoords="offset points",
@@ -205,22 +203,22 @@ def write_plot(document: dict, folder: Path, final_folder: Path) -> str:
         return numbers
 
     accuracy = bars(scores, "test_accuracy", -0.2, 0.4, "test accuracy (%)", "tab:blue", 100, 1)
-    f1 = bars(scores, "test_f1", 0.2, 0.4, f"test F1 ({positive}) x 100", "tab:orange", 100, 1)
+    f1 = bars(scores, "test_f1", 0.2, 0.4, f"test F1 of {positive} (%)", "tab:orange", 100, 1)
     lowest = min(n["min"] for n in accuracy + f1) * 100
     scores.set_ylim(max(0.0, 10 * int(lowest // 10) - 10), 108)  # the axis starts below the lowest whisker
     scores.set_xticks(positions, names)
     scores.set_ylabel("on the test set")
     scores.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2, frameon=False, fontsize=8)
-    seeds = len(document["seeds"])
-    scores.set_title(f"mean of {seeds} seed{'s' if seeds > 1 else ''}, whiskers min-max"
-                     f"{'; * differs from ' + document['reference'] + ' (McNemar, 5%)' if len(rows) > 1 else ''}",
-                     fontsize=9)
+    scores.set_title((f"{title}\nmean of {seeds} seeds, whiskers min-max" if seeds > 1 else
+                      f"{title}\none seed") + (f"; * differs from {document['reference']} (McNemar, 5%)"
+                                                          if len(rows) > 1 else ""), fontsize=9)
     durations = bars(times, "training_seconds", 0.0, 0.6, "training time", "tab:gray", 1, 1)
-    if max(n["max"] for n in durations) > 20 * max(min(n["min"] for n in durations), 1e-9):
+    logarithmic = max(n["max"] for n in durations) > 20 * max(min(n["min"] for n in durations), 1e-9)
+    if logarithmic:
         times.set_yscale("log")  # head and all differ 100-fold: a linear axis hides the short ones
     times.margins(y=0.15)
     times.set_xticks(positions, [row["strategy"] for row in rows], rotation=30, ha="right")
-    times.set_ylabel("seconds per run")
+    times.set_ylabel("seconds per run" + (" (log scale)" if logarithmic else ""))
     times.set_title("training time" + ("\n(the frozen work done once apart)" if document["frozen_work"] else ""),
                     fontsize=9)
     figure.tight_layout()

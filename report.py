@@ -181,55 +181,73 @@ def write_run(run_dir: Path, final_dir: Path, result: RunResult, facts: RunFacts
     seeded = replace(facts, training_seed=result.seed if facts.cfg.seeds else None)
     write_json(run_dir / "metrics.json", metrics_document(result, seeded))
     if facts.cfg.plot:
-        log(write_plots(result, run_dir, final_dir))
+        title = f"{plot_title(facts.cfg)}, {result.strategy}" + (f" (seed {result.seed})" if facts.cfg.seeds else "")
+        log(write_plots(result, run_dir, final_dir, title))
 
 
-def write_plots(result: RunResult, folder: Path, final_folder: Path) -> str:
+def plot_title(cfg) -> str:
+    """What a plot shows, for its title: the data and the model."""
+    model = Path(cfg.model).name + (", random weights" if cfg.init == "random" else "")
+    return f"{Path(cfg.data).name if cfg.data else 'SMS Spam Collection'}, {model}"
+
+
+MAX_CELLS_WRITTEN = 30  # classes up to which a confusion matrix plot writes each count in its cell
+MAX_CLASSES_PLOTTED = 100  # beyond, the matrix is metrics.json's alone: a plot would be unreadable and slow
+
+
+def write_plots(result: RunResult, folder: Path, final_folder: Path, title: str) -> str:
     """Loss and accuracy curves and the confusion matrices as PNG in `folder` (the run folder
-    being built, which becomes `final_folder`); matplotlib is optional, and a plot that fails
-    is a note, never the end of a finished run."""
+    being built, which becomes `final_folder`). A plot that fails is a note, never the end of a
+    finished run. train.py checks that matplotlib is there before any work."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        return "--plot: matplotlib is not installed, no plots written (pip install matplotlib)"
-    try:
-        _plot(result, folder, plt, MaxNLocator)
+
+        written = _plot(result, folder, plt, title)
     except Exception as error:  # noqa: BLE001 - matplotlib's failures are many; the run is what matters
         return f"--plot: no plots written ({type(error).__name__}: {one_line(error)})"
-    return f"plots written: loss.png, accuracy.png, confusion_matrix_*.png in {final_folder}"
+    return f"plots written in {final_folder}: {', '.join(written)}"
 
 
-def _plot(result: RunResult, folder: Path, plt, MaxNLocator) -> None:  # noqa: N803 - matplotlib's class
-    epochs = [record.epoch for record in result.training.history]
-    for quantity in ("loss", "accuracy"):
-        figure, axes = plt.subplots(figsize=(5, 3.5))
+def _plot(result: RunResult, folder: Path, plt, title: str) -> list[str]:
+    history, best = result.training.history, result.training.best_epoch
+    epochs = [record.epoch for record in history]
+    for quantity, scale, unit in (("loss", 1, ""), ("accuracy", 100, " (%)")):
+        figure, axes = plt.subplots(figsize=(6, 3.8))
         for split in ("train", "validation"):
-            axes.plot(epochs, [getattr(r, f"{split}_{quantity}") for r in result.training.history], marker="o",
-                      label=split)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        axes.set(xlabel="epoch", ylabel=quantity)
-        axes.legend()
+            axes.plot(epochs, [scale * getattr(r, f"{split}_{quantity}") for r in history], marker="o", label=split)
+        axes.axvline(best, color="gray", linestyle=":", label=f"kept: epoch {best}")
+        axes.set_xticks(epochs)  # whole epochs, however few
+        axes.set(xlabel="epoch", ylabel=quantity + unit, title=f"{quantity}: {title}")
+        axes.title.set_fontsize(9)
+        axes.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(folder / f"{quantity}.png", dpi=120)
         plt.close(figure)
+    written = ["loss.png", "accuracy.png"]
     for split, report in result.reports.items():
-        figure, axes = plt.subplots(figsize=(4, 3.5))
+        names = report.label_names
+        if len(names) > MAX_CLASSES_PLOTTED:
+            continue
+        figure, axes = plt.subplots(figsize=(4.5 + len(names) / 8, 4 + len(names) / 8))
         axes.imshow(report.confusion_matrix, cmap="Blues", vmin=0)
-        names, darkest = report.label_names, max(max(row) for row in report.confusion_matrix)
-        axes.set_xticks(range(len(names)), names)
+        axes.set_xticks(range(len(names)), names, rotation=90 if len(names) > 8 else 0)
         axes.set_yticks(range(len(names)), names)
-        axes.set(xlabel="predicted", ylabel="true", title=f"{split}: accuracy {report.accuracy:.2%}")
-        for i, row in enumerate(report.confusion_matrix):
+        axes.set(xlabel="predicted", ylabel="true", title=f"{split}: accuracy {report.accuracy:.2%}\n{title}")
+        axes.title.set_fontsize(9)
+        darkest = max(max(row) for row in report.confusion_matrix)
+        for i, row in enumerate(report.confusion_matrix if len(names) <= MAX_CELLS_WRITTEN else []):
             for j, count in enumerate(row):  # white on the dark cells, black on the light ones
-                axes.text(j, i, f"{count:,}", ha="center", va="center",
-                          color="white" if count > darkest / 2 else "black")
+                axes.text(j, i, f"{count:,}", ha="center", va="center", color="white" if count > darkest / 2 else "black")
         figure.tight_layout()
         figure.savefig(folder / f"confusion_matrix_{split}.png", dpi=120)
         plt.close(figure)
+        written.append(f"confusion_matrix_{split}.png")
+    if len(written) == 2:
+        written.append(f"no confusion matrix plots (more than {MAX_CLASSES_PLOTTED} classes: see metrics.json)")
+    return written
 
 
 def default_out_dir() -> Path:

@@ -13,6 +13,7 @@ train.py calls `main(argv, TrainConfig, pipeline)`: this module never imports tr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import signal
 import sys
@@ -259,6 +260,8 @@ def check_config(cfg) -> gpt.GPTConfig:
     ):
         if not ok:
             raise ValueError(f"{flag} {value}: must be {requirement}")
+    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib (or pip install -e \".[plot]\")")
     datafiles.check_delimiter(cfg.delimiter)  # ValueError naming --delimiter
     datafiles.check_encoding(cfg.encoding)  # ValueError naming --encoding
     if (cfg.validation_data is None) != (cfg.test_data is None):

@@ -9,6 +9,7 @@ fails leaves no folder behind.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import subprocess
@@ -224,15 +225,13 @@ def test_the_prefix_cache_changes_no_result(workspace, base_run, monkeypatch, ca
 
 
 def test_compare_trains_each_strategy_and_prints_one_table(workspace, monkeypatch, capsys):
-    args = tiny_args(workspace, "--out", "run", "--compare", "head,gradual", "--plot")
+    plotting = importlib.util.find_spec("matplotlib") is not None  # optional: pip install -e ".[plot]"
+    args = tiny_args(workspace, "--out", "run", "--compare", "head,gradual", *(["--plot"] if plotting else []))
     code, stdout, _ = run_in(workspace / "compare", args, monkeypatch, capsys)
     assert code == 0
-    try:
-        import matplotlib  # noqa: F401
-
-        assert (workspace / "compare" / "run" / "head" / "confusion_matrix_test.png").is_file()
-    except ImportError:
-        assert "pip install matplotlib" in stdout  # optional: a note, not an error
+    if plotting:
+        for name in ("head/confusion_matrix_test.png", "gradual/loss.png", "compare.png"):
+            assert (workspace / "compare" / "run" / name).is_file(), name
     run_dir = workspace / "compare" / "run"
     rows = json.loads((run_dir / "compare.json").read_text())["rows"]
     assert [row["strategy"] for row in rows] == ["head", "gradual"]
@@ -276,16 +275,14 @@ def test_a_comparison_gives_each_strategy_what_a_run_of_its_own_gives(workspace,
 
 @pytest.fixture(scope="module")
 def seeded_run(workspace: Path) -> tuple[Path, str]:
-    """--compare head,last-block --seeds 2, with --plot and without matplotlib."""
+    """--compare head,last-block --seeds 2."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where it is not installed
         folder = workspace / "seeded"
         folder.mkdir()
         monkeypatch.chdir(folder)
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            code = train.main(tiny_args(workspace, "--out", "run", "--compare", "head,last-block", "--seeds", "2",
-                                        "--plot"))
+            code = train.main(tiny_args(workspace, "--out", "run", "--compare", "head,last-block", "--seeds", "2"))
     assert code == 0
     return folder / "run", stdout.getvalue()
 
@@ -330,7 +327,6 @@ def test_compare_json_holds_each_run_the_spread_and_the_paired_tests(seeded_run)
     block = table[: table.index("whole comparison")].splitlines()
     assert max(len(line) for line in block) <= 100, "the table and its notes fit 100 columns"
     assert "mean ± standard deviation over 2 training seeds (123, 124)" in table
-    assert "no compare.png written (pip install matplotlib)" in stdout  # optional: a note, not an error
 
 
 def test_seeds_without_compare_repeat_the_one_strategy(workspace, monkeypatch, capsys):
@@ -419,6 +415,14 @@ def test_bad_arguments_give_one_line_and_exit_code_2(case, workspace, monkeypatc
     assert code == 2
     assert stderr.startswith("error: ") and stderr.count("\n") == 1 and message in stderr
     assert not (workspace / "bad" / "run").exists()
+
+
+def test_plot_without_matplotlib_is_one_line_before_any_work(workspace, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where it is not installed
+    code, stdout, stderr = run_in(workspace / "no-matplotlib", tiny_args(workspace, "--out", "run", "--plot"),
+                                  monkeypatch, capsys)
+    assert code == 2 and "pip install matplotlib" in stderr and stderr.count("\n") == 1
+    assert "1. labelled text" not in stdout and list((workspace / "no-matplotlib").iterdir()) == []
 
 
 def test_lora_rank_is_checked_before_any_work():
