@@ -14,7 +14,6 @@ with the same results (fastpath.py; tests prove them equal).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -32,7 +31,7 @@ from torch.nn import functional as F
 import data
 import gpt
 import hfformat
-import hub
+import runfiles
 
 POOLINGS = ("last", "mean", "special", "first")
 
@@ -293,7 +292,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))  # (r, in)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))  # (out, r)
-        self.scale = alpha / rank
+        self.alpha, self.scale = alpha, alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., out), through rank r
@@ -318,60 +317,48 @@ def add_lora(model: GPTClassifier, rank: int, alpha: float) -> None:
 
 # --------------------------------------------------------------------------- save and load
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "classifier.safetensors"
-FORMAT, FORMAT_VERSION = "gpt2-classifier", 1
-
 
 @dataclass
 class ClassifierConfig:
-    """Everything needed to rebuild a saved classifier and prepare its input text."""
+    """Everything needed to rebuild a saved classifier and prepare its input text; `base`: the
+    starting weights a folder of trained weights completes (runfiles.weights_identity), `lora`:
+    the rank and alpha of the adapters such a folder holds."""
 
     gpt: gpt.GPTConfig
     label_names: list[str]
     pooling: str = "last"
     max_length: int = 1024  # longer texts keep their first max_length tokens
     tokenizer: str = "gpt2"
+    base: dict[str, str] | None = None
+    lora: dict[str, float] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "gpt": asdict(self.gpt),
+        return {"format": runfiles.FORMAT, "format_version": runfiles.FORMAT_VERSION, "gpt": asdict(self.gpt),
                 "num_classes": self.num_classes, "label_names": self.label_names, "pooling": self.pooling,
-                "max_length": self.max_length, "tokenizer": self.tokenizer}
+                "max_length": self.max_length, "tokenizer": self.tokenizer,
+                **({"base": self.base} if self.base else {}), **({"lora": self.lora} if self.lora else {})}
 
     @classmethod
     def from_dict(cls, fields: object) -> ClassifierConfig:
         """Rebuild from `to_dict`'s output; a ValueError says what is wrong with any other input."""
-        if not isinstance(fields, dict) or fields.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} config (its 'format' field is not {FORMAT!r})")
-        if fields.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format_version {fields.get('format_version')!r}; "
-                             f"this classify.py reads version {FORMAT_VERSION}")
-        missing = {"gpt", "label_names", "pooling", "max_length", "tokenizer"} - fields.keys()
-        if missing:
-            raise ValueError(f"field {sorted(missing)[0]!r} is missing")
-        names, max_length, shape = fields["label_names"], fields["max_length"], fields["gpt"]
-        if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)
-                and len(set(names)) == len(names) == fields.get("num_classes")):
-            raise ValueError(f"num_classes {fields.get('num_classes')!r} and label_names {names!r}: need one "
-                             "distinct name per class, and at least 2 classes")
-        if not isinstance(shape, dict) or not shape.keys() <= set(gpt.GPTConfig.__dataclass_fields__):
-            raise ValueError(f"gpt {shape!r}: expected an object with the fields of GPTConfig")
-        config = cls(gpt.GPTConfig(**shape), names, fields["pooling"], max_length, fields["tokenizer"])
-        if config.pooling not in POOLINGS or config.tokenizer != "gpt2":
-            raise ValueError(f"pooling {config.pooling!r} and tokenizer {config.tokenizer!r}: expected one of "
-                             f"{', '.join(POOLINGS)}, and gpt2")
+        fields = runfiles.check_fields(fields)
+        config = cls(gpt.GPTConfig(**fields["gpt"]), fields["label_names"], fields["pooling"], fields["max_length"],
+                     fields["tokenizer"], fields.get("base"), fields.get("lora"))
+        if config.pooling not in POOLINGS:
+            raise ValueError(f"pooling {gpt.quoted(config.pooling)}: expected one of {', '.join(POOLINGS)}")
         longest = longest_text(config.gpt, config.pooling)
-        if not (type(max_length) is int and 1 <= max_length <= longest):
-            raise ValueError(f"max_length {max_length!r}: must be an integer in 1..{longest}")
+        if not (type(config.max_length) is int and 1 <= config.max_length <= longest):
+            raise ValueError(f"max_length {gpt.quoted(config.max_length)}: must be an integer in 1..{longest}")
         return config
 
 
 def classifier_tensors(model: GPTClassifier) -> dict[str, torch.Tensor]:
-    """The weights to save, by name: LoRA adapters merged into plain weights, the unused
-    vocabulary head (tied to wte) left out."""
+    """Every weight, by name: LoRA adapters merged into plain weights, the unused vocabulary head
+    (tied to wte) left out."""
     tensors = dict(model.state_dict())
     tensors.pop("gpt.lm_head.weight", None)
     for name, module in model.named_modules():
@@ -381,67 +368,63 @@ def classifier_tensors(model: GPTClassifier) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
 
 
-def save_classifier(model: GPTClassifier, run_dir: str | Path, label_names: list[str], max_length: int | None) -> None:
+def save_classifier(model: GPTClassifier, run_dir: str | Path, label_names: list[str], max_length: int | None,
+                    base: dict[str, str] | None = None) -> None:
     """Write run_dir/classifier.safetensors and run_dir/config.json (max_length None: the longest
-    text the model reads).
-
-    A saved LoRA model is a plain classifier (adapters merged). Both files are written whole and
-    renamed into place, the old config.json removed first: a crash leaves either the previous
-    run or a folder `load_classifier` rejects as incomplete, never new weights beside an old config.
-    """
+    text the model reads). With `base`, the identity of the weights training started from
+    (runfiles.weights_identity), only what trains is written, LoRA's adapters as they are; else
+    every weight, LoRA merged, and the folder needs nothing else (runfiles.py)."""
     if len(label_names) != model.num_classes:
         raise ValueError(f"{len(label_names)} label names {label_names} for a {model.num_classes}-class head")
-    cfg = model.gpt.cfg
-    max_length = longest_text(cfg, model.pooling) if max_length is None else max_length
-    config = ClassifierConfig(cfg, list(label_names), model.pooling, max_length)
+    trained = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    if len(trained) == len(dict(model.named_parameters())):  # "all": nothing left to find again
+        base = None
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    lora = {"rank": adapters[0].lora_A.shape[0], "alpha": adapters[0].alpha} if adapters and base else None
+    max_length = longest_text(model.gpt.cfg, model.pooling) if max_length is None else max_length
+    config = ClassifierConfig(model.gpt.cfg, list(label_names), model.pooling, max_length, base=base, lora=lora)
     ClassifierConfig.from_dict(config.to_dict())  # the same checks as loading
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).unlink(missing_ok=True)
-    with hub.atomic_open(run_dir / WEIGHTS_FILE) as file:
-        gpt.write_safetensors(file, classifier_tensors(model), metadata={"format": FORMAT})
-    with hub.atomic_open(run_dir / CONFIG_FILE) as file:
-        file.write((json.dumps(config.to_dict(), indent=2) + "\n").encode("utf-8"))
+    runfiles.write(run_dir, config.to_dict(), trained if base else classifier_tensors(model))
 
 
 def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[GPTClassifier, ClassifierConfig]:
-    """Rebuild a saved classifier in eval mode on `device`. Nothing is unpickled: the config is
-    JSON and the weights are safetensors. ValueError (one line) when the folder is missing,
-    incomplete, corrupt, or its weights do not match its config. A folder saved by transformers'
-    GPT2ForSequenceClassification loads too: its score head (with a zero bias), its id2label names."""
+    """Rebuild a saved classifier in eval mode on `device`: all its weights from the folder, or its
+    trained ones laid over the starting weights, found again and checked (runfiles.py). Nothing
+    is unpickled; ValueError (one line) when the folder is missing, incomplete, corrupt, or its
+    weights do not match its config. A folder saved by transformers' GPT2ForSequenceClassification
+    loads too: its score head (with a zero bias), its id2label names."""
     run_dir = Path(run_dir)
     if hfformat.saved_by_transformers(run_dir):  # machinery: hfformat.py reads transformers' layout
         backbone, score, names, max_length = hfformat.read_classifier(run_dir)
         model = GPTClassifier(backbone, len(names))
         model.head.load_state_dict({"weight": score, "bias": torch.zeros(len(names))})  # score has no bias
         return model.to(device).eval(), ClassifierConfig(backbone.cfg, names, "last", max_length)
-    if not run_dir.is_dir():
-        raise ValueError(f"run folder {run_dir} does not exist (train one with: python train.py --out {run_dir})")
-    config_path, weights_path = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise ValueError(f"{path} is missing: {run_dir} is not a complete saved classifier")
-    try:
-        config = ClassifierConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, RecursionError, ValueError, TypeError) as error:
-        raise ValueError(f"{config_path}: {' '.join(str(error).split())}") from None
-    infos, _, _ = gpt.read_header(weights_path)  # shapes first: nothing is read or built for a wrong file
+    fields, infos, weights_path = runfiles.read(run_dir)
+    config = ClassifierConfig.from_dict(fields)
     blocks_in_file = {m.group(1) for name in infos if (m := re.match(r"gpt\.h\.(\d+)\.", name))}
-    if len(blocks_in_file) != config.gpt.n_layers:
-        raise ValueError(f"{weights_path} holds {len(blocks_in_file)} blocks, {config_path} says {config.gpt.n_layers}")
-    with torch.device("meta"):  # no memory and no random init: every weight comes from the file
+    if config.base is None and len(blocks_in_file) != config.gpt.n_layers:
+        raise ValueError(f"{weights_path} holds {len(blocks_in_file)} blocks, its config.json says {config.gpt.n_layers}")
+    with torch.device("meta"):  # no memory and no random init: every weight comes from a file
         model = GPTClassifier(gpt.GPTModel(config.gpt), config.num_classes, config.pooling)
+    if config.base is not None:  # the starting weights first, then what training changed over them
+        model.gpt = gpt.load_gpt2(runfiles.find_weights(config.base), config=config.gpt)
+        if config.lora:
+            add_lora(model, config.lora["rank"], config.lora["alpha"])
     expected = {name: tensor for name, tensor in model.state_dict().items() if name != "gpt.lm_head.weight"}
-    missing, unexpected = sorted(expected.keys() - infos.keys()), sorted(infos.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{weights_path} does not match {config_path}: missing tensors {missing[:3]}, "
+    wanted = [name for name in expected if name in infos or config.base is None]  # trained ones only, over a base
+    missing, unexpected = [name for name in wanted if name not in infos], sorted(infos.keys() - expected.keys())
+    if missing or unexpected or not wanted:
+        raise ValueError(f"{weights_path} does not match its config.json: missing tensors {missing[:3]}, "
                          f"unexpected tensors {unexpected[:3]}")
-    for name, want in expected.items():
-        if infos[name].shape != tuple(want.shape) or infos[name].dtype not in gpt.LOADABLE_DTYPES:
+    for name in wanted:
+        want = tuple(expected[name].shape)
+        if infos[name].shape != want or infos[name].dtype not in gpt.LOADABLE_DTYPES:
             raise ValueError(f"tensor {name}: {infos[name].dtype} {infos[name].shape} in {weights_path}, "
-                             f"{config_path} expects a float tensor of shape {tuple(want.shape)}")
+                             f"its config.json expects a float tensor of shape {want}")
     tensors = gpt.read_safetensors(weights_path)
-    model.load_state_dict({name: tensors[name].float() for name in expected}, strict=False, assign=True)
+    if any(not torch.isfinite(tensor).all() for tensor in tensors.values()):
+        raise ValueError(f"{weights_path}: a tensor holds NaN or infinity; this run cannot classify")
+    model.load_state_dict({name: tensors[name].float() for name in wanted}, strict=False, assign=True)
     model.gpt.lm_head.weight = model.gpt.wte.weight  # re-tie the (unused) vocabulary head
     return model.to(device).eval(), config
 

@@ -33,6 +33,7 @@ import fastpath
 import gpt
 import hub
 import report
+import runfiles
 
 Log = Callable[[str], None]
 
@@ -84,14 +85,17 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
             job.log, job.progress = console.line, console.progress
             job.detail = console.progress if comparing else console.line
         out = Path(cfg.out) if cfg.out else report.default_out_dir()
-        folders, example = [], []
+        folders, example, base = [], [], {}
         with report.staged_output(out, runtime) as staging:  # None on every process but rank 0
             distributed.load_in_turn(runtime, lambda: fetch_files(cfg))
 
             def save(model: classify.GPTClassifier, result, tokens, splits: data.Splits) -> None:
                 folder = report.run_folder(result.strategy, result.seed, comparing, several_seeds=len(cfg.seeds) > 1)
                 (staging / folder).mkdir(parents=True, exist_ok=True)
-                classify.save_classifier(model.cpu(), staging / folder, splits.label_names, tokens.max_length)
+                if cfg.save == "trained" and cfg.init == "pretrained" and not base:  # once for every run
+                    base.update(runfiles.weights_identity(cfg.model, cfg.cache_dir))
+                classify.save_classifier(model.cpu(), staging / folder, splits.label_names, tokens.max_length,
+                                         base or None)
                 facts = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, precision, started)
                 report.write_run(staging / folder, out / folder, result, facts, job.log)
                 folders.append(out / folder)
@@ -195,6 +199,10 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                        help="auto (the default: cuda, then mps, then cpu), cuda, mps or cpu")
     group.add_argument("--out", metavar="DIR", help="where the run is written (classifier.safetensors, "
                        "config.json, metrics.json); default: runs/<timestamp>")
+    group.add_argument("--save", default=defaults.save, choices=("trained", "full"), help="what a run folder holds: "
+                       "the trained weights alone, beside the identity (sha256) of the starting weights they "
+                       "complete, found again when loading (the default; runs from random weights are always whole), "
+                       "or every weight (full: a folder that needs nothing else, ~500 MB for gpt2-small)")
     group.add_argument("--plot", action="store_true",
                        help="also write loss/accuracy curves and confusion matrices as PNG (needs matplotlib)")
     group.add_argument("--compare", default="", metavar="STRATEGY,STRATEGY,...", help="train each listed strategy "

@@ -84,6 +84,7 @@ class TrainConfig:
     seed: int = 123
     device: str = "auto"
     out: str | None = None  # None: runs/<timestamp>
+    save: str = "trained"  # or "full": every weight, not only the trained ones beside the starting weights' identity
     eval_every: int = 0  # 0: evaluate only at the end of each epoch
     plot: bool = False
     compare: list[str] = field(default_factory=list)
