@@ -331,6 +331,7 @@ class ClassifierConfig:
     tokenizer: str = "gpt2"
     base: dict[str, str] | None = None
     lora: dict[str, float] | None = None
+    truncation_side: str = "right"  # "left": a longer text keeps its end (a transformers folder may say so)
 
     @property
     def num_classes(self) -> int:
@@ -395,10 +396,10 @@ def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu") -> 
     loads too: its score head (with a zero bias), its id2label names."""
     run_dir = Path(run_dir)
     if hfformat.saved_by_transformers(run_dir):  # machinery: hfformat.py reads transformers' layout
-        backbone, score, names, max_length = hfformat.read_classifier(run_dir)
+        backbone, score, names, max_length, side = hfformat.read_classifier(run_dir)
         model = GPTClassifier(backbone, len(names))
         model.head.load_state_dict({"weight": score, "bias": torch.zeros(len(names))})  # score has no bias
-        return model.to(device).eval(), ClassifierConfig(backbone.cfg, names, "last", max_length)
+        return model.to(device).eval(), ClassifierConfig(backbone.cfg, names, "last", max_length, truncation_side=side)
     fields, infos, weights_path = runfiles.read(run_dir)
     config = ClassifierConfig.from_dict(fields)
     blocks_in_file = {m.group(1) for name in infos if (m := re.match(r"gpt\.h\.(\d+)\.", name))}
@@ -439,20 +440,23 @@ class Prediction:
     probabilities: dict[str, float]
 
 
-def prepare_tokens(tokenizer, text: str, max_length: int) -> list[int]:
-    """The token ids the classifier reads for `text`: its first max_length tokens, as in training.
-    An empty text becomes the single token <|endoftext|>: the model's view of "no text", which
-    still gets a label and probabilities, never an error."""
-    return data.encode(tokenizer, text)[:max_length] or [data.END_OF_TEXT_ID]
+def prepare_tokens(tokenizer, text: str, max_length: int, truncation_side: str = "right") -> list[int]:
+    """The token ids the classifier reads for `text`: its first max_length tokens, as in training
+    (truncation_side "left": its last). An empty text becomes the single token <|endoftext|>: the
+    model's view of "no text", which still gets a label and probabilities, never an error."""
+    keep = "end" if truncation_side == "left" else "start"
+    return data.encode_within(tokenizer, text, max_length, keep) or [data.END_OF_TEXT_ID]
 
 
 def predict(model: GPTClassifier, config: ClassifierConfig, texts: list[str], batch_size: int = 32,
-            device: torch.device | str | None = None) -> list[Prediction]:
-    """Label and class probabilities for each text, in the order given.
+            device: torch.device | str | None = None, top: int | None = None) -> list[Prediction]:
+    """Label and class probabilities for each text, in the order given ("Inferência e uso prático
+    do modelo": tokenize, run the model, read the probabilities, pick the most likely class).
 
     Texts are tokenized (`prepare_tokens`), sorted by length so each batch carries little
     padding, run in eval mode without autograd, and returned in their original order. `device`
-    moves the model there; None keeps it where it is.
+    moves the model there; None keeps it where it is. `top`: only the `top` most likely classes'
+    probabilities, most likely first (a model of a million classes costs no more per text).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: must be at least 1")
@@ -462,9 +466,10 @@ def predict(model: GPTClassifier, config: ClassifierConfig, texts: list[str], ba
     tokenizer = data.get_tokenizer(config.tokenizer)
     if config.gpt.vocab_size < tokenizer.n_vocab:  # checked here, not at load: a tiny test model loads fine
         raise ValueError(f"the model embeds {config.gpt.vocab_size} tokens, GPT-2's tokenizer {tokenizer.n_vocab}")
-    token_ids = [prepare_tokens(tokenizer, text, config.max_length) for text in texts]
+    token_ids = [prepare_tokens(tokenizer, text, config.max_length, config.truncation_side) for text in texts]
     order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
-    probabilities: list[list[float]] = [[] for _ in texts]
+    predictions: list[Prediction | None] = [None] * len(texts)
+    names, shown = config.label_names, min(top or config.num_classes, config.num_classes)
     was_training = model.training
     model.eval()
     try:
@@ -472,14 +477,15 @@ def predict(model: GPTClassifier, config: ClassifierConfig, texts: list[str], ba
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 batch = data.collate([(token_ids[i], 0) for i in chunk]).to(device)
-                logits = model(batch.token_ids, batch.lengths)  # (B, K)
-                for i, row in zip(chunk, torch.softmax(logits.float(), dim=-1).tolist()):
-                    probabilities[i] = row
+                probabilities = torch.softmax(model(batch.token_ids, batch.lengths).float(), dim=-1)  # (B, K)
+                values, classes = probabilities.topk(shown) if top else (probabilities, None)  # (B, top) or (B, K)
+                for row, i in enumerate(chunk):
+                    kept = [names[k] for k in classes[row].tolist()] if top else names
+                    predictions[i] = Prediction(texts[i], names[int(probabilities[row].argmax())],
+                                                dict(zip(kept, values[row].tolist())))
     finally:
         model.train(was_training)
-    names = config.label_names
-    return [Prediction(text, names[row.index(max(row))], dict(zip(names, row)))
-            for text, row in zip(texts, probabilities)]
+    return predictions
 
 
 if __name__ == "__main__":  # the command's reading and printing live in report.py, which never imports this file

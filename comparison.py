@@ -227,21 +227,30 @@ def write_plot(document: dict, folder: Path, final_folder: Path, title: str) -> 
     return f"plot written: {final_folder / 'compare.png'}"
 
 
+MAX_SEEDS = 100  # training seeds per strategy: each is a whole training run
+
+
 def parse_seeds(text: str, seed: int) -> list[int]:
     """--seeds: a count N gives the training seeds seed, seed + 1, ..., seed + N - 1 (N = 1 gives
-    [], the plain run); a comma-separated list gives its own seeds."""
+    [], the plain run); a comma-separated list gives its own seeds. Checked before anything is
+    built: at most MAX_SEEDS, each in 0..2**63-1 (what torch.manual_seed takes), none twice."""
     parts = [part.strip() for part in text.split(",")]
     try:
-        seeds = [int(part) for part in parts if part]
+        numbers = [int(part) for part in parts if part]
     except ValueError:
-        seeds = []
-    if len(parts) == 1 and seeds:  # a count
-        seeds = [seed + i for i in range(seeds[0])]
-        if seeds == [seed]:
-            return []
-    if not seeds or len(set(seeds)) < len(seeds):
-        raise ValueError(f"--seeds {text}: give a number of seeds (e.g. 3) or a list of different seeds (e.g. 1,2,3)")
-    return seeds
+        numbers = []
+    count = numbers[0] if len(parts) == 1 and numbers else len(numbers)
+    if not numbers or not 1 <= count <= MAX_SEEDS:
+        raise ValueError(f"--seeds {shortened(text)}: give a number of seeds from 1 to {MAX_SEEDS} (e.g. 3) or a list "
+                         "of different seeds (e.g. 1,2,3)")
+    seeds = [seed + i for i in range(count)] if len(parts) == 1 else numbers
+    if not all(0 <= s < 2**63 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ValueError(f"--seeds {shortened(text)}: seeds must be different and in 0..2**63-1")
+    return [] if seeds == [seed] and len(parts) == 1 else seeds
+
+
+def shortened(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def reference_strategy(reference: str | None, strategies: list[str]) -> str:

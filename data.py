@@ -230,6 +230,33 @@ def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
     return tokenizer.encode(text, disallowed_special=())
 
 
+def encode_within(tokenizer: tiktoken.Encoding, text: str, max_length: int, keep: str = "start") -> list[int]:
+    """`encode(text)[:max_length]` (keep "start") or its last max_length ids ("end"), tokenizing only
+    that part of a long text: a 60 MB text costs what a page does. Exact: the text is cut only
+    before a space that precedes a non-space, where GPT-2's pre-tokenizer always starts a new
+    piece, so every piece on the kept side is split as in the whole text."""
+    reach = 8 * max_length + 64  # characters: a token is rarely longer than 8
+    while reach < len(text):
+        cut = _piece_start(text, reach if keep == "start" else len(text) - reach, keep == "start")
+        if cut is None:
+            break
+        ids = encode(tokenizer, text[:cut] if keep == "start" else text[cut:])
+        if len(ids) >= max_length:
+            return ids[:max_length] if keep == "start" else ids[len(ids) - max_length :]
+        reach *= 2
+    ids = encode(tokenizer, text)
+    return ids[:max_length] if keep == "start" else ids[max(len(ids) - max_length, 0) :]
+
+
+def _piece_start(text: str, position: int, forward: bool) -> int | None:
+    """The first (forward) or last position from `position` holding a space followed by a non-space."""
+    while 0 <= position < len(text) - 1:
+        if text[position] == " " and not text[position + 1].isspace():
+            return position
+        position += 1 if forward else -1
+    return None
+
+
 class ClassificationDataset(torch.utils.data.Dataset):
     """(token ids, label) pairs, unpadded: padding happens per batch in `collate`."""
 

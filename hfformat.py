@@ -183,10 +183,11 @@ def label_names_from(config: dict, num_labels: int, where: object) -> list[str]:
     return names
 
 
-def read_classifier(folder: str | Path) -> tuple[gpt.GPTModel, torch.Tensor, list[str], int]:
+def read_classifier(folder: str | Path) -> tuple[gpt.GPTModel, torch.Tensor, list[str], int, str]:
     """A GPT2ForSequenceClassification folder saved by transformers: (the GPT-2 backbone, the score
     head's weight (K, C), the class names from id2label, the longest text in tokens: the tokenizer's
-    model_max_length where tokenizer_config.json gives one, else the context length). Its weights
+    model_max_length where tokenizer_config.json gives one, else the context length, and the side
+    a longer text loses: its truncation_side, "right" unless it says "left"). Its weights
     may be one model.safetensors or shards. ValueError (one line) for a folder without a
     classification head, a head that is not finite, or a pad token classify.py would read differently."""
     folder = Path(folder)
@@ -209,13 +210,17 @@ def read_classifier(folder: str | Path) -> tuple[gpt.GPTModel, torch.Tensor, lis
                          "where transformers would skip it and classify.py would not; classify.py reads folders whose "
                          f"pad_token_id is {PAD_TOKEN_ID} (<|endoftext|>), a new token, or null")
     label_names = label_names_from(config, num_labels, folder / CONFIG_FILE)
-    max_length = None
+    tokenizer_config = {}
     if os.path.lexists(folder / "tokenizer_config.json"):  # optional; when there, readable
         tokenizer_config = gpt.read_json(folder / "tokenizer_config.json")
-        max_length = tokenizer_config.get("model_max_length") if isinstance(tokenizer_config, dict) else None
+        tokenizer_config = tokenizer_config if isinstance(tokenizer_config, dict) else {}
+    max_length, side = tokenizer_config.get("model_max_length"), tokenizer_config.get("truncation_side", "right")
+    if side not in ("right", "left"):
+        raise ValueError(f"{folder / 'tokenizer_config.json'}: truncation_side {gpt.quoted(side)} is neither right "
+                         "nor left")
     if not (type(max_length) is int and 1 <= max_length <= shape.context_length):  # transformers' "no limit": 1e30
         max_length = shape.context_length
     score = gpt.read_safetensors(weights, names={"score.weight"})["score.weight"].float()
     if not torch.isfinite(score).all():
         raise ValueError(f"{weights}: score.weight holds NaN or infinity: no text could be classified with it")
-    return gpt.load_gpt2(folder, config=shape), score, label_names, max_length
+    return gpt.load_gpt2(folder, config=shape), score, label_names, max_length, side

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import shlex
 import sys
 import time
@@ -329,57 +330,85 @@ def shorten(text: str, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+MAX_BATCH, CHUNK, SHOWN = 4096, 1024, 10  # texts per batch at most; texts classified then printed; classes shown
+
+
 def classify_command(classify: ModuleType, argv: list[str] | None = None) -> int:
     """`python classify.py --model RUN_DIR "text" ...`: returns the exit code (0, or 2 with one line
     on stderr). `classify` is classify.py, which its `__main__` block passes in: this module never
-    imports it, so the imports flow one way."""
+    imports it, so the imports flow one way. Texts are classified and printed a chunk at a time,
+    and a model of many classes shows the most likely ten: memory stays what the model reads."""
     parser = argparse.ArgumentParser(
         prog="classify.py", description="Classify texts with a fine-tuned GPT-2 classifier saved by train.py.",
         epilog="An empty text is classified as the single token <|endoftext|> (the model's view of 'no text'). "
         "A text longer than the run's max_length keeps its first max_length tokens, as in training. "
-        "Messages per second are reported on stderr.")
+        f"With more than {SHOWN} classes, the {SHOWN} most likely are shown. Messages per second go to stderr.")
     parser.add_argument("texts", nargs="*", help="texts to classify")
     parser.add_argument("--model", required=True, metavar="RUN_DIR", help="folder written by train.py or transformers")
     parser.add_argument("--export-hf", metavar="OUT_DIR", help="instead, write it as a transformers classifier folder")
     parser.add_argument("--file", metavar="F", help="read one text per line from F ('-' for stdin)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of {text, label, probabilities}")
-    parser.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
+    parser.add_argument("--batch-size", type=int, default=32, help=f"texts per batch, at most {MAX_BATCH} (default 32)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error argparse already reported
         return int(exit_.code or 0)
+    previous_handler = signal.signal(signal.SIGTERM, stop_like_ctrl_c)  # kill: as Ctrl-C, nothing half-written
     try:
-        if args.export_hf:  # machinery: hfformat.py writes transformers' layout
-            model, config = classify.load_classifier(args.model)
-            print(hfformat.export_classifier(classify.classifier_tensors(model), config.gpt, config.label_names,
-                                             config.pooling, config.max_length, args.export_hf).describe())
-            return 0
-        texts = list(args.texts) + (read_texts(args.file) if args.file else [])
-        if not texts:
-            raise ValueError("nothing to classify: give texts as arguments or --file F ('-' for stdin)")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
-        device = distributed.pick_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, config = classify.load_classifier(args.model, device)
-        start = time.perf_counter()
-        predictions = classify.predict(model, config, texts, args.batch_size)
-        seconds = time.perf_counter() - start
+        return _classify(classify, args)
     except ValueError as error:
         print(f"classify.py: error: {one_line(error)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("classify.py: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `| head -1` closed the pipe: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's flush at exit complains
+        return 1
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and "out of memory" not in str(error):
+            raise
+        print("classify.py: error: out of memory (try a smaller --batch-size)", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    return 2
+
+
+def _classify(classify: ModuleType, args: argparse.Namespace) -> int:
+    if args.export_hf is not None:  # machinery: hfformat.py writes transformers' layout
+        if not args.export_hf or args.texts or args.file or args.json:
+            raise ValueError("--export-hf OUT_DIR writes a folder and classifies nothing: give it a folder name, "
+                             "and no texts, --file or --json")
+        model, config = classify.load_classifier(args.model)
+        print(hub.printable(hfformat.export_classifier(classify.classifier_tensors(model), config.gpt, config.label_names,
+                                                       config.pooling, config.max_length, args.export_hf).describe()))
+        return 0
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise ValueError(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")
+    texts = list(args.texts) + (read_texts(args.file) if args.file else [])
+    if not texts:
+        raise ValueError("nothing to classify: give texts as arguments or --file F ('-' for stdin)")
+    device = distributed.pick_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config = classify.load_classifier(args.model, device)
     if hasattr(sys.stdout, "reconfigure"):  # an emoji to an ASCII-only terminal: \U0001f600, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
-    if args.json:  # JSON escapes C0 controls itself (its own newlines stay); the rest as \uXXXX, still valid JSON
-        document = json.dumps([asdict(p) for p in predictions], ensure_ascii=False, indent=2)
-        print(hub.UNPRINTABLE.sub(lambda m: m.group() if m.group() < " " else f"\\u{ord(m.group()):04x}", document))
-    else:
-        for p in predictions:
-            probabilities = " ".join(f"{shorten(name, 30)}={value:.3f}" for name, value in p.probabilities.items())
-            print(f"{shorten(p.label, 30)}\t{probabilities}\t{shorten(p.text)}")
+    start, top = time.perf_counter(), SHOWN if config.num_classes > SHOWN else None
+    print("[" if args.json else "", end="")
+    for first in range(0, len(texts), CHUNK):
+        for i, p in enumerate(classify.predict(model, config, texts[first : first + CHUNK], args.batch_size, top=top)):
+            if args.json:  # JSON escapes C0 controls itself; the rest as \uXXXX, still valid JSON
+                item = json.dumps(asdict(p), ensure_ascii=False)
+                print(("," if first + i else "") + "\n  " + hub.UNPRINTABLE.sub(
+                    lambda m: m.group() if m.group() < " " else f"\\u{ord(m.group()):04x}", item), end="")
+            else:
+                probabilities = " ".join(f"{shorten(name, 30)}={value:.3f}" for name, value in p.probabilities.items())
+                print(f"{shorten(p.label, 30)}\t{probabilities}\t{shorten(p.text)}")
+    print("\n]" if args.json else "", end="\n" if args.json else "", flush=True)
+    seconds = time.perf_counter() - start
     print(f"{len(texts)} texts in {seconds:.2f} s: {len(texts) / max(seconds, 1e-9):.1f} messages/s on {device}",
           file=sys.stderr)
     return 0
+
+
+def stop_like_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

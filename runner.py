@@ -225,6 +225,8 @@ def build_parser(defaults) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, config_class: type):
     values = vars(args).copy()
     values["compare"] = [name.strip() for name in args.compare.split(",") if name.strip()]
+    if args.compare.strip() and not values["compare"]:
+        raise ValueError(f"--compare {comparison.shortened(args.compare)}: no strategy named (e.g. head,last-block)")
     values["seeds"] = comparison.parse_seeds(args.seeds, args.seed)
     return config_class(**values)
 
@@ -237,8 +239,13 @@ def check_config(cfg) -> gpt.GPTConfig:
                          f"({data.END_OF_TEXT_ID + 1})")
     for name in cfg.compare or [cfg.strategy]:
         classify.trainable_blocks(name, gpt_config.n_layers)  # ValueError: unknown, or more blocks than the model has
-    if len(set(cfg.compare)) < len(cfg.compare):
-        raise ValueError(f"--compare {','.join(cfg.compare)}: a strategy is listed twice (use --seeds to repeat one)")
+    seen: dict[tuple[str, int], str] = {}  # what a name trains -> its first name: last-1-blocks is last-block
+    for name in cfg.compare:
+        meaning = (classify.parse_strategy(name).kind, classify.parse_strategy(name).num_blocks)
+        if meaning in seen:
+            twice = "is listed twice" if seen[meaning] == name else f"trains what {gpt.quoted(seen[meaning], 40)} trains"
+            raise ValueError(f"--compare: {gpt.quoted(name, 40)} {twice} (use --seeds to repeat a strategy)")
+        seen[meaning] = name
     if cfg.reference is not None and cfg.reference not in (cfg.compare or [cfg.strategy]):
         raise ValueError(f"--reference {cfg.reference}: not among the strategies compared "
                          f"({', '.join(cfg.compare or [cfg.strategy])})")
@@ -282,14 +289,11 @@ def check_config(cfg) -> gpt.GPTConfig:
     if cfg.max_length is not None and not 1 <= cfg.max_length <= longest:
         raise ValueError(f"--max-length {cfg.max_length}: must be between 1 and {longest}, what the model reads "
                          f"(its context length{', less the special token' if cfg.pooling == 'special' else ''})")
-    if cfg.init == "pretrained" and Path(cfg.model).is_dir() and not (Path(cfg.model) / "model.safetensors").is_file():
+    if cfg.init == "pretrained" and Path(cfg.model).is_dir() and not any(
+            (Path(cfg.model) / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         raise ValueError(f"--model {cfg.model}: no model.safetensors there (for its architecture alone: --init random)")
     distributed.pick_precision(cfg.precision, distributed.pick_device(cfg.device))  # ValueError: unknown, absent, unable
     return gpt_config
-
-
-def stop_like_ctrl_c(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 OFFLINE_HINT = ("offline, use local files: --data PATH (the SMS Spam Collection file or your CSV), --model PATH "
@@ -304,7 +308,7 @@ def main(argv: list[str] | None, config_class: type, pipeline: Callable[..., lis
     label = distributed.process_label()  # '[rank 1] ' under torchrun: every process reports its own failure
     if hasattr(sys.stdout, "reconfigure"):  # class names a terminal cannot show: escaped, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
-    previous_handler = signal.signal(signal.SIGTERM, stop_like_ctrl_c)  # kill, docker stop, a scheduler
+    previous_handler = signal.signal(signal.SIGTERM, report.stop_like_ctrl_c)  # kill, docker stop, a scheduler
     try:
         return run(config_from_args(args, config_class), argv, report.Console(), pipeline)
     except BrokenPipeError:  # the output went to a pipe that closed (`| head`): stop quietly

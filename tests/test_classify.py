@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -537,16 +538,60 @@ def test_cli_reads_one_text_per_line_from_a_file_or_stdin(saved_run, tmp_path, c
         ["--model", "{run}", "--file", "{missing}"],
         ["--model", "{run}"],
         ["--model", "{run}", "--batch-size", "0", "text"],
+        ["--model", "{run}", "--batch-size", "1000000", "text"],
+        ["--model", "{run}", "--export-hf", "{out}", "text"],
+        ["--model", "{run}", "--export-hf", "{out}", "--json"],
+        ["--model", "{run}", "--export-hf", ""],
+        ["--model", "{run_file}", "text"],
     ],
-    ids=["missing run", "not a run", "missing file", "no text", "bad batch size"],
+    ids=["missing run", "not a run", "missing file", "no text", "bad batch size", "huge batch size",
+         "export with texts", "export as json", "export nowhere", "a file, not a run"],
 )
 def test_cli_errors_are_one_line_and_exit_code_2(saved_run, tmp_path, capsys, arguments):
     _, run_dir = saved_run
-    places = {"missing": tmp_path / "nowhere", "empty": tmp_path, "run": run_dir}
+    places = {"missing": tmp_path / "nowhere", "empty": tmp_path, "run": run_dir, "out": tmp_path / "hf",
+              "run_file": run_dir / "config.json"}
     argv = [argument.format(**places) for argument in arguments]
     assert report.classify_command(classify, argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("classify.py: error: ")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_many_classes_show_the_ten_most_likely(tmp_path, capsys):
+    """A model of many classes costs what the ten most likely cost per text, not its class count."""
+    names = [f"class {k}" for k in range(40)]
+    model = tiny_classifier(num_classes=len(names), emb_dim=16, n_layers=1)
+    classify.save_classifier(model, tmp_path / "many", names, max_length=16)
+    loaded, config = classify.load_classifier(tmp_path / "many")
+    full = classify.predict(loaded, config, ["a text", "another one"])
+    top = classify.predict(loaded, config, ["a text", "another one"], top=3)
+    for whole, best in zip(full, top):
+        ranked = sorted(whole.probabilities.items(), key=lambda item: -item[1])[:3]
+        assert list(best.probabilities) == [name for name, _ in ranked] and best.label == ranked[0][0]
+        assert list(best.probabilities.values()) == pytest.approx([value for _, value in ranked])
+    assert report.classify_command(classify, ["--model", str(tmp_path / "many"), "--json", "a text"]) == 0
+    [shown] = json.loads(capsys.readouterr().out)
+    assert len(shown["probabilities"]) == 10 and shown["label"] == full[0].label
+
+
+def test_sigterm_stops_classify_like_ctrl_c_and_a_closed_pipe_quietly(saved_run, tmp_path):
+    _, run_dir = saved_run
+    quiet = {**os.environ, "PYTHONWARNINGS": "ignore:Failed to initialize NumPy"}
+    command = [sys.executable, str(Path(classify.__file__)), "--model", str(run_dir)]
+    fifo = tmp_path / "texts.fifo"
+    os.mkfifo(fifo)
+    waiting = subprocess.Popen([*command, "--file", str(fifo)], stderr=subprocess.PIPE, text=True, env=quiet)
+    with open(fifo, "w"):  # opens once classify.py opened it to read: its SIGTERM handler is in place by then
+        waiting.send_signal(signal.SIGTERM)
+    assert waiting.wait(timeout=60) == 130 and "interrupted" in waiting.stderr.read()
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello there\n" * 5000)
+    reader = subprocess.Popen([*command, "--file", str(texts)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=quiet)
+    assert reader.stdout.readline()
+    reader.stdout.close()  # as `| head -1` does
+    assert reader.wait(timeout=120) == 1 and "Traceback" not in reader.stderr.read()
 
 
 def test_cli_help_documents_empty_and_long_texts(capsys):

@@ -902,3 +902,30 @@ def test_a_damaged_cached_copy_is_not_trusted(sms_spam_file, tmp_path, monkeypat
     cached.write_bytes(sms_spam_file.read_bytes()[:-100])
     with pytest.raises(ConnectionError, match="127.0.0.1:9"):
         data.load_splits()
+
+
+# --------------------------------------------------------------------------- long texts, tokenized in part
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.sampled_from(["word", " ", "  ", "\n", "\t", "42", "!!", "'s", "\u00a0", "é", "😀", " x",
+                                        "<|endoftext|>", "a" * 30, " " * 9]), max_size=400),
+       max_length=st.integers(1, 40), keep=st.sampled_from(["start", "end"]))
+def test_a_long_text_tokenized_in_part_gives_the_tokens_of_the_whole(pieces, max_length, keep):
+    tokenizer, text = data.get_tokenizer(), "".join(pieces)
+    whole = data.encode(tokenizer, text)
+    expected = whole[:max_length] if keep == "start" else whole[max(len(whole) - max_length, 0):]
+    assert data.encode_within(tokenizer, text, max_length, keep) == expected
+
+
+def test_a_huge_text_costs_what_its_kept_part_costs():
+    tokenizer, calls = data.get_tokenizer(), []
+    text = "free prize " * 3_000_000  # 33 MB
+    original = tokenizer.encode
+    tokenizer.encode = lambda part, **kwargs: calls.append(len(part)) or original(part, **kwargs)
+    try:
+        start, end = data.encode_within(tokenizer, text, 24), data.encode_within(tokenizer, text, 24, "end")
+    finally:
+        tokenizer.encode = original
+    assert start == original(text[:200], disallowed_special=())[:24] and len(end) == 24
+    assert max(calls) < 1000, "only a page of the text was tokenized"

@@ -100,3 +100,24 @@ def test_nan_in_a_saved_run_is_refused_not_classified(base_run, tmp_path):
         gpt.write_safetensors(file, tensors)
     with pytest.raises(ValueError, match="NaN or infinity"):
         classify.load_classifier(run)
+
+
+def test_a_transformers_folder_that_keeps_the_end_of_long_texts_is_read_so(base_weights, tmp_path):
+    """tokenizer_config.json's truncation_side "left": transformers keeps a long text's end, and so
+    must classify.py (it once kept the start: 79 of 200 labels differed at model_max_length 5)."""
+    folder = tmp_path / "keeps-the-end"
+    shutil.copytree(base_weights, folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "truncation_side": "left",
+                                                              "model_max_length": 5}))
+    model, config = classify.load_classifier(folder)
+    assert (config.truncation_side, config.max_length) == ("left", 5)
+    text = "Lunch at one? Then the cinema, and WINNER!! claim your prize"
+    tokenizer = classify.data.get_tokenizer()
+    assert classify.prepare_tokens(tokenizer, text, 5, "left") == classify.data.encode(tokenizer, text)[-5:]
+    ending = tokenizer.decode(classify.data.encode(tokenizer, text)[-5:])
+    [whole, end] = classify.predict(model, config, [text, ending])
+    assert whole.probabilities == pytest.approx(end.probabilities, abs=1e-6)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "truncation_side": "middle"}))
+    with pytest.raises(ValueError, match="truncation_side 'middle'"):
+        classify.load_classifier(folder)

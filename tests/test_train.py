@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -543,3 +544,22 @@ def test_best_epoch_restore_undoes_blocks_unfrozen_after_it():
         if name.startswith("gpt.h."):
             assert torch.equal(param, before[name]), f"{name} was frozen at the best epoch"
     assert not torch.equal(model.head.weight, before["head.weight"]), "the head trained in epoch 1"
+
+
+@pytest.mark.parametrize(("seeds", "message"), [("1000000000", "from 1 to 100"), ("1,99999999999999999999", "2**63-1"),
+                                                ("-5,3", "2**63-1"), ("9223372036854775807", "from 1 to 100")])
+def test_seeds_are_bounded_and_checked_before_anything_is_built(seeds, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        comparison.parse_seeds(seeds, 123)
+    assert len(str(error.value)) < 200
+    assert comparison.parse_seeds("100", 9223372036854775700) == list(range(9223372036854775700, 9223372036854775800))
+
+
+@pytest.mark.parametrize(("compare", "message"), [(",", "no strategy named"), (" , ,", "no strategy named"),
+                                                  ("last-block,last-1-blocks", "'last-1-blocks' trains what 'last-block' trains"),
+                                                  (",".join(["head"] * 20000), "'head' is listed twice")])
+def test_compared_strategies_are_checked_by_meaning_in_one_short_line(compare, message, workspace, monkeypatch, capsys):
+    code, stdout, stderr = run_in(workspace / "bad-compare", tiny_args(workspace, "--out", "run", "--compare", compare),
+                                  monkeypatch, capsys)
+    assert code == 2 and message in stderr and stderr.count("\n") == 1 and len(stderr) < 300
+    assert "1. labelled text" not in stdout
