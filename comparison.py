@@ -221,9 +221,7 @@ def write_plot(document: dict, folder: Path, final_folder: Path, title: str) -> 
     times.set_ylabel("seconds per run" + (" (log scale)" if logarithmic else ""))
     times.set_title("training time" + ("\n(the frozen work done once apart)" if document["frozen_work"] else ""),
                     fontsize=9)
-    figure.tight_layout()
-    figure.savefig(folder / "compare.png", dpi=120)
-    plt.close(figure)
+    report.save_figure(figure, folder / "compare.png", plt)
     return f"plot written: {final_folder / 'compare.png'}"
 
 

@@ -120,12 +120,14 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
-def staged_folder(out: str | Path, what: str) -> Iterator[Path]:
+def staged_folder(out: str | Path, what: str, finished: Callable[[], bool] = lambda: False) -> Iterator[Path]:
     """A hidden folder beside `out` that becomes `out` only when everything in it is written: an error
-    or Ctrl-C leaves no half-written folder, nor the parents made for it. Creating it first also
-    proves `out` writable before any work starts. `out` must not exist, or be an empty folder;
-    `what` names it in errors ("--out"), which are ValueErrors (one line). Once the work is done it
-    is never deleted: if `out` cannot take it, it is kept beside it under a visible name."""
+    or Ctrl-C leaves no half-written folder, nor the parents made for it, unless `finished()` says
+    that finished work is in it (a comparison's runs done before the interruption): that is kept,
+    as `out`. Creating it first also proves `out` writable before any work starts. `out` must not
+    exist, or be an empty folder; `what` names it in errors ("--out"), which are ValueErrors (one
+    line). Finished work is never deleted: if `out` cannot take it, it is kept beside it under a
+    visible name."""
     out = Path(os.path.realpath(out))  # "." has no name to rename onto; a link: the folder it names
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{what} {out}: already exists and is not empty; choose a new folder")
@@ -139,10 +141,14 @@ def staged_folder(out: str | Path, what: str) -> Iterator[Path]:
     try:
         yield staging
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for parent in missing:  # nearest first: remove the folders made for this run
-            with contextlib.suppress(OSError):
-                parent.rmdir()
+        if not finished():
+            shutil.rmtree(staging, ignore_errors=True)
+            for parent in missing:  # nearest first: remove the folders made for this run
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+            raise
+        with contextlib.suppress(OSError):  # finished work: kept where it was asked for (else where it is)
+            staging.rename(out) if not out.exists() else (out.rmdir(), staging.rename(out))
         raise
     try:  # the run is complete: from here on it is never deleted
         if out.exists():

@@ -173,17 +173,14 @@ def metrics_document(result: RunResult, facts: RunFacts) -> dict:
 
 
 def write_json(path: Path, document: dict) -> None:
-    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    with hub.atomic_open(path) as file:  # whole or not at all
+        file.write((json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8"))
 
 
-def write_run(run_dir: Path, final_dir: Path, result: RunResult, facts: RunFacts, log: Log) -> None:
-    """metrics.json, and the plots with --plot, in `run_dir` (the folder being built, which
-    becomes `final_dir`)."""
+def write_metrics(run_dir: Path, result: RunResult, facts: RunFacts) -> None:
+    """metrics.json in `run_dir`."""
     seeded = replace(facts, training_seed=result.seed if facts.cfg.seeds else None)
     write_json(run_dir / "metrics.json", metrics_document(result, seeded))
-    if facts.cfg.plot:
-        title = f"{plot_title(facts.cfg)}, {result.strategy}" + (f" (seed {result.seed})" if facts.cfg.seeds else "")
-        log(write_plots(result, run_dir, final_dir, title))
 
 
 def plot_title(cfg) -> str:
@@ -196,10 +193,11 @@ MAX_CELLS_WRITTEN = 30  # classes up to which a confusion matrix plot writes eac
 MAX_CLASSES_PLOTTED = 100  # beyond, the matrix is metrics.json's alone: a plot would be unreadable and slow
 
 
-def write_plots(result: RunResult, folder: Path, final_folder: Path, title: str) -> str:
+def write_plots(result: RunResult, folder: Path, final_folder: Path, cfg) -> str:
     """Loss and accuracy curves and the confusion matrices as PNG in `folder` (the run folder
     being built, which becomes `final_folder`). A plot that fails is a note, never the end of a
     finished run. train.py checks that matplotlib is there before any work."""
+    title = f"{plot_title(cfg)}, {result.strategy}" + (f" (seed {result.seed})" if cfg.seeds else "")
     try:
         import matplotlib
 
@@ -224,9 +222,7 @@ def _plot(result: RunResult, folder: Path, plt, title: str) -> list[str]:
         axes.set(xlabel="epoch", ylabel=quantity + unit, title=f"{quantity}: {title}")
         axes.title.set_fontsize(9)
         axes.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(folder / f"{quantity}.png", dpi=120)
-        plt.close(figure)
+        save_figure(figure, folder / f"{quantity}.png", plt)
     written = ["loss.png", "accuracy.png"]
     for split, report in result.reports.items():
         names = report.label_names
@@ -242,13 +238,19 @@ def _plot(result: RunResult, folder: Path, plt, title: str) -> list[str]:
         for i, row in enumerate(report.confusion_matrix if len(names) <= MAX_CELLS_WRITTEN else []):
             for j, count in enumerate(row):  # white on the dark cells, black on the light ones
                 axes.text(j, i, f"{count:,}", ha="center", va="center", color="white" if count > darkest / 2 else "black")
-        figure.tight_layout()
-        figure.savefig(folder / f"confusion_matrix_{split}.png", dpi=120)
-        plt.close(figure)
+        save_figure(figure, folder / f"confusion_matrix_{split}.png", plt)
         written.append(f"confusion_matrix_{split}.png")
     if len(written) == 2:
         written.append(f"no confusion matrix plots (more than {MAX_CLASSES_PLOTTED} classes: see metrics.json)")
     return written
+
+
+def save_figure(figure, path: Path, plt) -> None:
+    """A PNG written whole (an interruption leaves none, never half of one)."""
+    figure.tight_layout()
+    with hub.atomic_open(path) as file:
+        figure.savefig(file, format="png", dpi=120)
+    plt.close(figure)
 
 
 def default_out_dir() -> Path:
@@ -289,11 +291,13 @@ def describe_end(out: Path, folders: list[Path], latest: Path | None, example: s
 
 
 @contextlib.contextmanager
-def staged_output(out: Path, runtime: distributed.Runtime) -> Iterator[Path | None]:
+def staged_output(out: Path, runtime: distributed.Runtime, finished: Callable[[], bool]) -> Iterator[Path | None]:
     """The run folder being built, on rank 0 alone (None on the other processes, which write
-    nothing); every process learns whether rank 0 could create it before any work starts."""
+    nothing); every process learns whether rank 0 could create it before any work starts. An
+    interruption keeps the runs `finished()` says are done (hub.staged_folder)."""
     with contextlib.ExitStack() as stack:
-        create = (lambda: stack.enter_context(hub.staged_folder(out, "--out"))) if runtime.is_main_process else None
+        create = (lambda: stack.enter_context(hub.staged_folder(out, "--out", finished))
+                  if runtime.is_main_process else None)
         yield distributed.together(runtime, create)
 
 

@@ -86,7 +86,7 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
             job.detail = console.progress if comparing else console.line
         out = Path(cfg.out) if cfg.out else report.default_out_dir()
         folders, example, base = [], [], {}
-        with report.staged_output(out, runtime) as staging:  # None on every process but rank 0
+        with report.staged_output(out, runtime, finished=lambda: bool(folders)) as staging:  # rank 0's; else None
             distributed.load_in_turn(runtime, lambda: fetch_files(cfg))
 
             def save(model: classify.GPTClassifier, result, tokens, splits: data.Splits) -> None:
@@ -97,13 +97,19 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
                 classify.save_classifier(model.cpu(), staging / folder, splits.label_names, tokens.max_length,
                                          base or None)
                 facts = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, precision, started)
-                report.write_run(staging / folder, out / folder, result, facts, job.log)
-                folders.append(out / folder)
+                report.write_metrics(staging / folder, result, facts)
+                folders.append(out / folder)  # finished: kept even if what follows is interrupted
+                if cfg.plot:
+                    job.log(report.write_plots(result, staging / folder, out / folder, cfg))
                 example[:] = [report.example_text(splits.test, cfg.data is None)]
 
             if staging is not None:  # rank 0 writes the classifier (for classify.py), metrics.json, plots
                 job.save = save
-            results = pipeline(cfg, job)
+            try:
+                results = pipeline(cfg, job)
+            except BaseException as error:  # what finished before is kept (report.staged_output): say where
+                error.kept = f"{len(folders)} finished run{'s' if len(folders) > 1 else ''} kept in {out}" if folders else ""
+                raise
             if comparing and staging is not None:
                 strategies = cfg.compare or [cfg.strategy]
                 experiment = comparison.Experiment(strategies, cfg.seeds or [cfg.seed],
@@ -316,9 +322,10 @@ def main(argv: list[str] | None, config_class: type, pipeline: Callable[..., lis
     except ConnectionError as error:
         print(f"{label}error: {report.one_line(error)}; {OFFLINE_HINT}", file=sys.stderr)
     except (ValueError, OSError) as error:
-        print(f"{label}error: {report.one_line(error)}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(f"{label}interrupted: no run folder was written", file=sys.stderr)
+        kept = f" ({error.kept})" if getattr(error, "kept", "") else ""
+        print(f"{label}error: {report.one_line(error)}{kept}", file=sys.stderr)
+    except KeyboardInterrupt as error:
+        print(f"{label}interrupted: {getattr(error, 'kept', '') or 'no run folder was written'}", file=sys.stderr)
         return 130
     except (distributed.OtherProcessFailed, distributed.StoppedByTorchrun) as error:
         if label == "[rank 0] ":  # another process failed and said why; rank 0 says that this one stopped

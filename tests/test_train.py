@@ -563,3 +563,25 @@ def test_compared_strategies_are_checked_by_meaning_in_one_short_line(compare, m
                                   monkeypatch, capsys)
     assert code == 2 and message in stderr and stderr.count("\n") == 1 and len(stderr) < 300
     assert "1. labelled text" not in stdout
+
+
+def test_an_interrupted_comparison_keeps_the_runs_it_finished(workspace, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) in the second of two runs: the first, finished, stays; nothing of the
+    second, and no compare.json, which needs both."""
+    train_calls: list[int] = []
+    real_fine_tune = train.fine_tune
+
+    def fine_tune(model, inputs, strategy, seed, job):
+        train_calls.append(1)
+        if len(train_calls) == 2:
+            raise KeyboardInterrupt("Ctrl-C in the second run")
+        return real_fine_tune(model, inputs, strategy, seed, job)
+
+    monkeypatch.setattr(train, "fine_tune", fine_tune)
+    code, _, stderr = run_in(workspace / "interrupted", tiny_args(workspace, "--out", "run", "--compare",
+                                                                  "head,last-block"), monkeypatch, capsys)
+    run_dir = (workspace / "interrupted" / "run").resolve()
+    assert code == 130 and "interrupted: 1 finished run kept in run\n" in stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["head"]
+    assert {"classifier.safetensors", "config.json", "metrics.json"} <= {p.name for p in (run_dir / "head").iterdir()}
+    assert [p.name for p in (workspace / "interrupted").iterdir()] == ["run"], "no hidden partial folder left"
