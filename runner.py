@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import signal
 import sys
 import time
@@ -318,6 +319,7 @@ def main(argv: list[str] | None, config_class: type, pipeline: Callable[..., lis
     try:
         return run(config_from_args(args, config_class), argv, report.Console(), pipeline)
     except BrokenPipeError:  # the output went to a pipe that closed (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's flush at exit complains
         return 1
     except ConnectionError as error:
         print(f"{label}error: {report.one_line(error)}; {OFFLINE_HINT}", file=sys.stderr)
