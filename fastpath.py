@@ -1,15 +1,14 @@
-"""The trainer's speed paths: the same numbers as the plain computation, with less work.
+"""Frozen blocks computed once: the machinery behind a step of "Congelamento de Camadas".
 
-Nothing here changes a result (on CUDA, beyond bfloat16 rounding); tests/test_fastpath.py proves
-each path equal to the plain one (`classify.GPTClassifier.forward`):
-
-- `FastClassifier`: the final block runs only at the position the head reads (`last_position_block`),
-  and on CUDA in bfloat16 mixed precision;
-- `PrefixCache`: when the embeddings and the first k blocks are frozen and dropout is 0, their
-  output for a text never changes, so it is computed once per text instead of once per step;
-- `BucketBatchSampler`: batches of texts of similar length, padded only to their own longest.
-
-train.py picks these (`--no-cache` trains through the plain forward instead).
+When the embeddings and the first k blocks are frozen and dropout is 0, their output for a text
+never changes during training, so train.fine_tune has every text run through them once
+(`refresh_caches`) and `classify.GPTClassifier.forward(stored, lengths, start_block=k)`
+continues from there at every step. This module keeps that output (`PrefixCache`: the real
+positions only, float32 within a memory budget, else float16, else nothing), rebuilds it when the
+boundary moves (the "gradual" strategy), shares it among the runs of a comparison
+(`share_frozen_work`: nested boundaries in one pass, each deeper one from the one below,
+`PrefixCache.deepen`), and hands the trainer its batches (`SplitInputs`). --no-cache turns it
+off: token ids, every block at every step. tests/test_fastpath.py proves the numbers equal.
 """
 
 from __future__ import annotations

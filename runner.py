@@ -219,7 +219,7 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                        "the training seeds --seed, --seed+1, ... (or with the seeds listed; '7,' is a list of one), "
                        "and report mean, std, min and max. A training seed sets the new head's initial weights, the "
                        "batch order and LoRA's initial adapters; the split and, with --init random, the random GPT "
-                       "stay fixed by --seed, so the spread is the training's alone (default: 1, as today)")
+                       "stay fixed by --seed, so the spread is the training's alone (default: 1, a single run)")
     group.add_argument("--reference", metavar="STRATEGY", help="with --compare: test every strategy against this "
                        "one, text by text on the test set (McNemar's exact test, per seed pair); default: last-block "
                        "when compared, else the first strategy")
