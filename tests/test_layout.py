@@ -113,3 +113,63 @@ def test_importing_a_module_changes_no_warning_filter(module):
     code = f"import warnings\n{third_party}\nbefore = list(warnings.filters)\nimport {module}\nprint(warnings.filters == before)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
+
+
+CALL_COUNTER = """
+import sys, json
+sys.path.insert(0, {repo!r})
+import train
+files = {{str(p) for p in __import__("pathlib").Path({repo!r}).glob("*.py")}}
+called = set()
+
+class FirstStep(Exception):
+    pass
+
+def caller_in_project(frame):
+    while frame is not None and frame.f_code.co_filename not in files:
+        frame = frame.f_back  # through torch's own frames (nn.Module.__call__ -> forward)
+    return frame
+
+def profile(frame, event, arg):
+    code = frame.f_code
+    if event != "call":
+        return
+    if code.co_name == "step" and "torch/optim" in code.co_filename:
+        sys.setprofile(None)
+        raise FirstStep
+    caller = caller_in_project(frame.f_back)
+    if code.co_filename in files and caller is not None and caller.f_code.co_filename.endswith("train.py") \\
+            and not code.co_filename.endswith("train.py"):
+        called.add(__import__("pathlib").Path(code.co_filename).stem + "." + code.co_name)
+
+sys.setprofile(profile)
+try:
+    train.main({argv!r})
+except FirstStep:
+    pass
+sys.setprofile(None)
+print(json.dumps(sorted(called)))
+"""
+
+
+def test_the_main_job_reaches_its_first_update_through_few_other_files(tmp_path):
+    """From train.main to the first optimizer.step(), the functions of other project files that
+    train.py calls (sys.setprofile on a tiny run; len() and property reads count too): the
+    chapter's steps and one seam per piece of machinery. 35 before the one-path change."""
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257,
+                                                               "n_positions": 64, "n_embd": 16, "n_layer": 2,
+                                                               "n_head": 2}))
+    (tmp_path / "sms.txt").write_text("".join(f"{'spam' if i % 3 else 'ham'}\tmessage number {i}\n"
+                                              for i in range(60)), encoding="utf-8")
+    argv = ["--data", str(tmp_path / "sms.txt"), "--model", str(tmp_path / "tiny"), "--init", "random",
+            "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")]
+    code = CALL_COUNTER.format(repo=str(REPO), argv=argv)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    called = json.loads(result.stdout.splitlines()[-1])
+    steps = {"data.load_splits", "data.tokenize", "gpt.__init__", "classify.__init__", "classify.apply_strategy",
+             "classify.forward", "data.bucket_batches"}
+    assert steps <= set(called), "the chapter's steps are called from train.py itself"
+    assert len(called) <= 17, called
+    assert not any(name.startswith(("report.describe", "fastpath.FastClassifier")) for name in called)
