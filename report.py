@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 import distributed
+import evaluation
 import hfformat
 import hub
 import metrics
@@ -84,6 +85,7 @@ def metrics_document(result: RunResult, facts: RunFacts) -> dict:
     training, tokens = result.training, facts.tokens
     document: dict = {name: {**report.to_dict(), "loss": result.losses[name]}
                       for name, report in result.reports.items()}
+    document.update(evaluation.metrics_entries(result, tokens, facts.cfg))  # test_unseen, duplicates, class weights
     document.update({
         "history": [asdict(record) for record in training.history],
         "validation_checks": training.step_checks,

@@ -26,6 +26,7 @@ import comparison
 import data
 import datafiles
 import distributed
+import evaluation
 import fastpath
 import gpt
 import hub
@@ -81,8 +82,10 @@ def run(cfg, argv: list[str], log: Log, pipeline: Callable[..., list]) -> int:
             def save(model: classify.GPTClassifier, result, tokens) -> None:
                 folder = report.run_folder(result.strategy, result.seed, comparing, several_seeds=len(cfg.seeds) > 1)
                 (staging / folder).mkdir(parents=True, exist_ok=True)
-                classify.save_classifier(model.cpu(), staging / folder, result.reports["train"].label_names,
-                                         tokens.max_length)
+                if model is not None:  # None: a baseline, which classify.py could not load
+                    classify.save_classifier(model.cpu(), staging / folder, result.reports["train"].label_names,
+                                             tokens.max_length)
+                evaluation.write_mistakes(staging / folder / "mistakes.tsv", result, tokens)
                 facts = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, started)
                 report.write_run(staging / folder, out / folder, result, facts, job.log)
 
@@ -126,6 +129,10 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     group.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=defaults.balanced,
                        help="undersample every class to the smallest one, as the book does (SMS: 1,045/149/300; "
                        "the default); --no-balanced keeps all the data and splits it stratified")
+    group.add_argument("--dedup", action="store_true", help="drop repeated texts before balancing and splitting, "
+                       "so that no text is in two splits (duplicates: the same text after Unicode NFC normalisation "
+                       "and stripping surrounding whitespace; the first is kept). Default: keep them, as the book "
+                       "does; every run counts them and scores the test texts not seen in training apart")
     group = parser.add_argument_group("2. tokenization")
     group.add_argument("--max-length", type=int, metavar="TOKENS", help="cut texts to this many tokens; default: "
                        "the longest training text, at most the model's context length")
@@ -157,6 +164,10 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                        help="texts per weight update (default: %(default)s)")
     group.add_argument("--lr", type=float, default=defaults.lr, metavar="RATE",
                        help="AdamW learning rate (default: %(default)s)")
+    group.add_argument("--class-weights", default=defaults.class_weights, choices=("none", "balanced"),
+                       help="'balanced': weight the training loss by inverse class frequency, n / (classes x "
+                       "count), for imbalanced data (--no-balanced); evaluation losses stay unweighted "
+                       "(default: %(default)s)")
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, metavar="W",
                        help="AdamW weight decay (default: %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, metavar="N",
@@ -173,7 +184,9 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                        help="also write loss/accuracy curves and confusion matrices as PNG (needs matplotlib)")
     group.add_argument("--compare", default="", metavar="STRATEGY,STRATEGY,...", help="train each listed strategy "
                        "from the same starting weights and data, then print one table (e.g. head,last-block,all); "
-                       "the frozen blocks' work is done once for all of them")
+                       "the frozen blocks' work is done once for all of them. Baselines without GPT-2 can be rows "
+                       "too: majority (the training majority class) and bag-of-words (logistic regression over "
+                       "GPT-2 token counts)")
     group.add_argument("--seeds", default="1", metavar="N|SEED,SEED,...", help="train each strategy N times, with "
                        "the training seeds --seed, --seed+1, ... (or with the seeds listed; '7,' is a list of one), "
                        "and report mean, std, min and max. A training seed sets the new head's initial weights, the "
@@ -201,8 +214,15 @@ def check_config(cfg) -> gpt.GPTConfig:
     if gpt_config.vocab_size <= data.END_OF_TEXT_ID:
         raise ValueError(f"--model {cfg.model}: {gpt_config.vocab_size} tokens, fewer than GPT-2's tokenizer needs "
                          f"({data.END_OF_TEXT_ID + 1})")
+    if cfg.strategy in evaluation.BASELINES and not cfg.compare:
+        raise ValueError(f"--strategy {cfg.strategy}: a baseline, not a way to fine-tune; compare it with one: "
+                         f"--compare {cfg.strategy},last-block")
+    if cfg.compare and all(name in evaluation.BASELINES for name in cfg.compare):
+        raise ValueError(f"--compare {','.join(cfg.compare)}: baselines alone; add a strategy they are measured "
+                         f"against, e.g. --compare {','.join(cfg.compare)},last-block")
     for name in cfg.compare or [cfg.strategy]:
-        classify.trainable_blocks(name, gpt_config.n_layers)  # ValueError: unknown, or more blocks than the model has
+        if name not in evaluation.BASELINES:  # ValueError: unknown, or more blocks than the model has
+            classify.trainable_blocks(name, gpt_config.n_layers)
     if len(set(cfg.compare)) < len(cfg.compare):
         raise ValueError(f"--compare {','.join(cfg.compare)}: a strategy is listed twice (use --seeds to repeat one)")
     if cfg.reference is not None and cfg.reference not in (cfg.compare or [cfg.strategy]):
