@@ -46,7 +46,8 @@ def token_counts(token_ids: list[list[int]]) -> torch.Tensor:
     rows = torch.repeat_interleave(torch.arange(len(token_ids)), lengths)  # each token's text
     columns = torch.tensor([token for ids in token_ids for token in ids], dtype=torch.long)
     ones = torch.ones(len(columns), dtype=torch.float64)
-    return torch.sparse_coo_tensor(torch.stack([rows, columns]), ones, (len(token_ids), VOCABULARY)).coalesce()
+    shape = (len(token_ids), VOCABULARY)
+    return torch.sparse_coo_tensor(torch.stack([rows, columns]), ones, shape, check_invariants=True).coalesce()
 
 
 @dataclass
@@ -183,7 +184,7 @@ def write_mistakes(path: Path, result: RunResult, tokens: data.TokenizedSplits) 
     texts, names = tokens.texts.test.texts, tokens.texts.label_names
     seen = data.seen_in(texts, tokens.texts.train.texts)
     with path.open("w", encoding="utf-8", errors="backslashreplace", newline="") as file:
-        writer = csv.writer(file, dialect="excel-tab", lineterminator="\n")
+        writer = csv.writer(file, dialect="excel-tab")  # lines end in \r\n: a lone \r in a text is then quoted too
         writer.writerow(["text", "true", "predicted", *(f"p({name})" for name in names), "in_training"])
         for i in mistakes(result):
             writer.writerow([texts[i], names[result.test_labels[i]], names[result.test_predictions[i]],
