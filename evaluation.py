@@ -133,7 +133,8 @@ def describe_splits(splits: data.Splits, class_weights: torch.Tensor | None) -> 
     elif seen["test"] + seen["validation"]:
         line += "; the test metrics are also given without them; --dedup removes them"
     if class_weights is not None:
-        weights = ", ".join(f"{shorten(name, 30)} {w:.4g}" for name, w in zip(splits.label_names, class_weights.tolist()))
+        weights = ", ".join(f"{shorten(name, 30)} {weight:.4g}"
+                            for name, weight in zip(splits.label_names, class_weights.tolist()))
         line += f"\n6. class weights (--class-weights balanced, in the training loss only): {weights}"
     return line
 
@@ -198,16 +199,19 @@ def describe_test(result: RunResult, tokens: data.TokenizedSplits, shown: int = 
     accuracy = result.reports["test"].accuracy
     if unseen is None:
         lines = [f"every test text also appears in the training data (test accuracy {accuracy:.2%})"]
-    else:
+    elif unseen.num_samples < size:
         lines = [f"test accuracy on the {unseen.num_samples:,} of {size:,} texts not seen in training: "
                  f"{unseen.accuracy:.2%} (on all {size:,}: {accuracy:.2%})"]
+    else:
+        lines = []  # no test text was seen in training: the test accuracy is the unseen one
     wrong, names = mistakes(result), tokens.texts.label_names
     lines.append(f"the {min(shown, len(wrong))} most confident of {len(wrong)} test mistakes (all in mistakes.tsv):"
                  if wrong else "no test text misclassified")
     for i in wrong[:shown]:
-        predicted = result.test_predictions[i]
-        lines.append(f"  {shorten(names[result.test_labels[i]], 30)} taken for {shorten(names[predicted], 30)} "
-                     f"(p {result.test_probabilities[i][predicted]:.3f}): {shorten(tokens.texts.test.texts[i])}")
+        true, predicted = (shorten(names[k], 30) for k in (result.test_labels[i], result.test_predictions[i]))
+        probability = result.test_probabilities[i][result.test_predictions[i]]
+        lines.append(f"  {true} taken for {predicted} (p({predicted}) {probability:.3f}): "
+                     f"{shorten(tokens.texts.test.texts[i])}")
     return "\n".join(lines)
 
 

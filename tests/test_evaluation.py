@@ -95,7 +95,8 @@ def test_dedup_on_the_sms_file_keeps_no_text_in_two_splits(sms_spam_file):
 
 
 def test_dedup_with_separate_files_removes_their_texts_of_the_training_file(tmp_path):
-    files = {"train": "ham\tok\nspam\tWIN now\nham\tok \n", "val": "ham\tok\nham\tlunch?\n", "test": "spam\tWIN now\nham\tbye\n"}
+    files = {"train": "ham\tok\nspam\tWIN now\nham\tok \n", "val": "ham\tok\nham\tlunch?\n",
+             "test": "spam\tWIN now\nham\tbye\n"}
     for name, content in files.items():
         (tmp_path / f"{name}.txt").write_text(content, encoding="utf-8")
     splits = data.load_splits(tmp_path / "train.txt", balanced=False, validation_path=tmp_path / "val.txt",
@@ -150,7 +151,8 @@ def test_the_shares_weigh_each_process_so_the_batch_mean_is_one_process_mean(lab
         runtime = distributed.Runtime(torch.device("cpu"), rank, world_size)
         [(mine, size)] = list(distributed.shard([list(range(len(labels)))], runtime, text_weights))
         if mine:
-            total += runtime.share * F.cross_entropy(logits[mine], torch.tensor(labels)[mine], weight=class_weights).item()
+            share_loss = F.cross_entropy(logits[mine], torch.tensor(labels)[mine], weight=class_weights)
+            total += runtime.share * share_loss.item()
         else:
             assert runtime.share == 0
     assert total == pytest.approx(whole, rel=1e-9)
@@ -250,9 +252,9 @@ def test_the_log_shows_the_most_confident_mistakes_escaped_on_one_line_each():
     lines = evaluation.describe_test(result, tokens).split("\n")
     assert lines[0] == "test accuracy on the 3 of 4 texts not seen in training: 33.33% (on all 4: 25.00%)"
     assert lines[1] == "the 3 most confident of 3 test mistakes (all in mistakes.tsv):"
-    assert lines[2].startswith("  spam taken for ham (p 0.970): WIN WIN") and lines[2].endswith("…")
-    assert lines[3] == "  ham taken for spam (p 0.900): \\x1b[2Jclear screen now"
-    assert lines[4] == "  ham taken for spam (p 0.600): ok" and len(lines) == 5
+    assert lines[2].startswith("  spam taken for ham (p(ham) 0.970): WIN WIN") and lines[2].endswith("…")
+    assert lines[3] == "  ham taken for spam (p(spam) 0.900): \\x1b[2Jclear screen now"
+    assert lines[4] == "  ham taken for spam (p(spam) 0.600): ok" and len(lines) == 5
     assert all(len(line) < 120 for line in lines)
 
 
