@@ -179,7 +179,7 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     group.add_argument("--device", default=defaults.device, metavar="NAME",
                        help="auto (the default: cuda, then mps, then cpu), cuda, mps or cpu")
     group.add_argument("--out", metavar="DIR", help="where the run is written (classifier.safetensors, "
-                       "config.json, metrics.json); default: runs/<timestamp>")
+                       "config.json, metrics.json, mistakes.tsv); default: runs/<timestamp>")
     group.add_argument("--plot", action="store_true",
                        help="also write loss/accuracy curves and confusion matrices as PNG (needs matplotlib)")
     group.add_argument("--compare", default="", metavar="STRATEGY,STRATEGY,...", help="train each listed strategy "
@@ -246,6 +246,7 @@ def check_config(cfg) -> gpt.GPTConfig:
          f"between 1 and the model's width, {gpt_config.emb_dim}"),
         ("--lora-alpha", cfg.lora_alpha, not lora or math.isfinite(cfg.lora_alpha), "a finite number"),
         ("--seed", cfg.seed, 0 <= cfg.seed < 2**63, "in 0..2**63-1"),
+        ("--class-weights", cfg.class_weights, cfg.class_weights in ("none", "balanced"), "none or balanced"),
     ):
         if not ok:
             raise ValueError(f"{flag} {value}: must be {requirement}")

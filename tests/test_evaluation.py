@@ -29,6 +29,7 @@ import data
 import distributed
 import evaluation
 import metrics
+import runner
 import train
 from test_train import load_metrics, run_in, tiny_args, workspace  # noqa: F401 - workspace: a fixture
 
@@ -356,3 +357,8 @@ def test_a_baseline_alone_is_refused_in_one_line(extra, message, workspace, monk
     code, _, stderr = run_in(workspace / "refused", tiny_args(workspace, "--out", "run", *extra), monkeypatch, capsys)
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1 and message in stderr
     assert not (workspace / "refused" / "run").exists()
+
+
+def test_class_weights_other_than_none_or_balanced_are_refused_before_any_work():
+    with pytest.raises(ValueError, match="--class-weights inverse: must be none or balanced"):
+        runner.check_config(train.TrainConfig(class_weights="inverse"))
