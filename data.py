@@ -7,6 +7,12 @@ does: balance by undersampling `ham` to the 747 spam messages, shuffle with a se
 into 1,045 / 149 / 300 messages (`book_splits`). A CSV/TSV of your own works too, with a
 stratified split for unbalanced data. `load_splits` does the whole step from a path.
 
+Duplicates: the SMS file repeats texts (5,574 lines, 5,160 distinct texts), so a split puts some copies
+in training and others in test, where the classifier is scored on texts it memorised.
+`seen_in` finds them; `load_splits(dedup=True)` (--dedup) drops every repeat before balancing
+and splitting. Two texts are duplicates when they are equal after Unicode NFC normalisation and
+stripping surrounding whitespace (`duplicate_key`): case, inner spacing and punctuation count.
+
 Step 2, "Tokenização": GPT-2's byte-pair encoding (tiktoken) turns each text into token ids, and
 a `ClassificationDataset` holds (token ids, label) pairs. Batches: `collate` pads each batch to
 its own longest text, keeping the real lengths so the classifier can find each text's last real
@@ -20,6 +26,7 @@ downloading the SMS file is hub.py's.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,9 +85,48 @@ class Splits:
     validation: LabelledTexts
     test: LabelledTexts
 
+    dropped: int = 0  # repeated texts --dedup dropped before balancing and splitting
+
     @property
     def label_names(self) -> list[str]:
         return self.train.label_names
+
+
+def duplicate_key(text: str) -> str:
+    """What makes two texts duplicates: equal after Unicode NFC normalisation (the same characters,
+    however composed) and stripping surrounding whitespace. The SMS file holds spam copies that
+    differ by a trailing space alone."""
+    return unicodedata.normalize("NFC", text).strip()
+
+
+def seen_in(texts: Sequence[str], reference: Sequence[str]) -> list[bool]:
+    """For each text, whether a duplicate of it is in `reference` (the training texts)."""
+    known = {duplicate_key(text) for text in reference}
+    return [duplicate_key(text) in known for text in texts]
+
+
+def drop_duplicates(parts: list[LabelledTexts]) -> list[LabelledTexts]:
+    """Each text's first occurrence across `parts`, in order (its first label, should copies
+    disagree): no text twice within a part, none in two parts."""
+    known: set[str] = set()
+    kept = []
+    for part in parts:
+        first = []
+        for i, key in enumerate(map(duplicate_key, part.texts)):
+            if key not in known:
+                known.add(key)
+                first.append(i)
+        kept.append(part.subset(first))
+    return kept
+
+
+def class_weights(data: LabelledTexts) -> torch.Tensor:
+    """--class-weights balanced: each class weighted by the inverse of its frequency in `data`
+    (the training split), n / (K * count_k), as scikit-learn's "balanced", so that every class
+    carries the same total weight, n / K, and the majority no longer dominates the loss. A class
+    absent from `data` weighs 0 (no text carries it). (K,) float32."""
+    counts = torch.tensor(data.class_counts(), dtype=torch.float32)  # (K,)
+    return torch.where(counts > 0, len(data) / (len(counts) * counts), torch.zeros_like(counts))
 
 
 def balance(data: LabelledTexts, seed: int) -> LabelledTexts:
@@ -155,7 +201,7 @@ def load_splits(path: str | Path | None = None, *, seed: int = 123, balanced: bo
                 label_column: str = "label", validation_path: str | Path | None = None,
                 test_path: str | Path | None = None, cache_dir: str | Path | None = None,
                 progress: hub.Progress | None = None, delimiter: str | None = None,
-                encoding: str = "utf-8") -> Splits:
+                encoding: str = "utf-8", dedup: bool = False) -> Splits:
     """Train, validation and test data from a path (or the SMS Spam Collection when path is None).
 
     One file: balanced=True is the book's preparation (`book_splits`); balanced=False a
@@ -168,7 +214,9 @@ def load_splits(path: str | Path | None = None, *, seed: int = 123, balanced: bo
     ",", ";", tab and "|"; one of those (or "tab") forces it. encoding: the files' text encoding
     (default "utf-8"; Excel on Windows saves "cp1252"). Too little data is refused: every split
     needs one text or more and training needs two classes. Any problem is a ValueError of one
-    line naming the file (and line) and the fix.
+    line naming the file (and line) and the fix. dedup=True first drops every repeated text
+    (`drop_duplicates`; with separate files, validation and test also lose the texts of the
+    training file), so that no text is in two splits.
     """
     if (validation_path is None) != (test_path is None):
         raise ValueError("give both --validation-data and --test-data, or neither (to split --data 70/10/20)")
@@ -176,12 +224,19 @@ def load_splits(path: str | Path | None = None, *, seed: int = 123, balanced: bo
     options = dict(delimiter=delimiter, encoding=encoding)
     data = read_labelled(path, text_column, label_column, **options)
     if validation_path is None:
-        splits = book_splits(data, seed) if balanced else split(data, seed, BOOK_FRACTIONS, stratify=True)
-        _check_enough(splits, data, hub.printable(str(path)), balanced)
+        unique = drop_duplicates([data])[0] if dedup else data
+        splits = book_splits(unique, seed) if balanced else split(unique, seed, BOOK_FRACTIONS, stratify=True)
+        _check_enough(splits, unique, hub.printable(str(path)), balanced)
+        splits.dropped = len(data) - len(unique)
         return splits
-    validation = read_labelled(validation_path, text_column, label_column, data.label_names, **options)
-    test = read_labelled(test_path, text_column, label_column, data.label_names, **options)
-    return Splits(balance(data, seed) if balanced else data, validation, test)
+    parts = [data, *(read_labelled(p, text_column, label_column, data.label_names, **options)
+                     for p in (validation_path, test_path))]
+    unique = drop_duplicates(parts) if dedup else parts
+    for flag, part in zip(("--validation-data", "--test-data"), unique[1:]):
+        if dedup and not len(part):
+            raise ValueError(f"--dedup: every text of {flag} is also in an earlier file; nothing is left to evaluate")
+    return Splits(balance(unique[0], seed) if balanced else unique[0], *unique[1:],
+                  dropped=sum(map(len, parts)) - sum(map(len, unique)))
 
 
 def read_labelled(path: str | Path, text_column: str = "text", label_column: str = "label",
@@ -295,12 +350,14 @@ class ClassificationDataset(torch.utils.data.Dataset):
 
 @dataclass
 class TokenizedSplits:
-    """Step 2's output: token ids and labels of each split, all cut to `max_length` tokens."""
+    """Step 2's output: token ids and labels of each split, all cut to `max_length` tokens, and
+    the labelled texts they came from."""
 
     train: ClassificationDataset
     validation: ClassificationDataset
     test: ClassificationDataset
     max_length: int
+    texts: Splits | None = None
 
     def items(self) -> list[tuple[str, ClassificationDataset]]:
         return [("train", self.train), ("validation", self.validation), ("test", self.test)]
@@ -315,7 +372,7 @@ def tokenize(splits: Splits, max_length: int | None, limit: int) -> TokenizedSpl
     max_length = max_length or max(train.lengths)
     validation = ClassificationDataset.from_texts(splits.validation, tokenizer, max_length)
     test = ClassificationDataset.from_texts(splits.test, tokenizer, max_length)
-    return TokenizedSplits(train, validation, test, max_length)
+    return TokenizedSplits(train, validation, test, max_length, splits)
 
 
 # --------------------------------------------------------------------------- batches

@@ -9,8 +9,9 @@ does anything. It enters train.py at two seams, as in nanoGPT:
   every N-th text, so --batch-size stays the texts per weight update;
 - `wrap`: DistributedDataParallel around the classifier. Each process's loss is the plain mean
   over its share (train.supervised_loss); DDP's communication hook weights each process's
-  gradient by its share of the batch (its texts / the batch's) and sums them: the gradient of
-  the whole batch's mean loss, as in one process, also when a batch does not divide evenly.
+  gradient by its share of the batch (its texts / the batch's; with class weights, its texts'
+  weight / the batch's) and sums them: the gradient of the whole batch's mean loss, as in one
+  process, also when a batch does not divide evenly.
 
 The rest keeps the processes in step: rank 0 loads first (`load_in_turn`: it downloads while
 the others wait), a failure on any process stops them all (`together`), and epoch statistics
@@ -26,7 +27,7 @@ import math
 import os
 import signal
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -238,14 +239,19 @@ def load_in_turn(runtime: Runtime, load: Callable[[], Result]) -> Result:
 # --------------------------------------------------------------------------- the two seams
 
 
-def shard(batches: Iterable[list[int]], runtime: Runtime) -> Iterator[tuple[list[int], int]]:
+def shard(batches: Iterable[list[int]], runtime: Runtime, weights: Sequence[float] | None = None
+          ) -> Iterator[tuple[list[int], int]]:
     """This process's share of each batch, with the whole batch's size: every world_size-th text
     of a batch sorted by length, so the shares cost alike. A share may be empty when a batch has
     fewer texts than processes; it still takes part in the gradient exchange, weighing nothing.
-    One process: every batch whole."""
+    One process: every batch whole. `weights`: each text's weight in the loss (its class's,
+    --class-weights), whose mean is then weighted: a share weighs its part of the batch's weight."""
     for indices in batches:
         mine = indices[runtime.rank :: runtime.world_size]
-        runtime.share = len(mine) / len(indices)  # what `wrap`'s hook weighs this process's gradient by
+        if weights is None:
+            runtime.share = len(mine) / len(indices)  # what `wrap`'s hook weighs this process's gradient by
+        else:
+            runtime.share = sum(weights[i] for i in mine) / sum(weights[i] for i in indices)
         yield mine, len(indices)
 
 

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 import torch
 
 import distributed
+import evaluation
 import hfformat
 import hub
 import metrics
@@ -101,8 +102,9 @@ def describe_result(result: RunResult, tokens, brief: bool = False, seeded: bool
     then one line; `brief` (a comparison's runs): the line alone; `seeded`: it names the seed."""
     test, positive = result.reports["test"], result.reports["test"].label_names[-1]
     line = (f"{result.strategy}{f', seed {result.seed}' if seeded else ''}: test accuracy "
-            f"{test.accuracy:.2%}; {positive}: precision {test.precision[-1]:.2%}, recall {test.recall[-1]:.2%}, "
-            f"F1 {test.f1[-1]:.2%}; trained in {result.training_seconds:.1f} s")
+            f"{test.accuracy:.2%}{evaluation.describe_unseen(result, tokens)}; {positive}: precision "
+            f"{test.precision[-1]:.2%}, recall {test.recall[-1]:.2%}, F1 {test.f1[-1]:.2%}; "
+            f"trained in {result.training_seconds:.1f} s")
     if brief:
         return line
     train, validation = result.reports["train"], result.reports["validation"]
@@ -143,6 +145,7 @@ def metrics_document(result: RunResult, facts: RunFacts) -> dict:
     training, tokens = result.training, facts.tokens
     document: dict = {name: {**report.to_dict(), "loss": result.losses[name]}
                       for name, report in result.reports.items()}
+    document.update(evaluation.metrics_entries(result, tokens, facts.cfg))  # test_unseen, duplicates, class weights
     document.update({
         "history": [asdict(record) for record in training.history],
         "validation_checks": training.step_checks,

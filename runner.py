@@ -30,6 +30,7 @@ import comparison
 import data
 import datafiles
 import distributed
+import evaluation
 import fastpath
 import gpt
 import hub
@@ -93,10 +94,12 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
             def save(model: classify.GPTClassifier, result, tokens, splits: data.Splits) -> None:
                 folder = report.run_folder(result.strategy, result.seed, comparing, several_seeds=len(cfg.seeds) > 1)
                 (staging / folder).mkdir(parents=True, exist_ok=True)
-                if cfg.save == "trained" and cfg.init == "pretrained" and not base:  # once for every run
-                    base.update(runfiles.weights_identity(cfg.model, cfg.cache_dir))
-                classify.save_classifier(model.cpu(), staging / folder, splits.label_names, tokens.max_length,
-                                         base or None)
+                if model is not None:  # None: a baseline, which classify.py could not load
+                    if cfg.save == "trained" and cfg.init == "pretrained" and not base:  # once for every run
+                        base.update(runfiles.weights_identity(cfg.model, cfg.cache_dir))
+                    classify.save_classifier(model.cpu(), staging / folder, splits.label_names, tokens.max_length,
+                                             base or None)
+                evaluation.write_mistakes(staging / folder / "mistakes.tsv", result, tokens)
                 facts = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, precision, started)
                 report.write_metrics(staging / folder, result, facts)
                 folders.append(out / folder)  # finished: kept even if what follows is interrupted
@@ -150,6 +153,10 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     group.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=defaults.balanced,
                        help="undersample every class to the smallest one, as the book does (SMS: 1,045/149/300; "
                        "the default); --no-balanced keeps all the data and splits it stratified")
+    group.add_argument("--dedup", action="store_true", help="drop repeated texts before balancing and splitting, "
+                       "so that no text is in two splits (duplicates: the same text after Unicode NFC normalisation "
+                       "and stripping surrounding whitespace; the first is kept). Default: keep them, as the book "
+                       "does; every run counts them and scores the test texts not seen in training apart")
     group = parser.add_argument_group("2. tokenization")
     group.add_argument("--max-length", type=int, metavar="TOKENS", help="cut texts to this many tokens; default: "
                        "the longest training text, at most the model's context length")
@@ -191,6 +198,10 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                        help="updates whose learning rate rises linearly to --lr (default: %(default)s)")
     group.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, metavar="NORM",
                        help="clip the gradient to this norm before each update (default: no clipping)")
+    group.add_argument("--class-weights", default=defaults.class_weights, choices=("none", "balanced"),
+                       help="'balanced': weight the training loss by inverse class frequency, n / (classes x "
+                       "count), for imbalanced data (--no-balanced); evaluation losses stay unweighted "
+                       "(default: %(default)s)")
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, metavar="W",
                        help="AdamW weight decay (default: %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, metavar="N",
@@ -205,7 +216,7 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     group.add_argument("--device", default=defaults.device, metavar="NAME",
                        help="auto (the default: cuda, then mps, then cpu), cuda, mps or cpu")
     group.add_argument("--out", metavar="DIR", help="where the run is written (classifier.safetensors, "
-                       "config.json, metrics.json); default: runs/<timestamp>")
+                       "config.json, metrics.json, mistakes.tsv); default: runs/<timestamp>")
     group.add_argument("--save", default=defaults.save, choices=("trained", "full"), help="what a run folder holds: "
                        "the trained weights alone, beside the identity (sha256) of the starting weights they "
                        "complete, found again when loading (the default; runs from random weights are always whole), "
@@ -214,7 +225,9 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                        help="also write loss/accuracy curves and confusion matrices as PNG (needs matplotlib)")
     group.add_argument("--compare", default="", metavar="STRATEGY,STRATEGY,...", help="train each listed strategy "
                        "from the same starting weights and data, then print one table (e.g. head,last-block,all); "
-                       "the frozen blocks' work is done once for all of them")
+                       "the frozen blocks' work is done once for all of them. Baselines without GPT-2 can be rows "
+                       "too: majority (the training majority class) and bag-of-words (logistic regression over "
+                       "GPT-2 token counts)")
     group.add_argument("--seeds", default="1", metavar="N|SEED,SEED,...", help="train each strategy N times, with "
                        "the training seeds --seed, --seed+1, ... (or with the seeds listed; '7,' is a list of one), "
                        "and report mean, std, min and max. A training seed sets the new head's initial weights, the "
@@ -244,11 +257,19 @@ def check_config(cfg) -> gpt.GPTConfig:
     if gpt_config.vocab_size <= data.END_OF_TEXT_ID:
         raise ValueError(f"--model {cfg.model}: {gpt_config.vocab_size} tokens, fewer than GPT-2's tokenizer needs "
                          f"({data.END_OF_TEXT_ID + 1})")
+    if cfg.strategy in evaluation.BASELINES and not cfg.compare:
+        raise ValueError(f"--strategy {cfg.strategy}: a baseline, not a way to fine-tune; compare it with one: "
+                         f"--compare {cfg.strategy},last-block")
+    if cfg.compare and all(name in evaluation.BASELINES for name in cfg.compare):
+        raise ValueError(f"--compare {','.join(cfg.compare)}: baselines alone; add a strategy they are measured "
+                         f"against, e.g. --compare {','.join(cfg.compare)},last-block")
     for name in cfg.compare or [cfg.strategy]:
-        classify.trainable_blocks(name, gpt_config.n_layers)  # ValueError: unknown, or more blocks than the model has
+        if name not in evaluation.BASELINES:  # ValueError: unknown, or more blocks than the model has
+            classify.trainable_blocks(name, gpt_config.n_layers)
     seen: dict[tuple[str, int], str] = {}  # what a name trains -> its first name: last-1-blocks is last-block
     for name in cfg.compare:
-        meaning = (classify.parse_strategy(name).kind, classify.parse_strategy(name).num_blocks)
+        strategy = classify.parse_strategy(name) if name not in evaluation.BASELINES else None
+        meaning = (strategy.kind, strategy.num_blocks) if strategy else (name, 0)
         if meaning in seen:
             twice = "is listed twice" if seen[meaning] == name else f"trains what {gpt.quoted(seen[meaning], 40)} trains"
             raise ValueError(f"--compare: {gpt.quoted(name, 40)} {twice} (use --seeds to repeat a strategy)")
@@ -279,6 +300,7 @@ def check_config(cfg) -> gpt.GPTConfig:
          f"between 1 and the model's width, {gpt_config.emb_dim}"),
         ("--lora-alpha", cfg.lora_alpha, not lora or math.isfinite(cfg.lora_alpha), "a finite number"),
         ("--seed", cfg.seed, 0 <= cfg.seed < 2**63, "in 0..2**63-1"),
+        ("--class-weights", cfg.class_weights, cfg.class_weights in ("none", "balanced"), "none or balanced"),
     ):
         if not ok:
             raise ValueError(f"{flag} {value}: must be {requirement}")

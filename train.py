@@ -45,6 +45,7 @@ from torch.nn import functional as F
 import classify
 import data
 import distributed
+import evaluation
 import fastpath
 import gpt
 import hub
@@ -65,6 +66,7 @@ class TrainConfig:
     delimiter: str | None = None  # None: the one among , ; tab | that splits the header into the named columns
     encoding: str = "utf-8"  # Excel on Windows saves cp1252
     balanced: bool = True  # the book undersamples ham to the 747 spam messages
+    dedup: bool = False  # True (--dedup): drop repeated texts before splitting (the book keeps them)
     model: str = "gpt2-small"
     init: str = "pretrained"  # or "random": same architecture, random weights
     strategy: str = "last-block"
@@ -78,6 +80,7 @@ class TrainConfig:
     schedule: str = "constant"  # or "linear", "cosine": the decay from lr to 0 over the run
     warmup: int = 0  # updates whose learning rate rises linearly from 0 to lr
     max_grad_norm: float | None = None  # clip the gradient's norm to this (None: no clipping)
+    class_weights: str = "none"  # "balanced" (--class-weights): the loss weighted by inverse class frequency
     weight_decay: float = 0.1
     precision: str = "auto"  # autocast dtype: auto (by the card), fp32, bf16, fp16
     max_length: int | None = None  # None: the longest training text (at most the context length)
@@ -105,22 +108,27 @@ def pipeline(cfg: TrainConfig, job: runner.Job) -> list[RunResult]:
     splits = load_labelled_text(cfg)  # 1. texto rotulado
     tokens = data.tokenize(splits, cfg.max_length, job.text_tokens)  # 2. tokenização
     gpt_model = load_gpt(cfg, job.gpt_config, job.log)  # 3. processamento pelo GPT (its pretrained weights)
-    job.log(describe_steps(cfg, splits, tokens, gpt_model, job))
+    class_weights = data.class_weights(splits.train) if cfg.class_weights == "balanced" else None  # for step 6
+    job.log(describe_steps(cfg, splits, tokens, gpt_model, job) + "\n" + evaluation.describe_splits(splits, class_weights))
     shelf = share_frozen_work(gpt_model, tokens, len(splits.label_names), job)  # several runs: frozen work once
     results = []
     runs = list(itertools.product(cfg.compare or [cfg.strategy], cfg.seeds or [cfg.seed]))
     for strategy, seed in runs:
+        if strategy in evaluation.BASELINES:  # no GPT-2: what fine-tuning is measured against
+            results.append(fit_baseline(strategy, tokens, splits, seed, class_weights, job))
+            continue
         model = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, seed)  # 4-5. representação, head
         freeze(model, strategy, seed, cfg)  # "Congelamento de Camadas": what trains
         job.detail(describe_strategy(model, strategy, seed if cfg.seeds else None, job, tokens.max_length))
         parameters = parameter_counts(model)  # what trains from the start (gradual: then more)
         inputs = {name: fastpath.SplitInputs(dataset, shelf=shelf.get(name, {})) for name, dataset in tokens.items()}
-        training = fine_tune(model, inputs, strategy, seed, job)  # 6-7. loss, atualização dos pesos
+        training = fine_tune(model, inputs, strategy, seed, job, class_weights)  # 6-7. loss, atualização dos pesos
         restore_state(model, training.best_state)  # the weights of the best epoch
-        reports, losses, predictions = evaluate_splits(model, inputs, splits.label_names, job)  # avaliação
-        results.append(RunResult(strategy, reports, losses, parameters, training, seed, predictions["test"],
-                                 list(tokens.test.labels)))
-        job.log(report.describe_result(results[-1], tokens, brief=len(runs) > 1, seeded=bool(cfg.seeds)))
+        reports, losses, test = evaluate_splits(model, inputs, splits.label_names, job)  # avaliação
+        results.append(RunResult(strategy, reports, losses, parameters, training, seed, test.y_pred,
+                                 list(tokens.test.labels), test.probabilities))
+        job.log(report.describe_result(results[-1], tokens, brief=len(runs) > 1, seeded=bool(cfg.seeds))
+                + ("" if len(runs) > 1 else "\n" + evaluation.describe_mistakes(results[-1], tokens)))
         job.save(model, results[-1], tokens, splits)  # inferência: classify.py loads it
     return results
 
@@ -130,7 +138,7 @@ def load_labelled_text(cfg: TrainConfig) -> data.Splits:
     return data.load_splits(cfg.data, seed=cfg.seed, balanced=cfg.balanced, text_column=cfg.text_column,
                             label_column=cfg.label_column, validation_path=cfg.validation_data,
                             test_path=cfg.test_data, cache_dir=cfg.cache_dir, progress=hub.print_progress,
-                            delimiter=cfg.delimiter, encoding=cfg.encoding)
+                            delimiter=cfg.delimiter, encoding=cfg.encoding, dedup=cfg.dedup)
 
 
 def load_gpt(cfg: TrainConfig, gpt_config: gpt.GPTConfig | None = None,
@@ -164,10 +172,14 @@ def freeze(model: classify.GPTClassifier, strategy: str, seed: int, cfg: TrainCo
 # --------------------------------------------------------------------------- steps 6-7: the loop
 
 
-def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """Step 6, "Cálculo da loss supervisionada": cross-entropy, minus the log-probability the model
-    gives each text's true class, averaged over the batch. logits (B, K), labels (B,)."""
-    return F.cross_entropy(logits, labels)
+    gives each text's true class, averaged over the batch. logits (B, K), labels (B,). With
+    class weights (K,) (--class-weights balanced) each text's term is multiplied by its class's
+    weight and the sum divided by the batch's total weight: a weighted mean, where a rare class
+    counts as much as a common one."""
+    return F.cross_entropy(logits, labels, weight=class_weights)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -183,7 +195,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInputs], strategy: str, seed: int,
-              job: runner.Job) -> Training:
+              job: runner.Job, class_weights: torch.Tensor | None = None) -> Training:
     """Steps 6 and 7, epoch after epoch ("Treinamento Supervisionado"), each epoch then measured on
     the validation set. Keeps a copy of the weights of the epoch with the best validation
     accuracy (of equals, the lower loss, then the earlier epoch)."""
@@ -201,6 +213,8 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
     training = Training(cache, trainable_state(model))
     log(describe_cache(training.cache))
     lengths = inputs["train"].dataset.lengths
+    weights = None if class_weights is None else class_weights.to(device)  # step 6: --class-weights
+    text_weights = None if class_weights is None else class_weights[inputs["train"].dataset.labels].tolist()
     steps = -(-len(lengths) // cfg.batch_size)  # weight updates per epoch
     progress = Progress(total_steps=cfg.epochs * steps, log_every=max(1, steps // 10))
     for epoch in range(cfg.epochs):
@@ -217,18 +231,18 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
         loss_sum = torch.zeros((), device=device)  # this process's texts, summed on the device: no sync per step
         correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
         model.train()
-        for step, (indices, size) in enumerate(distributed.shard(batches, job.runtime), start=1):
+        for step, (indices, size) in enumerate(distributed.shard(batches, job.runtime, text_weights), start=1):
             optimizer.zero_grad(set_to_none=True)
             parts = micro_batches(indices, cfg.accumulation_steps)  # one part, unless --accumulation-steps
             for part in parts:
                 batch = inputs["train"].batch(part, device)  # token ids, or the frozen blocks' output
                 with mixed_precision(job), distributed.held(network, part is not parts[-1]):
                     logits = network(batch.inputs, batch.lengths, batch.start_block).float()  # steps 3-5: (B, K)
-                loss = supervised_loss(logits, batch.labels)  # step 6
-                share = len(part) / max(len(indices), 1)  # this part's share of the batch's mean loss
+                loss = supervised_loss(logits, batch.labels, weights)  # step 6
+                share = share_of(part, indices, text_weights)  # of this process's part of the batch's loss
                 scaler.scale(loss * share if len(parts) > 1 else loss).backward()  # reaches trainable weights only
                 if len(part):  # a torchrun process's share may be empty (the mean of nothing is NaN)
-                    loss_sum += loss.detach() * len(part)
+                    loss_sum += loss.detach() * share * job.runtime.share * size  # as a part of the batch's mean
                     correct += (logits.argmax(dim=-1) == batch.labels).sum()
             update_weights(optimizer, scaler, cfg, progress.step, progress.total_steps)  # step 7
             seen += size  # the whole batch's texts, on every process
@@ -254,6 +268,15 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
         log(epoch_line(record, cfg.epochs, training))
     training.seconds = time.perf_counter() - started
     return training
+
+
+def share_of(part: list[int], indices: list[int], text_weights: list[float] | None) -> float:
+    """A micro-batch's share of its batch's (weighted) mean loss: its share of the texts, or with
+    --class-weights of their weight, so that the parts add up to the whole batch's loss."""
+    if text_weights is None:
+        return len(part) / max(len(indices), 1)
+    total = sum(text_weights[i] for i in indices)
+    return sum(text_weights[i] for i in part) / total if total else 0.0
 
 
 def micro_batches(indices: list[int], parts: int) -> list[list[int]]:
@@ -394,6 +417,7 @@ class RunResult:
     seed: int | None = None  # the training seed
     test_predictions: list[int] = field(default_factory=list)  # text by text, in the test split's order
     test_labels: list[int] = field(default_factory=list)
+    test_probabilities: list[list[float]] = field(default_factory=list)  # each class's, text by text
 
     @property
     def training_seconds(self) -> float:
@@ -410,6 +434,7 @@ class Evaluation:
     loss: float
     y_true: list[int]
     y_pred: list[int]
+    probabilities: list[list[float]] = field(default_factory=list)  # softmax of the logits, text by text
 
     @property
     def accuracy(self) -> float:
@@ -423,29 +448,31 @@ def evaluate(model: classify.GPTClassifier, split: fastpath.SplitInputs, job: ru
     model.eval()
     device, loss_sum, predictions = job.runtime.device, 0.0, [0] * len(split.dataset)
     ticker = report.Ticker(f"evaluating on {name}", len(split.dataset), job.progress)
+    probabilities: list[list[float]] = [[]] * len(split.dataset)
     for indices in data.bucket_batches(split.dataset.lengths, job.eval_batch_size):  # in order of length
         ticker.add(len(indices))
         batch = split.batch(indices, device)
         with mixed_precision(job):
             logits = model(batch.inputs, batch.lengths, batch.start_block).float()  # (B, K)
         loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
-        for i, prediction in zip(indices, logits.argmax(dim=-1).tolist()):
-            predictions[i] = prediction
-    return Evaluation(loss_sum / len(split.dataset), list(split.dataset.labels), predictions)
+        for i, prediction, p in zip(indices, logits.argmax(dim=-1).tolist(), logits.softmax(dim=-1).tolist()):
+            predictions[i], probabilities[i] = prediction, p
+    return Evaluation(loss_sum / len(split.dataset), list(split.dataset.labels), predictions, probabilities)
 
 
 def evaluate_splits(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInputs], label_names: list[str],
-                    job: runner.Job) -> tuple[dict[str, metrics.ClassificationReport], dict[str, float], dict[str, list[int]]]:
-    """The chapter's metrics ("Avaliando classificadores de texto") on every split; also each
-    split's predictions, text by text (to compare strategies on the same texts)."""
+                    job: runner.Job) -> tuple[dict[str, metrics.ClassificationReport], dict[str, float], Evaluation]:
+    """The chapter's metrics ("Avaliando classificadores de texto") on every split; also the test
+    split's predictions and probabilities, text by text (to compare strategies on the same texts,
+    and to list the mistakes)."""
     with mixed_precision(job):
         fastpath.refresh_caches(model, inputs, job.runtime.device, job.cfg.use_prefix_cache)  # training's, if it can
-    reports, losses, predictions = {}, {}, {}
+    reports, losses, found = {}, {}, {}
     for name, split in inputs.items():
-        evaluation = evaluate(model, split, job, name)
-        reports[name] = metrics.classification_report(evaluation.y_true, evaluation.y_pred, label_names)
-        losses[name], predictions[name] = evaluation.loss, evaluation.y_pred
-    return reports, losses, predictions
+        found[name] = evaluate(model, split, job, name)
+        reports[name] = metrics.classification_report(found[name].y_true, found[name].y_pred, label_names)
+        losses[name] = found[name].loss
+    return reports, losses, found["test"]
 
 
 # --------------------------------------------------------------------------- what the run tells
@@ -598,18 +625,39 @@ def share_frozen_work(gpt_model: gpt.GPTModel, tokens: data.TokenizedSplits, num
     compute the same for all of them: once here, for every frozen boundary the runs will ask for
     (nested: each deeper one from the one below); each run then takes its own from this shelf."""
     cfg = job.cfg
-    runs = len(cfg.compare or [cfg.strategy]) * len(cfg.seeds or [cfg.seed])
+    strategies = [name for name in cfg.compare or [cfg.strategy] if name not in evaluation.BASELINES]  # GPT's
+    runs = len(strategies) * len(cfg.seeds or [cfg.seed])
     if runs < 2 or not cfg.use_prefix_cache:
         return {}
     frozen = classify.GPTClassifier(gpt_model, num_classes, cfg.pooling).to(job.runtime.device)
     classify.apply_strategy(frozen, "head")
-    lengths = fastpath.planned_prefix_lengths(frozen, cfg.compare or [cfg.strategy], cfg.epochs)
+    lengths = fastpath.planned_prefix_lengths(frozen, strategies, cfg.epochs)
     with mixed_precision(job):
         job.frozen_work = fastpath.share_frozen_work(frozen, dict(tokens.items()), lengths, job.runtime.device,
                                                      job.progress)
     gpt_model.cpu()  # each run trains a copy of it (build_classifier), made where memory is largest
     job.log(job.frozen_work.describe())
     return job.frozen_work.caches
+
+
+def fit_baseline(name: str, tokens: data.TokenizedSplits, splits: data.Splits, seed: int,
+                 class_weights: torch.Tensor | None, job: runner.Job) -> RunResult:
+    """A classifier without GPT-2 (--compare majority,bag-of-words), fitted on the same training
+    texts and scored with the same metrics as a strategy: what fine-tuning is measured against
+    (evaluation.py). Its history is one record, the whole fit; it needs no seed. Saved as a run
+    (metrics.json, mistakes.tsv), without a classifier: classify.py could not load it."""
+    job.detail(f"baseline {name}: {evaluation.BASELINES[name]}")
+    fit = evaluation.run_baseline(name, tokens, splits.label_names, class_weights)
+    reports, losses = fit.reports, fit.losses
+    record = EpochRecord(1, f"{name} (no GPT-2)", losses["train"], reports["train"].accuracy, losses["validation"],
+                         reports["validation"].accuracy)
+    training = Training(fastpath.CacheStatus(False, reason="no GPT-2: a baseline"), {}, [record],
+                        epoch_seconds=[fit.seconds], best_epoch=1, seconds=fit.seconds)
+    result = RunResult(name, reports, losses, fit.parameters, training, seed, fit.test_predictions,
+                       list(tokens.test.labels), fit.test_probabilities)
+    job.log(report.describe_result(result, tokens, brief=True, seeded=bool(job.cfg.seeds)))
+    job.save(None, result, tokens, splits)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

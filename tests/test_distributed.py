@@ -154,7 +154,8 @@ def test_rank_0_alone_prints_and_writes(two_runs):
     assert os.listdir(distributed.parent) == ["run"], "nothing else in the working directory"
     assert sorted(p.name for p in distributed.iterdir()) == sorted(p.name for p in single.iterdir())
     for strategy in STRATEGIES:
-        assert sorted(os.listdir(distributed / strategy)) == ["classifier.safetensors", "config.json", "metrics.json"]
+        assert sorted(os.listdir(distributed / strategy)) == ["classifier.safetensors", "config.json", "metrics.json",
+                                                              "mistakes.tsv"]
     assert completed.stdout.count("1. labelled text") == 1, "one process prints"
     assert completed.stdout.count("strategy head:") == 1 and completed.stdout.count("test F1 spam") == 1
     assert "batch size 3 (the global batch" in completed.stdout and "2 processes" in completed.stdout
@@ -164,6 +165,25 @@ def test_rank_0_alone_prints_and_writes(two_runs):
     rows = [without_training_seconds(row)
             for folder in (single, distributed) for row in json.loads((folder / "compare.json").read_text())["rows"]]
     assert_same_document(rows[: len(STRATEGIES)], rows[len(STRATEGIES) :])
+
+
+def test_class_weights_under_torchrun_give_one_process_weights(workspace):
+    """--class-weights balanced on the real proportions: each process's loss is the weighted mean
+    over its share, which `shard` weighs by the share's part of the batch's weight (not of its
+    texts), so two processes train the weights one process trains."""
+    args = tiny_args(workspace, *GLOBAL_BATCH, "--no-balanced", "--class-weights", "balanced", "--out", "run")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        single = workspace / "weighted-one-process"
+        single.mkdir()
+        monkeypatch.chdir(single)
+        assert train.main(args) == 0
+    completed = torchrun(REPO / "train.py", args, workspace / "weighted-two-processes")
+    assert completed.returncode == 0, completed.stderr
+    two = workspace / "weighted-two-processes" / "run"
+    assert_same_weights(single / "run", two)
+    one = load_metrics(single / "run")
+    assert one["class_weights"]["spam"] > 2 > 1 > one["class_weights"]["ham"]  # 33 spam among 200 texts
+    assert_same_document(without_timing(one), without_timing(load_metrics(two)))
 
 
 # --------------------------------------------------------------------------- one weight update
@@ -276,11 +296,11 @@ def worker(argv: list[str]) -> int:
     calls = []
     loss = train.supervised_loss
 
-    def failing_loss(logits, labels):
+    def failing_loss(logits, labels, class_weights=None):
         calls.append(1)
         if os.environ["RANK"] == "1" and len(calls) == 3:
             raise RuntimeError("a bug (a test's)")
-        return loss(logits, labels)
+        return loss(logits, labels, class_weights)
 
     train.supervised_loss = failing_loss
     return train.main(rest)

@@ -95,7 +95,8 @@ def test_float16_skips_an_update_whose_gradients_overflowed_and_lowers_the_scale
 
 
 def sgd_fine_tune(accumulation_steps: int, batch_size: int, strategy: str, lengths: list[int], seed: int,
-                  runtime: distributed.Runtime | None = None) -> dict[str, torch.Tensor]:
+                  runtime: distributed.Runtime | None = None, class_weights: torch.Tensor | None = None
+                  ) -> dict[str, torch.Tensor]:
     """One epoch of plain SGD (which, unlike AdamW, shows a wrongly scaled gradient) through
     train.fine_tune on random texts; the trainable weights it ends with."""
     torch.manual_seed(seed)
@@ -111,7 +112,7 @@ def sgd_fine_tune(accumulation_steps: int, batch_size: int, strategy: str, lengt
     real = train.make_optimizer
     train.make_optimizer = lambda model, cfg: torch.optim.SGD(classify.trainable_parameters(model), lr=0.5)
     try:
-        training = train.fine_tune(model, splits, strategy, seed, job)
+        training = train.fine_tune(model, splits, strategy, seed, job, class_weights)
     finally:
         train.make_optimizer = real
     train.restore_state(model, training.best_state)
@@ -126,6 +127,18 @@ def test_micro_batches_make_the_update_one_batch_makes(parts, batch_size, seed, 
     whole = sgd_fine_tune(1, batch_size, strategy, lengths, seed)
     accumulated = sgd_fine_tune(parts, batch_size, strategy, lengths, seed)
     assert whole.keys() == accumulated.keys()
+    for name, tensor in whole.items():
+        torch.testing.assert_close(accumulated[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@FEW
+@given(parts=st.integers(2, 4), seed=st.integers(0, 2**16), lengths=st.lists(st.integers(1, 9), min_size=3, max_size=12),
+       weights=st.tuples(st.floats(0.1, 5.0), st.floats(0.1, 5.0)))
+def test_micro_batches_make_the_update_one_batch_makes_with_class_weights_too(parts, seed, lengths, weights):
+    """With --class-weights each part weighs its share of the batch's weight, not of its texts."""
+    class_weights = torch.tensor(weights)
+    whole = sgd_fine_tune(1, 4, "last-block", lengths, seed, class_weights=class_weights)
+    accumulated = sgd_fine_tune(parts, 4, "last-block", lengths, seed, class_weights=class_weights)
     for name, tensor in whole.items():
         torch.testing.assert_close(accumulated[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
