@@ -113,6 +113,106 @@ def describe_result(result: RunResult, tokens, brief: bool = False, seeded: bool
             f"{metrics.format_report(test, 2, percent=True)}\n{line}")
 
 
+# --------------------------------------------------------------------------- what train.py tells as it goes
+
+
+@dataclass
+class Progress:
+    """Counts steps across epochs for the progress lines: speed and estimated time left."""
+
+    total_steps: int
+    log_every: int
+    step: int = 0
+    examples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def advance(self, batch_size: int) -> None:
+        self.step += 1
+        self.examples += batch_size
+
+    def line(self, epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, loss: float) -> str:
+        elapsed = time.perf_counter() - self.started
+        minutes, seconds = divmod(round(elapsed / self.step * (self.total_steps - self.step)), 60)
+        return (f"epoch {epoch + 1}/{epochs}  step {step_in_epoch}/{steps_per_epoch}  "
+                f"{self.examples / elapsed:,.0f} examples/s  loss {loss:.4f}  "
+                f"time left {minutes // 60}:{minutes % 60:02d}:{seconds:02d}")
+
+
+def epoch_line(record: Any, epochs: int, training: Any) -> str:
+    return (f"epoch {record.epoch}/{epochs} done in {training.epoch_seconds[-1]:.1f} s: "
+            f"train loss {record.train_loss:.4f} accuracy {record.train_accuracy:.2%}  |  "
+            f"validation loss {record.validation_loss:.4f} accuracy {record.validation_accuracy:.2%}"
+            + ("  (best so far)" if training.best_epoch == record.epoch else ""))
+
+
+def describe_steps(cfg: Any, splits: Any, tokens: Any, gpt_model: Any, job: Any, class_weights: Any = None) -> str:
+    """Steps 1-7 in one line each, as the run sets them up, and which texts the splits share."""
+    runtime = job.runtime
+    counts = " / ".join(f"{name} {len(dataset):,}" for name, dataset in tokens.items())
+    truncated = sum(dataset.num_truncated for _, dataset in tokens.items())
+    batch = f"batch size {cfg.batch_size}"
+    if cfg.accumulation_steps > 1:
+        batch += f" in {cfg.accumulation_steps} micro-batches"
+    if runtime.world_size > 1:
+        batch += (f" (the global batch: texts per weight update, shared by {runtime.world_size} processes, "
+                  f"about {cfg.batch_size / runtime.world_size:g} each)")
+    torchrun = (f"torchrun: {runtime.world_size} processes train together ({torch.distributed.get_backend()}, "
+                f"DistributedDataParallel), rank 0 on {runtime.device}\n" if runtime.world_size > 1 else "")
+    precision = str(job.precision).removeprefix("torch.")
+    if job.precision != torch.float32:
+        precision += " (autocast; the weights stay float32" + ("; gradients scaled)" if precision == "float16" else ")")
+    rate = f"lr {cfg.lr:g}" + (f", {cfg.warmup} warmup updates" if cfg.warmup else "") + (
+        f", {cfg.schedule} decay" if cfg.schedule != "constant" else "")
+    clip = f", gradient norm clipped at {cfg.max_grad_norm:g}" if cfg.max_grad_norm is not None else ""
+    return (f"{torchrun}1. labelled text: {cfg.data or 'SMS Spam Collection'} "
+            f"({'balanced' if cfg.balanced else 'all data'}): {counts}; classes {', '.join(splits.label_names)}\n"
+            f"2. tokenization: GPT-2 BPE, max_length {tokens.max_length} tokens, "
+            f"{truncated} text{'s' if truncated != 1 else ''} cut to fit\n"
+            f"3. GPT: {cfg.model}, {cfg.init} weights, {sum(p.numel() for p in gpt_model.parameters()):,} "
+            f"parameters, on {runtime.device}, computing in {precision}\n"
+            f"4. representation: pooling {cfg.pooling!r}; 5. classification head: "
+            f"Linear({gpt_model.cfg.emb_dim} -> {len(splits.label_names)})\n"
+            f"6. supervised loss: cross-entropy; 7. weight update: AdamW {rate}, weight decay "
+            f"{cfg.weight_decay:g}, {batch}{clip}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}"
+            + (f"; training seeds {', '.join(map(str, cfg.seeds))} (the split"
+               f"{' and the random GPT' if cfg.init == 'random' else ''}: seed {cfg.seed})" if cfg.seeds else "")
+            + "\n" + evaluation.describe_splits(splits, class_weights))
+
+
+def describe_cache(cache: Any) -> str:
+    """What "compute the frozen blocks once" did in this run."""
+    if not cache.used:
+        return f"frozen-prefix cache off ({cache.reason})"
+    size = f"{cache.nbytes / 2**20:.1f} MiB" if cache.nbytes >= 2**20 else f"{cache.nbytes / 1024:.1f} KiB"
+    what = f"frozen-prefix cache: outputs of the embeddings and blocks 0-{cache.start_block - 1}"
+    if cache.shared:
+        return f"{what}, from the frozen work done once for every run, {size} ({cache.dtype})"
+    return f"{what} computed once, {size} ({cache.dtype}), built in {cache.seconds:.1f} s"
+
+
+def describe_trainable(model: Any) -> str:
+    """What trains in a classify.GPTClassifier, in words: 'head + final LayerNorm + blocks 10-11'."""
+    adapters = {id(p) for m in model.modules() if hasattr(m, "lora_A") for p in (m.lora_A, m.lora_B)}
+    trains = {name: any(p.requires_grad and id(p) not in adapters for p in module.parameters())
+              for name, module in model.named_modules()}
+    blocks = [i for i in range(len(model.gpt.h)) if trains[f"gpt.h.{i}"]]
+    parts = [words for words, name in (("head", "head"), ("final LayerNorm", "gpt.ln_f")) if trains[name]]
+    if blocks:
+        parts.append(f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}")
+    if adapters:
+        parts.append(f"LoRA adapters in blocks 0-{len(model.gpt.h) - 1}")
+    if trains["gpt.wte"] or trains["gpt.wpe"]:
+        parts.append("embeddings")
+    return " + ".join(parts) or "nothing"
+
+
+def parameter_counts(model: Any) -> dict[str, float]:
+    """Trainable and total parameters; a tied weight (lm_head = wte) counts once."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "share": trainable / total}
+
+
 # --------------------------------------------------------------------------- the run folder
 
 

@@ -109,7 +109,7 @@ def pipeline(cfg: TrainConfig, job: runner.Job) -> list[RunResult]:
     tokens = data.tokenize(splits, cfg.max_length, job.text_tokens)  # 2. tokenização
     gpt_model = load_gpt(cfg, job.gpt_config, job.log)  # 3. processamento pelo GPT (its pretrained weights)
     class_weights = data.class_weights(splits.train) if cfg.class_weights == "balanced" else None  # for step 6
-    job.log(describe_steps(cfg, splits, tokens, gpt_model, job) + "\n" + evaluation.describe_splits(splits, class_weights))
+    job.log(report.describe_steps(cfg, splits, tokens, gpt_model, job, class_weights))
     shelf = share_frozen_work(gpt_model, tokens, len(splits.label_names), job)  # several runs: frozen work once
     results = []
     runs = list(itertools.product(cfg.compare or [cfg.strategy], cfg.seeds or [cfg.seed]))
@@ -120,7 +120,7 @@ def pipeline(cfg: TrainConfig, job: runner.Job) -> list[RunResult]:
         model = build_classifier(gpt_model, len(splits.label_names), cfg.pooling, seed)  # 4-5. representação, head
         freeze(model, strategy, seed, cfg)  # "Congelamento de Camadas": what trains
         job.detail(describe_strategy(model, strategy, seed if cfg.seeds else None, job, tokens.max_length))
-        parameters = parameter_counts(model)  # what trains from the start (gradual: then more)
+        parameters = report.parameter_counts(model)  # what trains from the start (gradual: then more)
         inputs = {name: fastpath.SplitInputs(dataset, shelf=shelf.get(name, {})) for name, dataset in tokens.items()}
         training = fine_tune(model, inputs, strategy, seed, job, class_weights)  # 6-7. loss, atualização dos pesos
         restore_state(model, training.best_state)  # the weights of the best epoch
@@ -211,12 +211,12 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
     with mixed_precision(job):
         cache = fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache, job.progress)
     training = Training(cache, trainable_state(model))
-    log(describe_cache(training.cache))
+    log(report.describe_cache(training.cache))
     lengths = inputs["train"].dataset.lengths
     weights = None if class_weights is None else class_weights.to(device)  # step 6: --class-weights
     text_weights = None if class_weights is None else class_weights[inputs["train"].dataset.labels].tolist()
     steps = -(-len(lengths) // cfg.batch_size)  # weight updates per epoch
-    progress = Progress(total_steps=cfg.epochs * steps, log_every=max(1, steps // 10))
+    progress = report.Progress(total_steps=cfg.epochs * steps, log_every=max(1, steps // 10))
     for epoch in range(cfg.epochs):
         epoch_started = time.perf_counter()
         if strategy == "gradual" and epoch > 0 and unfreeze_next_block(model, optimizer, training, epoch):
@@ -224,9 +224,9 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
             network = distributed.wrap(model, job.runtime)  # DDP must see the new trainable set
             with mixed_precision(job):
                 training.set_cache(fastpath.refresh_caches(model, inputs, device, cfg.use_prefix_cache, job.progress))
-            log(f"epoch {epoch + 1}: unfrozen, now training {describe_trainable(model)}; "
-                f"{describe_cache(training.cache)}")
-        trainable = describe_trainable(model)
+            log(f"epoch {epoch + 1}: unfrozen, now training {report.describe_trainable(model)}; "
+                f"{report.describe_cache(training.cache)}")
+        trainable = report.describe_trainable(model)
         batches = data.bucket_batches(lengths, cfg.batch_size, seed, epoch)  # a new order every epoch
         loss_sum = torch.zeros((), device=device)  # this process's texts, summed on the device: no sync per step
         correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
@@ -265,7 +265,7 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
         best = max(training.history, key=lambda r: (r.validation_accuracy, -r.validation_loss))  # first of equals
         if best is record:
             training.best_epoch, training.best_state = record.epoch, trainable_state(model)
-        log(epoch_line(record, cfg.epochs, training))
+        log(report.epoch_line(record, cfg.epochs, training))
     training.seconds = time.perf_counter() - started
     return training
 
@@ -475,78 +475,15 @@ def evaluate_splits(model: classify.GPTClassifier, inputs: dict[str, fastpath.Sp
     return reports, losses, found["test"]
 
 
-# --------------------------------------------------------------------------- what the run tells
-
-
-@dataclass
-class Progress:
-    """Counts steps across epochs for the progress lines: speed and estimated time left."""
-
-    total_steps: int
-    log_every: int
-    step: int = 0
-    examples: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def advance(self, batch_size: int) -> None:
-        self.step += 1
-        self.examples += batch_size
-
-    def line(self, epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, loss: float) -> str:
-        elapsed = time.perf_counter() - self.started
-        minutes, seconds = divmod(round(elapsed / self.step * (self.total_steps - self.step)), 60)
-        return (f"epoch {epoch + 1}/{epochs}  step {step_in_epoch}/{steps_per_epoch}  "
-                f"{self.examples / elapsed:,.0f} examples/s  loss {loss:.4f}  "
-                f"time left {minutes // 60}:{minutes % 60:02d}:{seconds:02d}")
-
-
-def epoch_line(record: EpochRecord, epochs: int, training: Training) -> str:
-    return (f"epoch {record.epoch}/{epochs} done in {training.epoch_seconds[-1]:.1f} s: "
-            f"train loss {record.train_loss:.4f} accuracy {record.train_accuracy:.2%}  |  "
-            f"validation loss {record.validation_loss:.4f} accuracy {record.validation_accuracy:.2%}"
-            + ("  (best so far)" if training.best_epoch == record.epoch else ""))
-
-
-def describe_steps(cfg: TrainConfig, splits: data.Splits, tokens: data.TokenizedSplits, gpt_model: nn.Module,
-                   job: runner.Job) -> str:
-    """Steps 1-7 in one line each, as the run sets them up."""
-    runtime = job.runtime
-    counts = " / ".join(f"{name} {len(dataset):,}" for name, dataset in tokens.items())
-    truncated = sum(dataset.num_truncated for _, dataset in tokens.items())
-    batch = f"batch size {cfg.batch_size}"
-    if cfg.accumulation_steps > 1:
-        batch += f" in {cfg.accumulation_steps} micro-batches"
-    if runtime.world_size > 1:
-        batch += (f" (the global batch: texts per weight update, shared by {runtime.world_size} processes, "
-                  f"about {cfg.batch_size / runtime.world_size:g} each)")
-    torchrun = (f"torchrun: {runtime.world_size} processes train together ({torch.distributed.get_backend()}, "
-                f"DistributedDataParallel), rank 0 on {runtime.device}\n" if runtime.world_size > 1 else "")
-    precision = str(job.precision).removeprefix("torch.")
-    if job.precision != torch.float32:
-        precision += " (autocast; the weights stay float32" + ("; gradients scaled)" if precision == "float16" else ")")
-    rate = f"lr {cfg.lr:g}" + (f", {cfg.warmup} warmup updates" if cfg.warmup else "") + (
-        f", {cfg.schedule} decay" if cfg.schedule != "constant" else "")
-    clip = f", gradient norm clipped at {cfg.max_grad_norm:g}" if cfg.max_grad_norm is not None else ""
-    return (f"{torchrun}1. labelled text: {cfg.data or 'SMS Spam Collection'} "
-            f"({'balanced' if cfg.balanced else 'all data'}): {counts}; classes {', '.join(splits.label_names)}\n"
-            f"2. tokenization: GPT-2 BPE, max_length {tokens.max_length} tokens, "
-            f"{truncated} text{'s' if truncated != 1 else ''} cut to fit\n"
-            f"3. GPT: {cfg.model}, {cfg.init} weights, {sum(p.numel() for p in gpt_model.parameters()):,} "
-            f"parameters, on {runtime.device}, computing in {precision}\n"
-            f"4. representation: pooling {cfg.pooling!r}; 5. classification head: "
-            f"Linear({gpt_model.cfg.emb_dim} -> {len(splits.label_names)})\n"
-            f"6. supervised loss: cross-entropy; 7. weight update: AdamW {rate}, weight decay "
-            f"{cfg.weight_decay:g}, {batch}{clip}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}"
-            + (f"; training seeds {', '.join(map(str, cfg.seeds))} (the split"
-               f"{' and the random GPT' if cfg.init == 'random' else ''}: seed {cfg.seed})" if cfg.seeds else ""))
+# --------------------------------------------------------------------------- what trains, and whether it fits
 
 
 def describe_strategy(model: classify.GPTClassifier, strategy: str, seed: int | None, job: runner.Job,
                       max_length: int) -> str:
     """What trains, and, on a GPU, whether the run will fit in its memory."""
-    parameters, epochs = parameter_counts(model), job.cfg.epochs
+    parameters, epochs = report.parameter_counts(model), job.cfg.epochs
     line = (f"strategy {strategy}{'' if seed is None else f', training seed {seed}'}: training "
-            f"{describe_trainable(model)}: {parameters['trainable']:,} of "
+            f"{report.describe_trainable(model)}: {parameters['trainable']:,} of "
             f"{parameters['total']:,} parameters ({parameters['share']:.2%})")
     n_layers = len(model.gpt.h)
     if strategy == "gradual":
@@ -580,40 +517,6 @@ def describe_memory(parameters: dict[str, float], trained_blocks: int, gpt_confi
     advice = (f"--accumulation-steps {fits} (about {need(fits) / 2**30:.1f} GiB)" if fits else
               "a smaller --max-length or --model")
     return line + f"; it will probably NOT fit: try {advice}, or a strategy that trains fewer blocks (last-block, lora)"
-
-
-def describe_cache(cache: fastpath.CacheStatus) -> str:
-    """What "compute the frozen blocks once" did in this run."""
-    if not cache.used:
-        return f"frozen-prefix cache off ({cache.reason})"
-    size = f"{cache.nbytes / 2**20:.1f} MiB" if cache.nbytes >= 2**20 else f"{cache.nbytes / 1024:.1f} KiB"
-    what = f"frozen-prefix cache: outputs of the embeddings and blocks 0-{cache.start_block - 1}"
-    if cache.shared:
-        return f"{what}, from the frozen work done once for every run, {size} ({cache.dtype})"
-    return f"{what} computed once, {size} ({cache.dtype}), built in {cache.seconds:.1f} s"
-
-
-def describe_trainable(model: classify.GPTClassifier) -> str:
-    """What trains, in words: 'head + final LayerNorm + blocks 10-11'."""
-    adapters = {id(p) for m in model.modules() if isinstance(m, classify.LoRALinear) for p in (m.lora_A, m.lora_B)}
-    trains = {name: any(p.requires_grad and id(p) not in adapters for p in module.parameters())
-              for name, module in model.named_modules()}
-    blocks = [i for i in range(len(model.gpt.h)) if trains[f"gpt.h.{i}"]]
-    parts = [words for words, name in (("head", "head"), ("final LayerNorm", "gpt.ln_f")) if trains[name]]
-    if blocks:
-        parts.append(f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}")
-    if adapters:
-        parts.append(f"LoRA adapters in blocks 0-{len(model.gpt.h) - 1}")
-    if trains["gpt.wte"] or trains["gpt.wpe"]:
-        parts.append("embeddings")
-    return " + ".join(parts) or "nothing"
-
-
-def parameter_counts(model: nn.Module) -> dict[str, float]:
-    """Trainable and total parameters; a tied weight (lm_head = wte) counts once."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable": trainable, "total": total, "share": trainable / total}
 
 
 # --------------------------------------------------------------------------- several runs, and the command

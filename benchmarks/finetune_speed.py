@@ -48,6 +48,7 @@ import classify
 import data
 import distributed
 import fastpath
+import report
 import runner
 import train
 
@@ -110,7 +111,7 @@ def run_one(method: str, strategy: str, args: argparse.Namespace) -> dict:
         "training_examples_per_second": examples / seconds,
         "peak_memory_bytes": peak_memory_bytes(job.runtime.device),
         "test_accuracy": reports["test"].accuracy,
-        "prefix_cache": train.describe_cache(training.cache),
+        "prefix_cache": report.describe_cache(training.cache),
     }
 
 

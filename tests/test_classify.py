@@ -21,7 +21,6 @@ from torch.nn import functional as F
 import classify
 import data
 import report
-import train
 from classify import GPTClassifier
 from gpt import GPTConfig, GPTModel, write_safetensors
 from hub import atomic_open
@@ -340,7 +339,7 @@ def test_lora_trains_rank_r_adapters_and_merged_weights_give_the_same_outputs():
 def test_what_trains_is_said_in_words(strategy, epoch, words):
     model = tiny_classifier(n_layers=3)
     classify.apply_strategy(model, strategy, epoch=epoch)
-    assert train.describe_trainable(model) == words
+    assert report.describe_trainable(model) == words
 
 
 def test_another_strategy_on_a_lora_model_is_refused():

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import classify
 import fastpath
-import train
+import report
 from classify import GPTClassifier
 from fastpath import PrefixCache
 from test_classify import FEW, assert_close_to_scale, padded, random_token_lists, seeds, tiny_classifier, tiny_gpt
@@ -200,7 +200,7 @@ def test_runs_take_the_shared_frozen_work_and_get_what_they_would_build(pooling)
         shelved = {name: fastpath.SplitInputs(dataset, shelf=shared.caches[name]) for name, dataset in datasets.items()}
         built = fastpath.refresh_caches(model, fresh, torch.device("cpu"))
         taken = fastpath.refresh_caches(model, shelved, torch.device("cpu"))
-        assert taken.shared and not built.shared and "done once" in train.describe_cache(taken)
+        assert taken.shared and not built.shared and "done once" in report.describe_cache(taken)
         assert (taken.start_block, taken.nbytes, taken.dtype) == (built.start_block, built.nbytes, built.dtype)
         for name in datasets:
             assert shelved[name].cache is shared.caches[name][taken.start_block]  # taken, not recomputed
