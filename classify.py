@@ -4,12 +4,10 @@ Chapter 06, in its order: "Transformando um modelo generativo em classificador" 
 representações do modelo" (GPT-2's hidden states instead of its vocabulary logits),
 "Classification Head" (a new Linear(C, K)), "Como escolher a representação do texto" (`pool`),
 "Estratégias de Fine-Tuning" with "Fine-Tuning Completo" and "Congelamento de Camadas"
-(`apply_strategy`), and "Inferência e uso prático do modelo" (save, load, `predict`; the command
-`python classify.py --model RUN_DIR "text" ...` reads and prints through report.py). In the pipeline: steps 4
-(representation) and 5 (classification head), and what step 7 (weight update) may touch.
-
-`GPTClassifier.forward` is the plain computation a reader follows; the trainer runs a faster path
-with the same results (fastpath.py; tests prove them equal).
+(`apply_strategy`; LoRA's adapters in lora.py), and "Inferência e uso prático do modelo" (save,
+load, `predict`; the command `python classify.py --model RUN_DIR "text" ...` reads and prints
+through report.py). In the pipeline: steps 4 (representation) and 5 (classification head), and
+what step 7 (weight update) may touch.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ import data
 import gpt
 import hfformat
 import runfiles
+from lora import LoRALinear, add_lora
 
 POOLINGS = ("last", "mean", "special", "first")
 
@@ -265,54 +264,6 @@ def trains(module: nn.Module) -> bool:
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the optimizer gets: only those that train."""
     return [param for param in model.parameters() if param.requires_grad]
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied weight (lm_head = wte) counts once."""
-    return sum(p.numel() for p in trainable_parameters(model)), sum(p.numel() for p in model.parameters())
-
-
-class LoRALinear(nn.Module):
-    """A frozen Linear plus a trainable low-rank update: y = W x + b + (alpha / r) B A x.
-
-    A (r, in) starts random (Kaiming uniform, as nn.Linear's weight), B (out, r) at zero, so at
-    insertion the layer computes exactly what the base layer did, and training moves r * (in +
-    out) numbers per layer instead of in * out. `weight` and `bias` keep their names, so the
-    checkpoint names do not change and merging is `weight + (alpha / r) B A`.
-    """
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
-        super().__init__()
-        if not (rank >= 1 and math.isfinite(alpha)):
-            raise ValueError(f"lora rank {rank} and alpha {alpha}: need a rank >= 1 and a finite alpha")
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # (out, in), pretrained
-        self.register_parameter("bias", base.bias)  # (out,) or None
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))  # (r, in)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))  # (out, r)
-        self.alpha, self.scale = alpha, alpha / rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., out), through rank r
-        return F.linear(x, self.weight, self.bias) + self.scale * update  # (..., out)
-
-    def merged_weight(self) -> torch.Tensor:
-        return self.weight + self.scale * (self.lora_B @ self.lora_A)  # (out, in)
-
-
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # in every block
-
-
-def add_lora(model: GPTClassifier, rank: int, alpha: float) -> None:
-    """Wrap the attention and MLP projections of every block in `LoRALinear` (once)."""
-    for block in model.gpt.h:
-        for path in LORA_TARGETS:
-            parent_name, layer_name = path.split(".")
-            parent = getattr(block, parent_name)
-            if not isinstance(getattr(parent, layer_name), LoRALinear):
-                setattr(parent, layer_name, LoRALinear(getattr(parent, layer_name), rank, alpha))
 
 
 # --------------------------------------------------------------------------- save and load

@@ -265,7 +265,7 @@ def test_only_the_intended_parameters_get_gradients_and_move(strategy, epoch, po
     intended = {name for name in names if intended_trainable(name, strategy, 3, epoch)}
     assert {name for name, p in names.items() if p.requires_grad} == intended
     assert {id(p) for p in classify.trainable_parameters(model)} == {id(names[n]) for n in intended}
-    trainable, total = classify.count_parameters(model)
+    trainable, total = report.parameter_counts(model)["trainable"], report.parameter_counts(model)["total"]
     assert trainable == sum(names[n].numel() for n in intended) and total == sum(p.numel() for p in names.values())
 
     token_ids, lengths = padded(random_token_lists([7, 3, 5], seed=3))
@@ -309,7 +309,7 @@ def test_lora_trains_rank_r_adapters_and_merged_weights_give_the_same_outputs():
     model = tiny_classifier(emb_dim=emb_dim, n_layers=n_layers)
     classify.apply_strategy(model, "lora", lora_rank=rank, lora_alpha=8)
     adapters = n_layers * rank * ((emb_dim + 3 * emb_dim) + (emb_dim + emb_dim) + (emb_dim + 4 * emb_dim) + (4 * emb_dim + emb_dim))
-    assert classify.count_parameters(model)[0] == adapters + (emb_dim * 2 + 2) + 2 * emb_dim  # + head + ln_f
+    assert report.parameter_counts(model)["trainable"] == adapters + (emb_dim * 2 + 2) + 2 * emb_dim  # + head + ln_f
     pretrained = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" not in name}
 
     token_ids, lengths = padded(random_token_lists([9, 4, 6, 2], seed=5))
