@@ -147,7 +147,7 @@ class PrefixCache:
                     batch_size: int, progress: Progress | None) -> PrefixCache | None:
         """Run blocks[first_block:start_block] over `first_input(chunk)` for each chunk of texts
         (in `order`, by length) and store the positions `lengths` says; `progress(n)` after each
-        chunk of n texts."""
+        chunk of texts holding n tokens."""
         offsets = torch.cumsum(lengths, dim=0) - lengths  # (N,)
         rows, emb_dim = int(lengths.sum()), model.gpt.cfg.emb_dim
         dtype = next((d for d in (torch.float32, torch.float16) if rows * emb_dim * d.itemsize <= memory_budget_bytes),
@@ -169,7 +169,7 @@ class PrefixCache:
                     offset, length = int(offsets[i]), int(lengths[i])
                     states[offset : offset + length] = hidden[row, :length].to(device, dtype)
                 if progress is not None:
-                    progress(len(chunk))
+                    progress(int(text_lengths.sum()))  # the work grows with the tokens
         if dtype == torch.float16 and not bool(torch.isfinite(states).all()):
             return None  # a value beyond float16's range: caching would change the results
         return cls(states, offsets, lengths, start_block, order)
@@ -254,8 +254,7 @@ def refresh_caches(model: classify.GPTClassifier, splits: dict[str, SplitInputs]
     started, caches, shelved = time.perf_counter(), {}, set()
     if start_block:
         total_tokens = sum(sum(split.dataset.lengths) for split in splits.values())
-        ticker = report.Ticker("frozen-prefix cache", sum(len(split.dataset) for split in splits.values()),
-                               tell or report.quiet)
+        ticker = report.Ticker("frozen-prefix cache", total_tokens, tell or report.quiet)
         for name, split in splits.items():
             if split.cache is not None and split.cache.start_block == start_block:
                 caches[name] = split.cache
@@ -331,8 +330,7 @@ def share_frozen_work(model: classify.GPTClassifier, datasets: dict[str, data.Cl
     started, total_tokens = time.perf_counter(), sum(sum(d.lengths) for d in datasets.values())
     caches: dict[str, dict[int, PrefixCache]] = {name: {} for name in datasets}
     steps, below = [], 0
-    texts = sum(len(d) for d in datasets.values())
-    ticker = report.Ticker("frozen work for every run", texts * len(set(prefix_lengths)), tell or report.quiet)
+    ticker = report.Ticker("frozen work for every run", total_tokens * len(set(prefix_lengths)), tell or report.quiet)
     for start_block in sorted(set(prefix_lengths)):
         step_started, deepened = time.perf_counter(), True
         for name, dataset in datasets.items():

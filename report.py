@@ -68,8 +68,9 @@ class Console:
 
 @dataclass
 class Ticker:
-    """A long piece of work told as it goes (`add` what was just done), with the time left: at most
-    every tenth of it, and nothing in its first two seconds (quick work stays quiet)."""
+    """A long piece of work told as it goes (`add` what was just done, in any unit the work grows
+    with: tokens, say), with the time left: at most every tenth of it, and nothing in its first two
+    seconds (quick work stays quiet)."""
 
     what: str
     total: int
@@ -83,7 +84,7 @@ class Ticker:
         elapsed, tenth = time.perf_counter() - self.started, 10 * self.done // max(self.total, 1)
         if tenth > self.told and elapsed > 2 and self.done < self.total:
             self.told = tenth
-            self.tell(f"{self.what}: {self.done:,} of {self.total:,} texts ({self.done / self.total:.0%}), "
+            self.tell(f"{self.what}: {self.done / self.total:.0%} done, "
                       f"time left {clock(elapsed / self.done * (self.total - self.done))}")
 
 

@@ -447,10 +447,10 @@ def evaluate(model: classify.GPTClassifier, split: fastpath.SplitInputs, job: ru
     """Mean loss and every prediction over a split, in batches ordered by length."""
     model.eval()
     device, loss_sum, predictions = job.runtime.device, 0.0, [0] * len(split.dataset)
-    ticker = report.Ticker(f"evaluating on {name}", len(split.dataset), job.progress)
+    ticker = report.Ticker(f"evaluating on {name}", sum(split.dataset.lengths), job.progress)
     probabilities: list[list[float]] = [[]] * len(split.dataset)
     for indices in data.bucket_batches(split.dataset.lengths, job.eval_batch_size):  # in order of length
-        ticker.add(len(indices))
+        ticker.add(sum(split.dataset.lengths[i] for i in indices))  # the work grows with the tokens
         batch = split.batch(indices, device)
         with mixed_precision(job):
             logits = model(batch.inputs, batch.lengths, batch.start_block).float()  # (B, K)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import classify
 import comparison
@@ -588,3 +590,23 @@ def test_an_interrupted_comparison_keeps_the_runs_it_finished(workspace, monkeyp
     assert {"classifier.safetensors", "config.json", "metrics.json", "mistakes.tsv"} <= {
         p.name for p in (run_dir / "head").iterdir()}
     assert [p.name for p in (workspace / "interrupted").iterdir()] == ["run"], "no hidden partial folder left"
+
+
+@settings(max_examples=50, deadline=None)
+@given(works=st.lists(st.integers(1, 500), min_size=1, max_size=200), step=st.floats(0.01, 5.0))
+def test_progress_says_at_most_ten_things_never_in_the_first_seconds_and_the_time_left(works, step):
+    now, told = [0.0], []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(report.time, "perf_counter", lambda: now[0])
+        ticker = report.Ticker("work", sum(works), told.append, started=0.0)
+        for count in works:
+            now[0] += step * count  # each unit of work costs the same: the time left is exact
+            ticker.add(count)
+    assert len(told) <= 10
+    for line in told:
+        match = re.fullmatch(r"work: (\d+)% done, time left (\d+):(\d\d):(\d\d)", line)
+        percent, hours, minutes, seconds = map(int, match.groups())
+        remaining = step * sum(works) * (1 - int(percent) / 100)
+        assert abs(hours * 3600 + minutes * 60 + seconds - remaining) <= step * sum(works) * 0.01 + 1
+    if step * sum(works) <= 2:
+        assert told == [], "quick work stays quiet"
