@@ -28,6 +28,7 @@ import fastpath
 import hfformat
 import hub
 import metrics
+import serve
 
 Log = Callable[[str], None]
 
@@ -413,6 +414,10 @@ def classify_command(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON list of {text, label, probabilities}")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
+    parser.add_argument("--serve", action="store_true", help="instead, serve a page and POST /classify over HTTP "
+                        "until Ctrl-C (docs/serving.md)")
+    parser.add_argument("--host", default="127.0.0.1", help="with --serve: address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="with --serve: port to listen on (default 8000)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error argparse already reported
@@ -424,12 +429,15 @@ def classify_command(argv: list[str] | None = None) -> int:
                                              config.pooling, config.max_length, args.export_hf).describe())
             return 0
         texts = list(args.texts) + (read_texts(args.file) if args.file else [])
-        if not texts:
+        if not texts and not args.serve:
             raise ValueError("nothing to classify: give texts as arguments or --file F ('-' for stdin)")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
         device = distributed.pick_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, config = classify.load_classifier(args.model, device)
+        if args.serve:  # machinery: serve.py answers HTTP with classify.predict (docs/serving.md)
+            return serve.run(lambda batch: [asdict(p) for p in classify.predict(model, config, batch, args.batch_size)],
+                             serve.model_facts(args.model, config.label_names, config.max_length), args.host, args.port)
         start = time.perf_counter()
         predictions = classify.predict(model, config, texts, args.batch_size)
         seconds = time.perf_counter() - start
