@@ -276,6 +276,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if code == 501:
             return self.refuse_path(self.path.partition("?")[0])
         code = 400 if code == 505 else code  # an HTTP version it does not speak: the request's fault
+        if self.request_version == "HTTP/0.9":  # a request line it could not read: still answer with a status line
+            self.request_version = "HTTP/1.0"
         self.send_json(code, {"error": message or http.HTTPStatus(code).phrase}, close=True)
 
     def send_json(self, status: int, document: dict, close: bool = False, headers=()) -> None:
@@ -292,7 +294,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":  # a HEAD answer is the headers alone
+            self.wfile.write(body)
 
 
 class Server(http.server.ThreadingHTTPServer):

@@ -102,9 +102,10 @@ class Browser:
         self.call("Input.insertText", session, text=text)
 
     def click(self, session: str, selector: str) -> None:
-        """A real mouse click (press, release) at the middle of the element's box."""
-        x, y = self.evaluate(session, f"""(() => {{ const box = document.querySelector({json.dumps(selector)})
-            .getBoundingClientRect(); return [box.x + box.width / 2, box.y + box.height / 2]; }})()""")
+        """A real mouse click (press, release) at the middle of the element's box, scrolled into view."""
+        x, y = self.evaluate(session, f"""(() => {{ const element = document.querySelector({json.dumps(selector)});
+            element.scrollIntoView({{block: "center"}}); const box = element.getBoundingClientRect();
+            return [box.x + box.width / 2, box.y + box.height / 2]; }})()""")
         for kind in ("mousePressed", "mouseReleased"):
             self.call("Input.dispatchMouseEvent", session, type=kind, x=x, y=y, button="left", clickCount=1)
 
