@@ -179,6 +179,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """One connection: its requests, one after another (HTTP/1.1 keep-alive)."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body leave at once, not 40 ms apart (Nagle and delayed ACKs)
     server_version, sys_version = "gpt2-classifier", ""
     server: Server
 
@@ -302,6 +303,7 @@ class Server(http.server.ThreadingHTTPServer):
     """One thread per connection, at most MAX_CONNECTIONS at once, one model lock."""
 
     daemon_threads = True  # a stuck client never holds up the exit
+    request_queue_size = 2 * MAX_CONNECTIONS  # connections the kernel holds before accepting (socketserver's 5 drops bursts)
 
     def __init__(self, address: tuple[str, int], classify_texts: ClassifyTexts, facts: ModelFacts,
                  idle_seconds: float, read_seconds: float, max_connections: int, log: Log) -> None:

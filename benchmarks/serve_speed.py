@@ -1,0 +1,214 @@
+"""How fast does `python classify.py --serve` answer, and how does that compare with one
+`python classify.py` call per text?
+
+For each model (tiny: 2 blocks of width 16; gpt2-small: its 124M-parameter shape with random
+weights, as `train.py --init random` builds it), saved as a run folder in a temporary directory, it
+starts the real command `python classify.py --model RUN --serve --port 0` on 127.0.0.1 and drives
+POST /classify from client threads (http.client, one keep-alive connection each) for a fixed time:
+
+    1 client,  1 text per request    the latency one user sees
+    N clients, 1 text per request    many users at once (the model serves one request at a time)
+    N clients, 32 texts per request  programs sending batches
+
+and reports requests/s, texts/s and the p50/p99 latency of a request. Then it times whole
+`python classify.py --model RUN "text"` processes (start Python, load the model, classify one text,
+exit), the way the chapter's command answers without a server.
+
+    python benchmarks/serve_speed.py                      # about 5 minutes on a 2-core CPU
+    python benchmarks/serve_speed.py --seconds 5 --clients 8 --models tiny --json serve.json
+    python benchmarks/serve_speed.py --dry-run            # a check of the script: tiny, 1 s; it measures nothing
+
+Never run by CI (tests/test_benchmarks.py runs --dry-run). Bounded: it talks to 127.0.0.1 only,
+with at most MAX_CLIENTS clients for at most MAX_SECONDS per measurement.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # torch warns at import when NumPy is missing; run from anywhere
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import select
+import signal
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import replace
+
+import torch
+
+import classify
+import gpt
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {"tiny": gpt.GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_layers=2, n_heads=2),
+          "gpt2-small": replace(gpt.PRESETS["gpt2-small"], vocab_size=50257)}
+MAX_CLIENTS, MAX_SECONDS = 64, 120
+MESSAGES = [  # SMS-sized texts, 8 to 40 tokens, as the chapter's data set
+    "Are we still on for lunch at 1? I can bring the notes.",
+    "WINNER!! You have been selected to receive a £900 prize reward. Call 09061701461 to claim now.",
+    "Sorry, I'll call you later, I'm in a meeting.",
+    "URGENT! Your mobile number has been awarded £2000. Text CLAIM to 81010 before it expires.",
+    "Ok lar... see you at the station at 6",
+    "Free entry in 2 a weekly competition to win FA Cup final tickets. Text FA to 87121 to receive entry question.",
+    "Did you get the book I left on your desk? Let me know what you think of chapter 6.",
+    "Thanks for your subscription to Ringtone UK, your mobile will be charged £5/month. Reply STOP to cancel.",
+    "Happy birthday! Hope you have a great day, talk soon",
+    "Can you pick up some milk and bread on the way home please",
+    "You have 1 new voicemail. Please call 08719181513 now to listen.",
+    "I'm running 10 minutes late, start without me",
+]
+JSON = {"Content-Type": "application/json"}
+
+
+def save_run(name: str, folder: Path) -> tuple[Path, int]:
+    """A run folder for `name`'s shape with random weights (seed 0), as classify.py loads it; its parameter count."""
+    torch.manual_seed(0)
+    model = classify.GPTClassifier(gpt.GPTModel(MODELS[name]), 2)
+    classify.save_classifier(model, folder / name, ["ham", "spam"], max_length=min(120, MODELS[name].context_length - 1))
+    return folder / name, classify.count_parameters(model)[1]
+
+
+def start_server(run_dir: Path) -> tuple[subprocess.Popen, int]:
+    """The real command, on a free port of 127.0.0.1; its port."""
+    process = subprocess.Popen([sys.executable, str(REPO / "classify.py"), "--model", str(run_dir), "--serve",
+                                "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore:Failed to initialize NumPy"})
+    readable, _, _ = select.select([process.stdout], [], [], 300)
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/", process.stdout.readline() if readable else "")
+    if not match:
+        process.kill()
+        raise RuntimeError(f"the server did not start: {process.communicate()}")
+    return process, int(match.group(1))
+
+
+def request_bodies(texts_per_request: int) -> list[bytes]:
+    """Bodies that walk through MESSAGES, so requests differ the way real traffic does."""
+    return [json.dumps({"texts": [MESSAGES[(start + i) % len(MESSAGES)] for i in range(texts_per_request)]}).encode()
+            for start in range(len(MESSAGES))]
+
+
+def client(port: int, bodies: list[bytes], offset: int, stop_at: float, latencies: list[float], errors: list[str]) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        i = offset
+        while True:  # one request at least, then until stop_at
+            start = time.perf_counter()
+            connection.request("POST", "/classify", bodies[i % len(bodies)], JSON)
+            response = connection.getresponse()
+            body = response.read()
+            latencies.append(time.perf_counter() - start)
+            if response.status != 200:
+                errors.append(f"{response.status} {body[:100]!r}")
+            i += 1
+            if time.perf_counter() >= stop_at:
+                break
+    except (OSError, http.client.HTTPException) as error:
+        errors.append(f"{type(error).__name__}: {error}")
+    finally:
+        connection.close()
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest rank: the smallest value at least `fraction` of the values do not exceed."""
+    return sorted_values[max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values) + 0.5) - 1))]
+
+
+def measure(port: int, clients: int, texts_per_request: int, seconds: float) -> dict:
+    """`clients` threads sending requests of `texts_per_request` texts for `seconds`; every request
+    in flight at the end is waited for and counted."""
+    bodies = request_bodies(texts_per_request)
+    latencies: list[float] = []
+    errors: list[str] = []
+    for i in range(len(bodies)):  # warm up, one request per body: a first forward pass at each shape is slower
+        client(port, bodies, i, 0.0, [], errors)
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(port, bodies, i, started + seconds, latencies, errors))
+               for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, the first: {errors[0]}")
+    latencies.sort()
+    return {"clients": clients, "texts_per_request": texts_per_request, "seconds": round(elapsed, 2),
+            "requests": len(latencies), "requests_per_second": round(len(latencies) / elapsed, 2),
+            "texts_per_second": round(len(latencies) * texts_per_request / elapsed, 1),
+            "p50_ms": round(1000 * percentile(latencies, 0.50), 1), "p99_ms": round(1000 * percentile(latencies, 0.99), 1)}
+
+
+def time_command(run_dir: Path, runs: int) -> dict:
+    """Wall seconds of whole `python classify.py --model RUN "text"` processes."""
+    seconds = []
+    for i in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(REPO / "classify.py"), "--model", str(run_dir), MESSAGES[i % len(MESSAGES)]],
+                       check=True, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        seconds.append(time.perf_counter() - start)
+    return {"runs": runs, "median_seconds": round(statistics.median(seconds), 2), "seconds": [round(s, 2) for s in seconds]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny,gpt2-small", help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--clients", type=int, default=4, help=f"N, the concurrent clients (at most {MAX_CLIENTS})")
+    parser.add_argument("--seconds", type=float, default=20, help=f"per measurement (at most {MAX_SECONDS})")
+    parser.add_argument("--command-runs", type=int, default=3, help="`python classify.py` processes timed per model")
+    parser.add_argument("--json", metavar="FILE", help="also write the results here")
+    parser.add_argument("--dry-run", action="store_true", help="tiny model, 2 clients, 1 s, 1 command: a check of the script")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.models, args.clients, args.seconds, args.command_runs = "tiny", 2, 1.0, 1
+    models = args.models.split(",")
+    if not (set(models) <= MODELS.keys() and 1 <= args.clients <= MAX_CLIENTS and 0 < args.seconds <= MAX_SECONDS
+            and args.command_runs >= 1):
+        parser.error(f"--models of {', '.join(MODELS)}, --clients in 1..{MAX_CLIENTS}, --seconds in (0, {MAX_SECONDS}], "
+                     "--command-runs at least 1")
+    document = {"dry_run": args.dry_run, "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                                                     "cpus": os.cpu_count(), "python": platform.python_version(),
+                                                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                                                     "load_average_before": os.getloadavg()},
+                "models": {}}
+    print(f"{'model':<11} {'clients':>7} {'texts/req':>9} {'req/s':>8} {'texts/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'requests':>8}")
+    with tempfile.TemporaryDirectory() as folder:
+        for name in models:
+            run_dir, parameters = save_run(name, Path(folder))
+            process, port = start_server(run_dir)
+            try:
+                rows = [measure(port, clients, texts, args.seconds)
+                        for clients, texts in ((1, 1), (args.clients, 1), (args.clients, 32))]
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+            for row in rows:
+                print(f"{name:<11} {row['clients']:>7} {row['texts_per_request']:>9} {row['requests_per_second']:>8} "
+                      f"{row['texts_per_second']:>8} {row['p50_ms']:>8} {row['p99_ms']:>8} {row['requests']:>8}", flush=True)
+            command = time_command(run_dir, args.command_runs)
+            print(f"{name:<11} python classify.py --model RUN \"text\": {command['median_seconds']} s per call "
+                  f"(median of {command['runs']})", flush=True)
+            document["models"][name] = {"parameters": parameters, "serve": rows, "command": command}
+    document["machine"]["load_average_after"] = os.getloadavg()  # other work on the machine skews every number
+    print(f"load average (1, 5, 15 min) before {document['machine']['load_average_before']}, "
+          f"after {document['machine']['load_average_after']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
