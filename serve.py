@@ -200,6 +200,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         path = self.path.partition("?")[0]
+        if "Content-Length" in self.headers or "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # a body it will not read: the connection's next bytes are not a request
         if self.foreign_host():
             return
         if path == "/":

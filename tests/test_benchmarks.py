@@ -1,6 +1,7 @@
 """benchmarks/gpu.sh, the GPU check, works on a bare machine with the repository copied: offline,
 given the SMS file, it runs every job it promises and writes one JSON. A dry run (a 2-block
-model, 1 epoch) proves the script on this CPU; it measures nothing. So does benchmarks/serve_speed.py's, for `classify.py --serve`."""
+model, 1 epoch) proves the script on this CPU; it measures nothing. benchmarks/serve_speed.py, for
+`classify.py --serve`, has a dry run too."""
 
 from __future__ import annotations
 
