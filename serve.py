@@ -87,7 +87,8 @@ def model_facts(run_dir: str | Path, classes: list[str], max_length: int) -> Mod
     model = document.get("model") if isinstance(document.get("model"), dict) else {}
     source, strategy = model.get("source"), document.get("strategy")
     if isinstance(source, str) and source:
-        facts = replace(facts, model=source[:MAX_FACT_CHARS] + (" (random init)" if model.get("init") == "random" else ""))
+        random_init = " (random init)" if model.get("init") == "random" else ""
+        facts = replace(facts, model=source[:MAX_FACT_CHARS] + random_init)
     if isinstance(strategy, str) and strategy:
         facts = replace(facts, strategy=strategy[:MAX_FACT_CHARS])
     return facts
@@ -271,7 +272,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_json(405, {"error": f"{self.command[:20]} {path}: use {methods[path]} {path}"},
                            close=True, headers=[("Allow", methods[path])])
         else:
-            self.send_json(404, {"error": f"no page {path[:60]!r}; try /, /info, /health or POST /classify"}, close=True)
+            self.send_json(404, {"error": f"no page {path[:60]!r}; try /, /info, /health or POST /classify"},
+                           close=True)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (an unknown method, a malformed request line, too many
@@ -305,7 +307,7 @@ class Server(http.server.ThreadingHTTPServer):
     """One thread per connection, at most MAX_CONNECTIONS at once, one model lock."""
 
     daemon_threads = True  # a stuck client never holds up the exit
-    request_queue_size = 2 * MAX_CONNECTIONS  # connections the kernel holds before accepting (socketserver's 5 drops bursts)
+    request_queue_size = 2 * MAX_CONNECTIONS  # connections waiting to be accepted (socketserver's 5 drops bursts)
 
     def __init__(self, address: tuple[str, int], classify_texts: ClassifyTexts, facts: ModelFacts,
                  idle_seconds: float, read_seconds: float, max_connections: int, log: Log) -> None:
@@ -346,7 +348,8 @@ class Server(http.server.ThreadingHTTPServer):
         """A client that went away mid-answer is not an error of the server's; anything else is one line."""
         error = sys.exc_info()[1]
         if not isinstance(error, OSError):
-            self.log(f"error while answering {client_address[0]}: {type(error).__name__}: {' '.join(str(error).split())}")
+            self.log(f"error while answering {client_address[0]}: {type(error).__name__}: "
+                     f"{' '.join(str(error).split())}")
 
 
 BUSY_BODY = b'{"error": "too many connections at once; retry in a moment"}\n'

@@ -78,7 +78,8 @@ def save_run(name: str, folder: Path) -> tuple[Path, int]:
     """A run folder for `name`'s shape with random weights (seed 0), as classify.py loads it; its parameter count."""
     torch.manual_seed(0)
     model = classify.GPTClassifier(gpt.GPTModel(MODELS[name]), 2)
-    classify.save_classifier(model, folder / name, ["ham", "spam"], max_length=min(120, MODELS[name].context_length - 1))
+    max_length = min(120, MODELS[name].context_length - 1)  # 120: train.py's default
+    classify.save_classifier(model, folder / name, ["ham", "spam"], max_length)
     return folder / name, classify.count_parameters(model)[1]
 
 
@@ -101,7 +102,9 @@ def request_bodies(texts_per_request: int) -> list[bytes]:
             for start in range(len(MESSAGES))]
 
 
-def client(port: int, bodies: list[bytes], offset: int, stop_at: float, latencies: list[float], errors: list[str]) -> None:
+def client(port: int, bodies: list[bytes], offset: int, stop_at: float, latencies: list[float],
+           errors: list[str]) -> None:
+    """One keep-alive connection sending bodies[offset], bodies[offset + 1], ... until stop_at."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
         i = offset
@@ -149,7 +152,8 @@ def measure(port: int, clients: int, texts_per_request: int, seconds: float) -> 
     return {"clients": clients, "texts_per_request": texts_per_request, "seconds": round(elapsed, 2),
             "requests": len(latencies), "requests_per_second": round(len(latencies) / elapsed, 2),
             "texts_per_second": round(len(latencies) * texts_per_request / elapsed, 1),
-            "p50_ms": round(1000 * percentile(latencies, 0.50), 1), "p99_ms": round(1000 * percentile(latencies, 0.99), 1)}
+            "p50_ms": round(1000 * percentile(latencies, 0.50), 1),
+            "p99_ms": round(1000 * percentile(latencies, 0.99), 1)}
 
 
 def time_command(run_dir: Path, runs: int) -> dict:
@@ -157,10 +161,11 @@ def time_command(run_dir: Path, runs: int) -> dict:
     seconds = []
     for i in range(runs):
         start = time.perf_counter()
-        subprocess.run([sys.executable, str(REPO / "classify.py"), "--model", str(run_dir), MESSAGES[i % len(MESSAGES)]],
-                       check=True, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        command = [sys.executable, str(REPO / "classify.py"), "--model", str(run_dir), MESSAGES[i % len(MESSAGES)]]
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         seconds.append(time.perf_counter() - start)
-    return {"runs": runs, "median_seconds": round(statistics.median(seconds), 2), "seconds": [round(s, 2) for s in seconds]}
+    return {"runs": runs, "median_seconds": round(statistics.median(seconds), 2),
+            "seconds": [round(s, 2) for s in seconds]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,21 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20, help=f"per measurement (at most {MAX_SECONDS})")
     parser.add_argument("--command-runs", type=int, default=3, help="`python classify.py` processes timed per model")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
-    parser.add_argument("--dry-run", action="store_true", help="tiny model, 2 clients, 1 s, 1 command: a check of the script")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny model, 2 clients, 1 s, 1 command: a check of the script")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.models, args.clients, args.seconds, args.command_runs = "tiny", 2, 1.0, 1
     models = args.models.split(",")
     if not (set(models) <= MODELS.keys() and 1 <= args.clients <= MAX_CLIENTS and 0 < args.seconds <= MAX_SECONDS
             and args.command_runs >= 1):
-        parser.error(f"--models of {', '.join(MODELS)}, --clients in 1..{MAX_CLIENTS}, --seconds in (0, {MAX_SECONDS}], "
-                     "--command-runs at least 1")
-    document = {"dry_run": args.dry_run, "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                                                     "cpus": os.cpu_count(), "python": platform.python_version(),
-                                                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                                                     "load_average_before": os.getloadavg()},
-                "models": {}}
-    print(f"{'model':<11} {'clients':>7} {'texts/req':>9} {'req/s':>8} {'texts/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'requests':>8}")
+        parser.error(f"--models of {', '.join(MODELS)}, --clients in 1..{MAX_CLIENTS}, "
+                     f"--seconds in (0, {MAX_SECONDS}], --command-runs at least 1")
+    machine = {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+               "python": platform.python_version(), "torch": torch.__version__,
+               "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
+    document = {"dry_run": args.dry_run, "machine": machine, "models": {}}
+    columns = ("clients", "texts/req", "req/s", "texts/s", "p50 ms", "p99 ms", "requests")
+    print(f"{'model':<11}" + "".join(f"{column:>10}" for column in columns))
     with tempfile.TemporaryDirectory() as folder:
         for name in models:
             run_dir, parameters = save_run(name, Path(folder))
@@ -196,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=60)
             for row in rows:
-                print(f"{name:<11} {row['clients']:>7} {row['texts_per_request']:>9} {row['requests_per_second']:>8} "
-                      f"{row['texts_per_second']:>8} {row['p50_ms']:>8} {row['p99_ms']:>8} {row['requests']:>8}", flush=True)
+                values = ("clients", "texts_per_request", "requests_per_second", "texts_per_second", "p50_ms", "p99_ms",
+                          "requests")
+                print(f"{name:<11}" + "".join(f"{row[value]:>10}" for value in values), flush=True)
             command = time_command(run_dir, args.command_runs)
             print(f"{name:<11} python classify.py --model RUN \"text\": {command['median_seconds']} s per call "
                   f"(median of {command['runs']})", flush=True)

@@ -51,7 +51,9 @@ class Browser:
     def call(self, method: str, session: str | None = None, **params) -> dict:
         """Send one command, return its result; RuntimeError with Chromium's message on an error."""
         self.last_id += 1
-        message = {"id": self.last_id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        message = {"id": self.last_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
         pending = json.dumps(message).encode("utf-8") + b"\0"
         while pending:
             pending = pending[os.write(self.commands, pending):]

@@ -160,7 +160,8 @@ def test_predictions_are_exactly_predict_s_and_the_json_command_s(server, loaded
 
 
 def test_a_lone_surrogate_and_a_1_mib_body_are_classified(server, loaded):
-    assert classify_over_http(server.port, ["\ud800 half a character"]) == predicted(loaded, ["\ud800 half a character"])
+    texts = ["\ud800 half a character"]
+    assert classify_over_http(server.port, texts) == predicted(loaded, texts)
     padding = 2**20 - len(json.dumps({"texts": [""]}))
     body = json.dumps({"texts": ["a" * padding]}).encode()
     assert len(body) == 2**20
@@ -173,7 +174,7 @@ def test_one_thousand_texts_are_one_request(server, loaded):
     assert classify_over_http(server.port, texts) == predicted(loaded, texts)
 
 
-# --------------------------------------------------------------------------- refusals: 4xx, one line, the server lives on
+# --------------------------------------------------------------------------- refusals, each a one-line 4xx
 
 REFUSALS = {  # name: (method, path, body, headers, status, words in the error)
     "1,001 texts": ("POST", "/classify", json.dumps({"texts": ["hi"] * 1001}).encode(), JSON, 413, "1,001 texts"),
@@ -249,7 +250,7 @@ def acceptable_texts(body: bytes) -> list[str] | None:
 
 
 BODIES = (JSON_VALUES.map(lambda value: json.dumps(value).encode())
-          | st.lists(st.text(max_size=30) | JSON_VALUES, max_size=6).map(lambda texts: json.dumps({"texts": texts}).encode())
+          | st.lists(st.text(max_size=30) | JSON_VALUES, max_size=6).map(lambda t: json.dumps({"texts": t}).encode())
           | st.binary(max_size=40))
 
 
@@ -301,7 +302,8 @@ def closed_by_server(connection: socket.socket, keep_sending: bytes = b"", guard
 
 
 def test_stalled_and_trickling_clients_are_dropped_without_holding_up_the_others(server, loaded):
-    head = b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    head = (b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n")
     with socket.create_connection(("127.0.0.1", server.port)) as half_body, \
             socket.create_connection(("127.0.0.1", server.port)) as half_line, \
             socket.create_connection(("127.0.0.1", server.port)) as trickle:
@@ -447,7 +449,8 @@ def test_the_page_in_headless_chromium_types_clicks_and_shows_predict_s_numbers(
         assert_shows(chromium.wait_for(page, READ_RESULT % json.dumps(typed)), predicted(loaded, [typed])[0])
 
         chromium.click(page, ".example")  # the first example fills the box and is classified
-        assert_shows(chromium.wait_for(page, READ_RESULT % json.dumps(HTML_EXAMPLE)), predicted(loaded, [HTML_EXAMPLE])[0])
+        shown = chromium.wait_for(page, READ_RESULT % json.dumps(HTML_EXAMPLE))
+        assert_shows(shown, predicted(loaded, [HTML_EXAMPLE])[0])
         assert chromium.evaluate(page, "document.querySelector('#text').value") == HTML_EXAMPLE
         markup = "[document.querySelectorAll('body img, body b').length, typeof window.injected]"
         assert chromium.evaluate(page, markup) == [0, "undefined"]  # HTML in data stayed text
