@@ -372,8 +372,10 @@ def make_server(classify_texts: ClassifyTexts, facts: ModelFacts, host: str = "1
         raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
-class Stopped(Exception):
-    """SIGTERM arrived: raised in the main thread, which is serving."""
+class Stopped(BaseException):
+    """SIGTERM arrived: raised in the main thread, which is serving. A BaseException, as
+    KeyboardInterrupt is: socketserver turns any Exception raised while it starts a request's
+    thread into a logged error and serves on."""
 
 
 def print_line(message: str) -> None:

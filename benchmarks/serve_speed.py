@@ -129,7 +129,7 @@ def client(port: int, bodies: list[bytes], offset: int, stop_at: float, latencie
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
     """Nearest rank: the smallest value at least `fraction` of the values do not exceed."""
-    return sorted_values[max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values) + 0.5) - 1))]
+    return sorted_values[min(len(sorted_values), max(1, math.ceil(fraction * len(sorted_values)))) - 1]
 
 
 def cpu_seconds(server_pid: int | None = None) -> tuple[float, float]:
@@ -150,9 +150,11 @@ def cpu_seconds(server_pid: int | None = None) -> tuple[float, float]:
 
 
 def others_share(busy_before: float, ours_before: float, elapsed: float, server_pid: int | None = None) -> float:
-    """The share of the machine's CPU time other processes took since (busy_before, ours_before)."""
+    """The share of the machine's CPU time other processes took since (busy_before, ours_before);
+    nan where /proc does not tell."""
     busy_after, ours_after = cpu_seconds(server_pid)
-    return max(0.0, ((busy_after - busy_before) - (ours_after - ours_before)) / (elapsed * (os.cpu_count() or 1)))
+    share = ((busy_after - busy_before) - (ours_after - ours_before)) / (elapsed * (os.cpu_count() or 1))
+    return share if math.isnan(share) else max(0.0, share)
 
 
 def measure(port: int, server_pid: int, clients: int, texts_per_request: int, seconds: float) -> dict:

@@ -392,6 +392,46 @@ def test_a_port_in_use_is_one_line_and_exit_code_2(tiny_run, capsys):
     assert capsys.readouterr().err == "classify.py: error: port 70000: must be in 0..65535\n"
 
 
+def test_run_warns_beyond_localhost_prints_the_address_and_stops_on_sigterm(monkeypatch):
+    """serve.run in this process, asked for 0.0.0.0 but kept on 127.0.0.1 for the test. SIGTERM
+    lands where it once got lost: while the server starts a connection's thread (socketserver
+    turns any Exception raised there into a logged error and serves on)."""
+    make_server, process_request = serve.make_server, serve.Server.process_request
+    monkeypatch.setattr(serve, "make_server", lambda *args, log: make_server(*args[:2], "127.0.0.1", 0, log=log))
+    accepted: list = []
+
+    def sigterm_on_the_second_connection(server, connection, address) -> None:
+        accepted.append(address)
+        if len(accepted) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        process_request(server, connection, address)
+
+    monkeypatch.setattr(serve.Server, "process_request", sigterm_on_the_second_connection)
+    lines: list[str] = []
+
+    def client() -> None:  # once the address is printed: a health check, then a second connection
+        deadline = time.monotonic() + 30
+        while len(lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        port = int(re.search(r":(\d+)/", lines[-1]).group(1))
+        lines.append(f"health {request(port, 'GET', '/health')[0]}")
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            deadline = time.monotonic() + 10
+            while "stopped" not in lines and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if "stopped" not in lines:  # SIGTERM was lost: Ctrl-C ends the test (run returns 130) instead of a hang
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=client, daemon=True).start()
+    before = signal.getsignal(signal.SIGTERM)
+    assert serve.run(lambda texts: [], serve.ModelFacts(["ham", "spam"]), "0.0.0.0", 8000, log=lines.append) == 0
+    port = re.search(r":(\d+)/", lines[1]).group(1)
+    assert lines == [f"warning: listening on 0.0.0.0: anyone who can reach port {port} can use this model",
+                     f"serving at http://127.0.0.1:{port}/ : open it in a browser, or POST /classify; Ctrl-C stops",
+                     "health 200", "stopped"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler it installed is gone
+
+
 @pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("localhost", True), ("::1", True),
                                                 ("127.8.9.10", True), ("0.0.0.0", False), ("::", False),
                                                 ("192.168.1.20", False), ("attacker.example", False)])
