@@ -45,7 +45,7 @@ MAX_TEXTS = 1000  # per request
 MAX_CONNECTIONS = 32  # served at once; each holds at most its body and its parse; more get a 503 at once
 IDLE_SECONDS = 10.0  # the longest a connection may stay silent, between requests or inside one
 READ_SECONDS = 30.0  # the longest a request (line, headers and body) may take to arrive
-STOP_WAIT_SECONDS = 5.0  # on Ctrl-C or SIGTERM, how long the batch being computed may take to finish
+STOP_WAIT_SECONDS = 10.0  # on Ctrl-C or SIGTERM, how long the batch being computed may take to finish
 MAX_METRICS_BYTES = 8 * 2**20  # metrics.json is read for two facts; a larger one is not read
 MAX_FACT_CHARS = 200
 
@@ -228,6 +228,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.send_json(408, {"error": "the request body took too long to arrive"}, close=True)
         try:
             with self.server.model_lock:  # one batch at a time; the other requests wait here in turn
+                if self.server.stopping.is_set():
+                    return self.send_json(503, {"error": "the server is stopping"}, close=True)
                 predictions = self.server.classify_texts(texts)
             answer = json.dumps({"predictions": [{"label": p["label"], "probabilities": p["probabilities"]}
                                                  for p in predictions]}, allow_nan=False)
@@ -304,9 +306,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """One thread per connection, at most MAX_CONNECTIONS at once, one model lock."""
+    """One thread per connection, at most MAX_CONNECTIONS at once, one model lock; `stop` ends
+    them all before the process exits."""
 
-    daemon_threads = True  # a stuck client never holds up the exit
+    daemon_threads = True
     request_queue_size = 2 * MAX_CONNECTIONS  # connections waiting to be accepted (socketserver's 5 drops bursts)
 
     def __init__(self, address: tuple[str, int], classify_texts: ClassifyTexts, facts: ModelFacts,
@@ -316,7 +319,10 @@ class Server(http.server.ThreadingHTTPServer):
         self.idle_seconds, self.read_seconds = idle_seconds, read_seconds
         self.loopback_only = is_loopback(address[0])
         self.model_lock = threading.Lock()
-        self.connections = threading.BoundedSemaphore(max_connections)
+        self.stopping = threading.Event()
+        self.max_connections = max_connections
+        self.live: dict[socket.socket, threading.Thread] = {}  # each open connection and its thread
+        self.live_lock = threading.Lock()
         super().__init__(address, Handler)
 
     def server_bind(self) -> None:
@@ -328,7 +334,14 @@ class Server(http.server.ThreadingHTTPServer):
         return self.server_address[1]
 
     def process_request(self, request: socket.socket, client_address) -> None:
-        if not self.connections.acquire(blocking=False):  # full: refuse at once rather than queue without bound
+        """Serve a new connection in a thread of its own; when full, refuse it at once (503) rather
+        than queue it without bound."""
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True)
+        with self.live_lock:
+            full = len(self.live) >= self.max_connections
+            if not full:
+                self.live[request] = thread
+        if full:
             try:
                 request.settimeout(1)
                 request.sendall(BUSY)
@@ -336,13 +349,34 @@ class Server(http.server.ThreadingHTTPServer):
                 pass
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        thread.start()
 
     def process_request_thread(self, request: socket.socket, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.connections.release()
+            with self.live_lock:
+                del self.live[request]
+
+    def stop(self, wait_seconds: float) -> bool:
+        """Stop listening (the port is free at once), answer 503 to requests still waiting for the
+        model, end every connection once its answer is written, and wait for their threads,
+        wait_seconds at most: a thread still inside torch when the process exits can abort it.
+        True when all of them ended."""
+        self.server_close()
+        self.stopping.set()
+        with self.live_lock:
+            live = dict(self.live)
+        for connection in live:
+            try:
+                connection.shutdown(socket.SHUT_RD)  # a thread waiting for a next request reads the end at once
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_seconds
+        for thread in live.values():
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in live.values())
 
     def handle_error(self, request, client_address) -> None:
         """A client that went away mid-answer is not an error of the server's; anything else is one line."""
@@ -385,7 +419,7 @@ def print_line(message: str) -> None:
 def run(classify_texts: ClassifyTexts, facts: ModelFacts, host: str = "127.0.0.1", port: int = 8000,
         log: Log = print_line) -> int:
     """Serve until Ctrl-C (returns 130) or SIGTERM (returns 0): print the address to open, answer,
-    then stop listening, let the batch being computed finish (STOP_WAIT_SECONDS at most) and
+    then stop (`Server.stop`: the batch being computed may finish, STOP_WAIT_SECONDS at most) and
     print one line. ValueError when it cannot listen (a port in use). Call from the main thread."""
     server = make_server(classify_texts, facts, host, port, log=log)
     if not is_loopback(host):
@@ -406,8 +440,7 @@ def run(classify_texts: ClassifyTexts, facts: ModelFacts, host: str = "127.0.0.1
         code = 0
     finally:
         signal.signal(signal.SIGTERM, previous)
-        server.server_close()  # the port is free from here on
-    finished = server.model_lock.acquire(timeout=STOP_WAIT_SECONDS)
+        finished = server.stop(STOP_WAIT_SECONDS)
     log("stopped" + ("" if finished else f" (a batch was still running after {STOP_WAIT_SECONDS:.0f} s)"))
     return code
 

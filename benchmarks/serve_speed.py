@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=60)
+            if process.returncode != 0:
+                print(f"{name}: the server exited with code {process.returncode} after SIGTERM, not 0", flush=True)
             for row in rows:
                 values = ("clients", "texts_per_request", "requests_per_second", "texts_per_second", "p50_ms", "p99_ms",
                           "requests")
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<11} python classify.py --model RUN \"text\": {command['median_seconds']} s per call "
                   f"(median of {command['runs']}; other processes took {command['others_cpu']:.0%} of the CPU)",
                   flush=True)
-            document["models"][name] = {"parameters": parameters, "serve": rows, "command": command}
+            document["models"][name] = {"parameters": parameters, "serve": rows, "command": command,
+                                        "server_exit_code": process.returncode}
     document["machine"]["load_average_after"] = os.getloadavg()  # other work on the machine skews every number
     print(f"load average (1, 5, 15 min) before {document['machine']['load_average_before']}, "
           f"after {document['machine']['load_average_after']}")

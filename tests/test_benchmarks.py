@@ -54,3 +54,4 @@ def test_the_serving_benchmark_runs_end_to_end_in_a_dry_run(tmp_path):
     assert [(row["clients"], row["texts_per_request"]) for row in rows] == [(1, 1), (2, 1), (2, 32)]
     assert all(row["requests"] >= 1 and 0 < row["p50_ms"] <= row["p99_ms"] for row in rows)
     assert document["models"]["tiny"]["command"]["median_seconds"] > 0
+    assert document["models"]["tiny"]["server_exit_code"] == 0  # SIGTERM stopped it cleanly

@@ -80,8 +80,8 @@ def running(loaded, facts: serve.ModelFacts, classify_texts=None, **limits):
     try:
         yield server
     finally:
-        server.shutdown()
-        server.server_close()
+        server.shutdown()  # serve_forever returns
+        assert server.stop(wait_seconds=30), "a connection's thread outlived the server"
         thread.join(timeout=10)
 
 
@@ -341,6 +341,32 @@ def test_connections_beyond_the_cap_are_refused_at_once_with_503(loaded):
         while request(server.port, "GET", "/health")[0] != 200:  # the slots come back once they close
             assert time.monotonic() < deadline, "the connection slots never came back"
             time.sleep(0.05)
+
+
+def test_stop_lets_the_batch_finish_and_ends_every_connection(loaded):
+    """Nothing is left running when the process exits (a thread inside torch then can abort it)."""
+    computing, release = threading.Event(), threading.Event()
+
+    def slow(texts):
+        computing.set()
+        release.wait(30)
+        return [{"label": "ham", "probabilities": {"ham": 1.0, "spam": 0.0}} for _ in texts]
+
+    with running(loaded, serve.ModelFacts(["ham", "spam"]), classify_texts=slow, idle_seconds=120) as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=30) as idle, \
+            ThreadPoolExecutor(max_workers=2) as pool:
+        answered = pool.submit(request, server.port, "POST", "/classify", b'{"texts": ["a"]}', JSON)
+        assert computing.wait(30)
+        server.shutdown()
+        stopped = pool.submit(server.stop, 20)  # while the batch is being computed
+        assert server.stopping.wait(30)  # set once the listening socket is closed
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=10).close()  # no longer listening
+        release.set()
+        assert stopped.result(timeout=60) is True  # every connection's thread ended
+        status, _, body = answered.result(timeout=60)
+        assert status == 200 and json.loads(body)["predictions"][0]["label"] == "ham"  # the batch finished
+        assert idle.recv(1) == b""  # the idle keep-alive connection was ended by the server
 
 
 # --------------------------------------------------------------------------- the command: start, stop, refuse
