@@ -30,6 +30,7 @@ import evaluation
 import hfformat
 import hub
 import metrics
+import serve
 
 Log = Callable[[str], None]
 RunResult = Any  # train.RunResult, read by its fields: train.py imports this module, never the reverse
@@ -458,6 +459,10 @@ def classify_command(classify: ModuleType, argv: list[str] | None = None) -> int
     parser.add_argument("--json", action="store_true", help="print a JSON list of {text, label, probabilities}")
     parser.add_argument("--batch-size", type=int, default=32, help=f"texts per batch, at most {MAX_BATCH} (default 32)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
+    parser.add_argument("--serve", action="store_true", help="instead, serve a page and POST /classify over HTTP "
+                        "until Ctrl-C (docs/serving.md)")
+    parser.add_argument("--host", default="127.0.0.1", help="with --serve: address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="with --serve: port to listen on (default 8000)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error argparse already reported
@@ -493,11 +498,16 @@ def _classify(classify: ModuleType, args: argparse.Namespace) -> int:
         return 0
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise ValueError(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")
+    if args.serve and (args.texts or args.file or args.json):
+        raise ValueError("--serve classifies what the page and POST /classify send: give no texts, --file or --json")
     texts = list(args.texts) + (read_texts(args.file) if args.file else [])
-    if not texts:
+    if not texts and not args.serve:
         raise ValueError("nothing to classify: give texts as arguments or --file F ('-' for stdin)")
     device = distributed.pick_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, config = classify.load_classifier(args.model, device)
+    if args.serve:  # machinery: serve.py answers HTTP with classify.predict (docs/serving.md)
+        return serve.run(lambda batch: [asdict(p) for p in classify.predict(model, config, batch, args.batch_size)],
+                         serve.model_facts(args.model, config.label_names, config.max_length), args.host, args.port)
     if hasattr(sys.stdout, "reconfigure"):  # an emoji to an ASCII-only terminal: \U0001f600, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
     start, top = time.perf_counter(), SHOWN if config.num_classes > SHOWN else None

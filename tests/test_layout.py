@@ -37,7 +37,7 @@ def project_imports(module: str, as_script: bool = True) -> set[str]:
 def test_the_spine_and_the_machinery_are_all_there():
     assert set(SPINE) <= set(MODULES)
     assert set(MODULES) - set(SPINE) == {"fastpath", "distributed", "report", "comparison", "evaluation", "hub", "hfformat",
-                                         "runner", "datafiles", "runfiles", "lora"}
+                                         "runner", "datafiles", "runfiles", "lora", "serve"}
 
 
 def test_imports_flow_one_way_with_no_cycle_even_counting_commands_and_functions():
