@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help=f"N, the concurrent clients (at most {MAX_CLIENTS})")
     parser.add_argument("--seconds", type=float, default=20, help=f"per measurement (at most {MAX_SECONDS})")
     parser.add_argument("--attempts", type=int, default=3, help=f"measurements per row at most, while other "
-                        f"processes take over {QUIET:.0%} of the CPU (at most {MAX_ATTEMPTS})")
+                        f"processes take over {QUIET * 100:.0f}%% of the CPU (at most {MAX_ATTEMPTS})")
     parser.add_argument("--command-runs", type=int, default=3, help="`python classify.py` processes timed per model")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     parser.add_argument("--dry-run", action="store_true",
