@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"--seconds in (0, {MAX_SECONDS}], --attempts in 1..{MAX_ATTEMPTS}, --command-runs at least 1")
     machine = {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
                "python": platform.python_version(), "torch": torch.__version__,
-               "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
+               "torch_threads": torch.get_num_threads(),
+               "load_average_before": [round(load, 2) for load in os.getloadavg()]}
     document = {"dry_run": args.dry_run, "machine": machine, "models": {}}
     columns = ("clients", "texts/req", "req/s", "texts/s", "p50 ms", "p99 ms", "requests", "others")
     print(f"{'model':<11}" + "".join(f"{column:>10}" for column in columns))
@@ -274,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             document["models"][name] = {"parameters": parameters, "serve": rows, "command": command,
                                         "server_exit_code": process.returncode}
-    document["machine"]["load_average_after"] = os.getloadavg()  # other work on the machine skews every number
+    # other work on the machine skews every number
+    document["machine"]["load_average_after"] = [round(load, 2) for load in os.getloadavg()]
     print(f"load average (1, 5, 15 min) before {document['machine']['load_average_before']}, "
           f"after {document['machine']['load_average_after']}")
     if args.json:
