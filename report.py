@@ -385,14 +385,19 @@ def example_text(test: Any, sms: bool) -> str:
     return text if len(text) <= 60 else text[:60].rsplit(" ", 1)[0] + "..."
 
 
-def describe_end(out: Path, folders: list[Path], latest: Path | None, example: str, seconds: float) -> str:
-    """The last lines of a run: where it is, and the exact command to try it."""
+def describe_end(out: Path, folders: list[Path], latest: Path | None, best: Path | None, example: str,
+                 seconds: float) -> str:
+    """The last lines of a run: where it is, and the exact command to try the classifier with the
+    best validation accuracy (`best`; None when every run was a baseline, which classify.py cannot load)."""
     where = f"saved to {out}" + (f" (also {latest})" if latest is not None else "")
     if len(folders) > 1:
         where += f": one folder per run, {folders[0].relative_to(out)}, ..."
-    model = latest if latest is not None and len(folders) == 1 else folders[-1]
+    if best is None:
+        return f"\n{where}; total time {seconds:.1f} s"
+    model = latest if latest is not None and len(folders) == 1 else best
     return (f"\n{where}; total time {seconds:.1f} s\n"
-            f"try it: python classify.py --model {shlex.quote(str(model))} {shlex.quote(example)}")
+            + (f"the best validation accuracy: {best.relative_to(out)}\n" if len(folders) > 1 else "")
+            + f"try it: python classify.py --model {shlex.quote(str(model))} {shlex.quote(example)}")
 
 
 @contextlib.contextmanager

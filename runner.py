@@ -88,6 +88,7 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
             job.detail = console.progress if comparing else console.line
         out = Path(cfg.out) if cfg.out else report.default_out_dir()
         folders, example, base = [], [], {}
+        classifiers: list[tuple[float, Path]] = []  # (validation accuracy, folder): what classify.py loads
         with report.staged_output(out, runtime, finished=lambda: bool(folders)) as staging:  # rank 0's; else None
             distributed.load_in_turn(runtime, lambda: fetch_files(cfg))
 
@@ -99,6 +100,7 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
                         base.update(runfiles.weights_identity(cfg.model, cfg.cache_dir))
                     classify.save_classifier(model.cpu(), staging / folder, splits.label_names, tokens.max_length,
                                              base or None)
+                    classifiers.append((result.reports["validation"].accuracy, out / folder))
                 evaluation.write_mistakes(staging / folder / "mistakes.tsv", result, tokens)
                 facts = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, precision, started)
                 report.write_metrics(staging / folder, result, facts)
@@ -123,7 +125,8 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
                 job.log(comparison.write_comparison(staging, out, results, experiment, cfg, argv))
         if staging is not None:
             latest = report.point_latest(out) if cfg.out is None else None
-            job.log(report.describe_end(out, folders, latest, example[0], time.perf_counter() - started))
+            best = max(classifiers, key=lambda kept: kept[0])[1] if classifiers else None  # the first of equals
+            job.log(report.describe_end(out, folders, latest, best, example[0], time.perf_counter() - started))
     return 0
 
 

@@ -29,6 +29,7 @@ import data
 import distributed
 import evaluation
 import metrics
+import report
 import runner
 import train
 from test_train import load_metrics, run_in, tiny_args, workspace  # noqa: F401 - workspace: a fixture
@@ -305,6 +306,16 @@ def test_baselines_are_rows_of_the_comparison_like_a_strategy(compared):
         assert f"\nbaseline {name}: " in stdout
     table = stdout[stdout.index("strategy  "):]
     assert "\nmajority " in table and "\nbag-of-words " in table
+    assert "\ntry it: python classify.py --model run/last-block " in stdout  # the one classify.py loads (--out run)
+
+
+def test_the_end_of_a_comparison_suggests_the_best_classifier_never_a_baseline(tmp_path):
+    out = tmp_path / "run"
+    end = report.describe_end(out, [out / "last-block", out / "bag-of-words"], None, out / "last-block", "Hi", 9.0)
+    assert end.splitlines()[-2:] == ["the best validation accuracy: last-block",
+                                     f"try it: python classify.py --model {out / 'last-block'} Hi"]
+    only_baselines = report.describe_end(out, [out / "majority"], None, None, "Hi", 9.0)
+    assert "try it" not in only_baselines and only_baselines.endswith("total time 9.0 s")
 
 
 def test_every_run_counts_the_duplicates_and_scores_the_unseen_test_texts(compared, workspace, repeated):
