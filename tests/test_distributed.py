@@ -72,31 +72,26 @@ def two_runs(workspace: Path) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """Every strategy (--compare) in one process, here, and in two processes under torchrun,
     with the same arguments, each from its own working directory."""
     args = tiny_args(workspace, *GLOBAL_BATCH, "--eval-every", "5", "--compare", ",".join(STRATEGIES), "--out", "run")
+    return one_and_two_processes(workspace, args, "one-process", "two-processes")
+
+
+def one_and_two_processes(workspace: Path, args: list[str], one: str, two: str
+                          ) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """train.main(args) here in workspace/one, then under torchrun with 2 processes in workspace/two:
+    the two run folders, and torchrun's process."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        single = workspace / "one-process"
-        single.mkdir()
-        monkeypatch.chdir(single)
+        (workspace / one).mkdir()
+        monkeypatch.chdir(workspace / one)
         assert train.main(args) == 0
-    distributed = torchrun(REPO / "train.py", args, workspace / "two-processes")
-    assert distributed.returncode == 0, distributed.stderr
-    return single / "run", workspace / "two-processes" / "run", distributed
+    completed = torchrun(REPO / "train.py", args, workspace / two)
+    assert completed.returncode == 0, completed.stderr
+    return workspace / one / "run", workspace / two / "run", completed
 
 
-def assert_same_document(one: object, two: object, where: str = "") -> None:
+def assert_same_document(one: object, two: object) -> None:
     """Equal, floats within rounding (the processes add in another order): counts, classes,
     confusion matrices and arguments exactly."""
-    if isinstance(one, dict):
-        assert one.keys() == two.keys(), where
-        for key in one:
-            assert_same_document(one[key], two[key], f"{where}.{key}")
-    elif isinstance(one, list):
-        assert len(one) == len(two), where
-        for i, (a, b) in enumerate(zip(one, two)):
-            assert_same_document(a, b, f"{where}[{i}]")
-    elif isinstance(one, float):
-        assert two == pytest.approx(one, rel=1e-5, abs=1e-6), where
-    else:
-        assert one == two, where
+    assert_same_results(two, one, rel=1e-5)
 
 
 def assert_same_weights(one: Path, two: Path) -> None:
@@ -172,16 +167,9 @@ def test_class_weights_under_torchrun_give_one_process_weights(workspace):
     over its share, which `shard` weighs by the share's part of the batch's weight (not of its
     texts), so two processes train the weights one process trains."""
     args = tiny_args(workspace, *GLOBAL_BATCH, "--no-balanced", "--class-weights", "balanced", "--out", "run")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        single = workspace / "weighted-one-process"
-        single.mkdir()
-        monkeypatch.chdir(single)
-        assert train.main(args) == 0
-    completed = torchrun(REPO / "train.py", args, workspace / "weighted-two-processes")
-    assert completed.returncode == 0, completed.stderr
-    two = workspace / "weighted-two-processes" / "run"
-    assert_same_weights(single / "run", two)
-    one = load_metrics(single / "run")
+    single, two, _ = one_and_two_processes(workspace, args, "weighted-one-process", "weighted-two-processes")
+    assert_same_weights(single, two)
+    one = load_metrics(single)
     assert one["class_weights"]["spam"] > 2 > 1 > one["class_weights"]["ham"]  # 33 spam among 200 texts
     assert_same_document(without_timing(one), without_timing(load_metrics(two)))
 

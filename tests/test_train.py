@@ -174,19 +174,19 @@ NEW_KEYS = ("precision", "test_unseen", "duplicates", "class_weights")  # metric
 # computed in (issue 19); the texts also in training, the test on unseen texts, the loss's weights (issue 20)
 
 
-def assert_same_results(document: dict, golden: dict, where: str = "") -> None:
-    """Equal to what the code before the one-path change wrote (commit 5072041): counts, classes,
-    confusion matrices and settings exactly; floats within float32 rounding."""
+def assert_same_results(document: object, golden: object, where: str = "", rel: float = 1e-4) -> None:
+    """Equal to `golden` (here what the code before the one-path change wrote, commit 5072041):
+    counts, classes, confusion matrices and settings exactly; floats within float32 rounding."""
     if isinstance(golden, dict):
         assert document.keys() == golden.keys(), where
         for key in golden:
-            assert_same_results(document[key], golden[key], f"{where}.{key}")
+            assert_same_results(document[key], golden[key], f"{where}.{key}", rel)
     elif isinstance(golden, list):
         assert len(document) == len(golden), where
         for i, (got, want) in enumerate(zip(document, golden)):
-            assert_same_results(got, want, f"{where}[{i}]")
+            assert_same_results(got, want, f"{where}[{i}]", rel)
     elif isinstance(golden, float):
-        assert document == pytest.approx(golden, rel=1e-4, abs=1e-6), where
+        assert document == pytest.approx(golden, rel=rel, abs=1e-6), where
     else:
         assert document == golden, where
 
