@@ -384,34 +384,6 @@ def read_safetensors(path: str | Path, names: set[str] | None = None) -> dict[st
     return tensors
 
 
-def write_safetensors(file: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (and string metadata) as .safetensors into an open binary file; ValueError,
-    before the first byte, for what the format cannot hold. For a whole file on disk or none:
-    `with hub.atomic_open(path) as file: gpt.write_safetensors(file, tensors)`. Tensors that share
-    storage (GPT-2's tied embedding and output head) are each written in full."""
-    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ValueError(f"metadata must map strings to strings, got {quoted(metadata)}")
-    header: dict[str, object] = {} if metadata is None else {"__metadata__": dict(metadata)}
-    offset = 0
-    for name, tensor in tensors.items():
-        if not isinstance(name, str) or name == "__metadata__" or getattr(tensor, "dtype", None) not in names:
-            raise ValueError(f"tensor {quoted(name)}: cannot store a {getattr(tensor, 'dtype', type(tensor).__name__)} "
-                             f"under that name (dtypes: {', '.join(SAFETENSORS_DTYPES)})")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
-    file.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
-    for tensor in tensors.values():
-        flat = tensor.detach().cpu().contiguous().reshape(-1)  # (numel,): 0-d becomes (1,)
-        buffer = bytearray(flat.numel() * flat.element_size())  # little-endian, as on every platform torch runs on
-        if buffer:
-            torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat.view(torch.uint8))
-        file.write(buffer)
-
-
 # --------------------------------------------------------------------------- untrusted input
 #
 # A config.json, an index of shards or a safetensors header may come from anyone. Each check below

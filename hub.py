@@ -3,7 +3,7 @@
 - downloads: GPT-2's weights from the Hugging Face hub (`fetch`, `download_preset`) and the SMS
   Spam Collection from UCI (`download_sms_spam`), each resumable, checked against a sha256,
   and renamed into the cache only when complete;
-- writing: `atomic_open` (with gpt.write_safetensors for weights) and `staged_folder`, so a crash
+- writing: `atomic_open` (with hfformat.write_safetensors for weights) and `staged_folder`, so a crash
   leaves the old file or none, never half a file or folder;
 - GPT-2's tokenizer from the BPE files shipped in `gpt2_bpe/` (`gpt2_tokenizer`), so tokenizing
   never needs the network;
