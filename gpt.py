@@ -3,10 +3,10 @@
 Step 3 of the chapter's pipeline ("GPT"): token ids in, one hidden vector per token out. The file
 reads in the order data flows: configuration, attention, feed-forward, block, model; then mapping
 pretrained weights onto it (`load_gpt2`: module names are the checkpoint's own, `wte`,
-`h.0.attn.c_attn`, `ln_f`..., so that is a rename table) and the .safetensors files they come in.
-The checks that keep an untrusted file from becoming a crash or a wrong model close the file.
-It needs torch alone, copied into another project on its own; `python gpt.py "Every effort
-moves"` also needs hub.py, which downloads, tokenizes and generates.
+`h.0.attn.c_attn`, `ln_f`..., so that is a rename table) and reading the .safetensors files they
+come in. The checks that keep an untrusted file from becoming a crash or a wrong model close the
+file. Copied alone into another project it needs torch only; `python gpt.py "Every effort moves"`
+also needs hub.py, which downloads, tokenizes and generates.
 """
 
 from __future__ import annotations
@@ -240,10 +240,10 @@ def read_headers(path: Path) -> dict[str, tuple[Path, TensorInfo]]:
     if not path.is_dir():
         return {name: (path, info) for name, info in read_header(path)[0].items()}
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if not os.path.lexists(single) and not os.path.lexists(index):
-        raise ValueError(f"{path} has no model.safetensors (nor {index.name}): save it with safe_serialization=True")
     if os.path.lexists(single):  # lexists: a pipe or a dangling link there is an error, not a reason to look on
         return {name: (single, info) for name, info in read_header(single)[0].items()}
+    if not os.path.lexists(index):
+        raise ValueError(f"{path} has no model.safetensors (nor {index.name}): save it with safe_serialization=True")
     weight_map = check_weight_map(read_json(index), index)  # tensor name -> shard file beside the index
     located = {}
     for shard in sorted(set(weight_map.values())):
@@ -375,41 +375,14 @@ def read_safetensors(path: str | Path, names: set[str] | None = None) -> dict[st
                     buffer = bytearray(info.end - info.begin)
                     file.seek(data_start + info.begin)
                     if file.readinto(buffer) != len(buffer):
-                        raise ValueError(f"{path}: tensor {quoted(name)}: the file ended early (changed while reading?)")
+                        raise ValueError(f"{path}: tensor {quoted(name)}: the file ended early "
+                                         "(changed while reading?)")
                     dtype = SAFETENSORS_DTYPES[info.dtype]
                     tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
                     tensors[name] = tensor.reshape(info.shape)  # shares the buffer: no copy
     except OSError as error:
         raise ValueError(f"{path}: cannot read the file ({error.strerror or error})") from None
     return tensors
-
-
-def write_safetensors(file: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (and string metadata) as .safetensors into an open binary file; ValueError,
-    before the first byte, for what the format cannot hold. For a whole file on disk or none:
-    `with hub.atomic_open(path) as file: gpt.write_safetensors(file, tensors)`. Tensors that share
-    storage (GPT-2's tied embedding and output head) are each written in full."""
-    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ValueError(f"metadata must map strings to strings, got {quoted(metadata)}")
-    header: dict[str, object] = {} if metadata is None else {"__metadata__": dict(metadata)}
-    offset = 0
-    for name, tensor in tensors.items():
-        if not isinstance(name, str) or name == "__metadata__" or getattr(tensor, "dtype", None) not in names:
-            raise ValueError(f"tensor {quoted(name)}: cannot store a {getattr(tensor, 'dtype', type(tensor).__name__)} "
-                             f"under that name (dtypes: {', '.join(SAFETENSORS_DTYPES)})")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
-    file.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
-    for tensor in tensors.values():
-        flat = tensor.detach().cpu().contiguous().reshape(-1)  # (numel,): 0-d becomes (1,)
-        buffer = bytearray(flat.numel() * flat.element_size())  # little-endian, as on every platform torch runs on
-        if buffer:
-            torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat.view(torch.uint8))
-        file.write(buffer)
 
 
 # --------------------------------------------------------------------------- untrusted input
@@ -420,18 +393,18 @@ def write_safetensors(file: BinaryIO, tensors: dict[str, torch.Tensor], metadata
 MAX_JSON_BYTES = 16 * 2**20  # a config.json holds a few KB, the index of a large model's shards ~100 KB
 
 
-def read_json(path: str | Path, limit: int = MAX_JSON_BYTES) -> object:
+def read_json(path: str | Path) -> object:
     """A small JSON file (config.json, model.safetensors.index.json, tokenizer_config.json...) read
     within bounds: ValueError naming it when it is not a regular file once links are followed (a
-    named pipe would wait forever, /dev/zero never ends), holds more than `limit` bytes, is not
+    named pipe would wait forever, /dev/zero never ends), holds more than MAX_JSON_BYTES, is not
     UTF-8, or is not JSON (nesting deep enough to exhaust the stack included)."""
     try:
         with open_regular(path) as file:
-            raw = file.read(limit + 1)
+            raw = file.read(MAX_JSON_BYTES + 1)
     except OSError as error:
         raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from None
-    if len(raw) > limit:
-        raise ValueError(f"{path}: larger than {limit} bytes, too large for a configuration file")
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_JSON_BYTES} bytes, too large for a configuration file")
     try:
         return json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -540,6 +513,7 @@ if __name__ == "__main__":  # the command lives in hub.py, which downloads prese
     try:
         import hub
     except ImportError:  # gpt.py copied alone: the library works, the command needs hub.py
-        print("error: python gpt.py needs hub.py beside it (and tiktoken); the library needs torch alone", file=sys.stderr)
+        print("error: python gpt.py needs hub.py beside it (and tiktoken); the library needs torch alone",
+              file=sys.stderr)
         sys.exit(2)
     sys.exit(hub.generate_command(sys.modules[__name__]))  # this very module: gpt.py is not imported twice

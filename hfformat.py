@@ -5,7 +5,8 @@ Out: `export_classifier` writes a trained classifier as a folder that transforme
 with GPT-2's tokenizer beside it (`python classify.py --model RUN_DIR --export-hf OUT_DIR`).
 In: `read_classifier` reads a folder that transformers saved from a GPT2ForSequenceClassification
 (classify.load_classifier calls it); gpt.load_gpt2 reads the backbone of such a folder, or of a
-GPT2LMHeadModel's.
+GPT2LMHeadModel's. Weights are written as .safetensors, Hugging Face's format, by
+`write_safetensors`, here and in a run folder (runfiles.py); gpt.py reads them.
 
 The two classes compute the same thing in two places where they differ in form:
 
@@ -30,6 +31,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -40,6 +42,39 @@ ARCHITECTURE = "GPT2ForSequenceClassification"
 PAD_TOKEN_ID = 50256  # <|endoftext|>: GPT-2 has no pad token, and the book pads with this one
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"  # save_pretrained's names
 MAX_FOLD_ERROR = 1e-4  # in logits; a well-conditioned head's fold changes them by about 1e-7
+
+
+# --------------------------------------------------------------------------- .safetensors, written
+
+
+def write_safetensors(file: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (and string metadata) as .safetensors, the file gpt.read_safetensors reads, into an
+    open binary file; ValueError, before the first byte, for what the format cannot hold. For a whole
+    file on disk or none: `with hub.atomic_open(path) as file: write_safetensors(file, tensors)`.
+    Tensors that share storage (GPT-2's tied embedding and output head) are each written in full."""
+    names = {dtype: name for name, dtype in gpt.SAFETENSORS_DTYPES.items()}
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"metadata must map strings to strings, got {gpt.quoted(metadata)}")
+    header: dict[str, object] = {} if metadata is None else {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__" or getattr(tensor, "dtype", None) not in names:
+            what = getattr(tensor, "dtype", type(tensor).__name__)
+            raise ValueError(f"tensor {gpt.quoted(name)}: cannot store a {what} under that name "
+                             f"(dtypes: {', '.join(gpt.SAFETENSORS_DTYPES)})")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
+    file.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
+    for tensor in tensors.values():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)  # (numel,): 0-d becomes (1,)
+        buffer = bytearray(flat.numel() * flat.element_size())  # little-endian, as on every platform torch runs on
+        if buffer:
+            torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat.view(torch.uint8))
+        file.write(buffer)
 
 
 # --------------------------------------------------------------------------- out: our classifier -> transformers
@@ -146,7 +181,7 @@ def export_classifier(tensors: dict[str, torch.Tensor], cfg: gpt.GPTConfig, labe
     try:
         with hub.staged_folder(out_dir, "--export-hf") as staging:
             with hub.atomic_open(staging / WEIGHTS_FILE) as file:
-                gpt.write_safetensors(file, converted, metadata={"format": "pt"})  # as transformers wants
+                write_safetensors(file, converted, metadata={"format": "pt"})  # as transformers wants
             for name, content in files.items():
                 with hub.atomic_open(staging / name) as file:
                     file.write(content)

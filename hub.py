@@ -1,10 +1,10 @@
 """Files from the outside world, fetched and written safely: machinery the chapter never mentions.
 
-- downloads: GPT-2's weights from the Hugging Face hub (`fetch`, `download_preset`) and the SMS
-  Spam Collection from UCI (`download_sms_spam`), each resumable, checked against a sha256,
-  and renamed into the cache only when complete;
-- writing: `atomic_open` (with gpt.write_safetensors for weights) and `staged_folder`, so a crash
-  leaves the old file or none, never half a file or folder;
+- downloads: GPT-2's weights from the Hugging Face hub (`fetch`) and the SMS Spam Collection from
+  UCI (`download_sms_spam`), each resumable, checked against a sha256, and renamed into the cache
+  only when complete;
+- writing: `atomic_open` (with hfformat.write_safetensors for weights) and `staged_folder`, so a
+  crash leaves the old file or none, never half a file or folder;
 - GPT-2's tokenizer from the BPE files shipped in `gpt2_bpe/` (`gpt2_tokenizer`), so tokenizing
   never needs the network;
 - the command behind `python gpt.py "Every effort moves"` (`generate_command`), the check that
@@ -381,17 +381,6 @@ def hub_sha256(url: str, timeout: float = 60.0) -> str:
                      "so it cannot be verified; refusing to download it")
 
 
-def download_preset(name: str, cache_dir: str | Path | None = None, progress: Progress | None = None) -> Path:
-    """The preset's model.safetensors in `<cache>/<preset>/`, downloaded and verified once; later
-    calls make no request at all."""
-    dest = Path(cache_dir if cache_dir is not None else default_cache_dir()) / name / "model.safetensors"
-    if dest.is_file():
-        return dest
-    hub = os.environ.get("GPT2_HUB_URL") or HF_HUB_URL
-    url = f"{hub.rstrip('/')}/{PRESET_REPOS[name]}/resolve/main/model.safetensors"
-    return download(url, dest, sha256=hub_sha256(url), progress=progress)
-
-
 def hf_hub_cache() -> Path:
     """Where huggingface_hub (and so transformers) keeps its downloads, by its own rule: $HF_HUB_CACHE,
     else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
@@ -427,14 +416,18 @@ def find_in_hf_cache(name: str, hf_cache: str | Path | None = None) -> Path | No
 
 def fetch(source: str | Path, cache_dir: str | Path | None = None, progress: Progress | None = None) -> str | Path:
     """What gpt.load_gpt2 reads for `source`: a preset name becomes its weights file (in our cache,
-    else in the Hugging Face cache, else downloaded into ours); a local folder or file is returned
-    as it is."""
-    if isinstance(source, str) and source in PRESET_REPOS:
-        ours = Path(cache_dir if cache_dir is not None else default_cache_dir()) / source / "model.safetensors"
-        if not ours.is_file() and (theirs := find_in_hf_cache(source)) is not None:
-            return theirs
-        return download_preset(source, cache_dir, progress)
-    return source
+    `<cache>/<preset>/model.safetensors`, else in the Hugging Face cache, else downloaded into ours
+    and verified, once); a local folder or file is returned as it is."""
+    if not (isinstance(source, str) and source in PRESET_REPOS):
+        return source
+    ours = Path(cache_dir if cache_dir is not None else default_cache_dir()) / source / "model.safetensors"
+    if ours.is_file():
+        return ours
+    if (theirs := find_in_hf_cache(source)) is not None:
+        return theirs
+    hub = os.environ.get("GPT2_HUB_URL") or HF_HUB_URL
+    url = f"{hub.rstrip('/')}/{PRESET_REPOS[source]}/resolve/main/model.safetensors"
+    return download(url, ours, sha256=hub_sha256(url), progress=progress)
 
 
 def download_sms_spam(cache_dir: str | Path | None = None, progress: Progress | None = None,

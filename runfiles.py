@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import gpt
+import hfformat
 import hub
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "classifier.safetensors"
@@ -92,7 +93,7 @@ def write(folder: str | Path, fields: dict, tensors: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).unlink(missing_ok=True)
     with hub.atomic_open(folder / WEIGHTS_FILE) as file:
-        gpt.write_safetensors(file, tensors, metadata={"format": FORMAT})
+        hfformat.write_safetensors(file, tensors, metadata={"format": FORMAT})
     with hub.atomic_open(folder / CONFIG_FILE) as file:
         file.write((json.dumps(fields, indent=2) + "\n").encode("utf-8"))
 

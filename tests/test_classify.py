@@ -22,7 +22,8 @@ import classify
 import data
 import report
 from classify import GPTClassifier
-from gpt import GPTConfig, GPTModel, write_safetensors
+from gpt import GPTConfig, GPTModel
+from hfformat import write_safetensors
 from hub import atomic_open
 
 PAD = data.PAD_TOKEN_ID

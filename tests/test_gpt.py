@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpt
+import hfformat
 import hub
 from gpt import GPTConfig, GPTModel
 
@@ -27,7 +28,7 @@ FAST = settings(max_examples=20, deadline=None)
 def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """A .safetensors file written whole, as the project's callers write one."""
     with hub.atomic_open(path) as file:
-        gpt.write_safetensors(file, tensors, metadata)
+        hfformat.write_safetensors(file, tensors, metadata)
 
 
 # --------------------------------------------------------------------------- the model

@@ -185,7 +185,7 @@ def test_an_existing_folder_is_never_overwritten_and_a_failure_leaves_nothing(tm
         file.write(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gpt, "write_safetensors", disk_full)
+    monkeypatch.setattr(hfformat, "write_safetensors", disk_full)
     with pytest.raises(ValueError, match="cannot write it.*No space left") as error:
         export(tiny_classifier(), tmp_path / "new" / "hf")
     assert "\n" not in str(error.value)

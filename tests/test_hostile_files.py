@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import classify
 import gpt
+import hfformat
 import hub
 import report
 import train
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(signal,
 
 def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     with hub.atomic_open(path) as file:
-        gpt.write_safetensors(file, tensors, metadata)
+        hfformat.write_safetensors(file, tensors, metadata)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import torch
 
 import classify
 import gpt
+import hfformat
 import hub
 import report
 import runfiles
@@ -80,7 +81,7 @@ def test_a_missing_or_different_base_is_one_line_naming_it(base_weights, workspa
     tensors = gpt.read_safetensors(moved / "model.safetensors")
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"] + 1e-3  # other weights, same shapes
     with hub.atomic_open(moved / "model.safetensors") as file:
-        gpt.write_safetensors(file, tensors)
+        hfformat.write_safetensors(file, tensors)
     with pytest.raises(ValueError, match=r"not those this run was trained from \(sha256"):
         classify.load_classifier(trained)
     shutil.rmtree(moved)
@@ -97,7 +98,7 @@ def test_nan_in_a_saved_run_is_refused_not_classified(base_run, tmp_path):
     tensors = gpt.read_safetensors(run / "classifier.safetensors")
     tensors["gpt.h.0.ln_1.weight"] = torch.full_like(tensors["gpt.h.0.ln_1.weight"], float("nan"))
     with hub.atomic_open(run / "classifier.safetensors") as file:
-        gpt.write_safetensors(file, tensors)
+        hfformat.write_safetensors(file, tensors)
     with pytest.raises(ValueError, match="NaN or infinity"):
         classify.load_classifier(run)
 
