@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import evaluation
 import fastpath
 import metrics
 import report
@@ -110,11 +111,11 @@ def comparison_document(results: list[RunResult], experiment: Experiment, cfg, a
     }
 
 
-def _mean_cell(row: dict, key: str, scale: float = 100, unit: str = "%", digits: int = 1) -> str:
+def _mean_cell(row: dict, key: str, scale: float = 100, unit: str = "%") -> str:
     """The mean over the seeds, and ± the standard deviation when there are several."""
     numbers = row["spread"][key]
-    spread = "" if numbers["std"] is None else f" ± {numbers['std'] * scale:.{digits}f}"
-    return f"{numbers['mean'] * scale:.{digits}f}{spread}{unit}"
+    spread = "" if numbers["std"] is None else f" ± {numbers['std'] * scale:.1f}"
+    return f"{numbers['mean'] * scale:.1f}{spread}{unit}"
 
 
 def _count(parameters: int) -> str:
@@ -191,19 +192,19 @@ def write_plot(document: dict, folder: Path, final_folder: Path, title: str) -> 
     figure, (scores, times) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(rows), 4.2),
                                            gridspec_kw={"width_ratios": [2, 1]})
 
-    def bars(axes, key: str, offset: float, width: float, label: str, color: str, scale: float, digits: int):
+    def bars(axes, key: str, offset: float, width: float, label: str, color: str, scale: float):
         numbers = [row["spread"][key] for row in rows]
         means = [n["mean"] * scale for n in numbers]
         whiskers = [[m - n["min"] * scale for m, n in zip(means, numbers)],
                     [n["max"] * scale - m for m, n in zip(means, numbers)]] if seeds > 1 else None
         axes.bar([p + offset for p in positions], means, width, yerr=whiskers, capsize=4, label=label, color=color)
         for p, m, n in zip(positions, means, numbers):  # the mean, above the top whisker
-            axes.annotate(f"{m:.{digits}f}", (p + offset, n["max"] * scale), xytext=(0, 3), textcoords="offset points",
+            axes.annotate(f"{m:.1f}", (p + offset, n["max"] * scale), xytext=(0, 3), textcoords="offset points",
                           ha="center", va="bottom", fontsize=8)
         return numbers
 
-    accuracy = bars(scores, "test_accuracy", -0.2, 0.4, "test accuracy (%)", "tab:blue", 100, 1)
-    f1 = bars(scores, "test_f1", 0.2, 0.4, f"test F1 of {positive} (%)", "tab:orange", 100, 1)
+    accuracy = bars(scores, "test_accuracy", -0.2, 0.4, "test accuracy (%)", "tab:blue", 100)
+    f1 = bars(scores, "test_f1", 0.2, 0.4, f"test F1 of {positive} (%)", "tab:orange", 100)
     lowest = min(n["min"] for n in accuracy + f1) * 100
     scores.set_ylim(max(0.0, 10 * int(lowest // 10) - 10), 108)  # the axis starts below the lowest whisker
     scores.set_xticks(positions, names)
@@ -212,7 +213,7 @@ def write_plot(document: dict, folder: Path, final_folder: Path, title: str) -> 
     scores.set_title((f"{title}\nmean of {seeds} seeds, whiskers min-max" if seeds > 1 else
                       f"{title}\none seed") + (f"; * differs from {document['reference']} (McNemar, 5%)"
                                                           if len(rows) > 1 else ""), fontsize=9)
-    durations = bars(times, "training_seconds", 0.0, 0.6, "training time", "tab:gray", 1, 1)
+    durations = bars(times, "training_seconds", 0.0, 0.6, "training time", "tab:gray", 1)
     logarithmic = max(n["max"] for n in durations) > 20 * max(min(n["min"] for n in durations), 1e-9)
     if logarithmic:
         times.set_yscale("log")  # head and all differ 100-fold: a linear axis hides the short ones
@@ -239,16 +240,12 @@ def parse_seeds(text: str, seed: int) -> list[int]:
         numbers = []
     count = numbers[0] if len(parts) == 1 and numbers else len(numbers)
     if not numbers or not 1 <= count <= MAX_SEEDS:
-        raise ValueError(f"--seeds {shortened(text)}: give a number of seeds from 1 to {MAX_SEEDS} (e.g. 3) or a list "
+        raise ValueError(f"--seeds {evaluation.shorten(text, 60)}: give a number of seeds from 1 to {MAX_SEEDS} (e.g. 3) or a list "
                          "of different seeds (e.g. 1,2,3)")
     seeds = [seed + i for i in range(count)] if len(parts) == 1 else numbers
     if not all(0 <= s < 2**63 for s in seeds) or len(set(seeds)) < len(seeds):
-        raise ValueError(f"--seeds {shortened(text)}: seeds must be different and in 0..2**63-1")
+        raise ValueError(f"--seeds {evaluation.shorten(text, 60)}: seeds must be different and in 0..2**63-1")
     return [] if seeds == [seed] and len(parts) == 1 else seeds
-
-
-def shortened(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def reference_strategy(reference: str | None, strategies: list[str]) -> str:

@@ -142,7 +142,7 @@ def memory_bytes() -> float:
     """This machine's memory (inf where the system does not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # a system that does not say
+    except (ValueError, OSError, AttributeError):
         return math.inf
 
 
@@ -188,16 +188,6 @@ def start(device_name: str) -> Runtime:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                             timeout=PROCESS_GROUP_TIMEOUT)
     return Runtime(device, rank, world_size, local_rank)
-
-
-def stop(runtime: Runtime, *, wait_for_others: bool = False) -> None:
-    """Leave the process group. After a successful run, first wait until every process got here,
-    so none tears the group down while another still exchanges with it (gloo then aborts the
-    process); after a failure, don't wait: another process may never arrive."""
-    if runtime.distributed and dist.is_initialized():
-        if wait_for_others:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 def together(runtime: Runtime, work: Callable[[], Result] | None) -> Result | None:
@@ -286,11 +276,14 @@ def held(network: nn.Module, hold: bool) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def session(device_name: str) -> Iterator[Runtime]:
-    """`start`, then `stop` however the run ends: waiting for the others after a success only."""
+    """`start`, then leave the process group however the run ends. After a success, first wait until
+    every process got here, so none tears the group down while another still exchanges with it
+    (gloo then aborts the process); after a failure, don't wait: another process may never arrive."""
     runtime = start(device_name)
     try:
         yield runtime
-    except BaseException:
-        stop(runtime)
-        raise
-    stop(runtime, wait_for_others=True)
+        if runtime.distributed:
+            dist.barrier()
+    finally:
+        if runtime.distributed and dist.is_initialized():
+            dist.destroy_process_group()

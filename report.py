@@ -18,7 +18,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
@@ -34,10 +34,6 @@ import serve
 
 Log = Callable[[str], None]
 RunResult = Any  # train.RunResult, read by its fields: train.py imports this module, never the reverse
-
-
-def print_line(message: str) -> None:
-    print(hub.printable(message, keep="\n"), flush=True)  # class names and paths come from the user
 
 
 def quiet(message: str) -> None:
@@ -134,10 +130,9 @@ class Progress:
 
     def line(self, epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, loss: float) -> str:
         elapsed = time.perf_counter() - self.started
-        minutes, seconds = divmod(round(elapsed / self.step * (self.total_steps - self.step)), 60)
         return (f"epoch {epoch + 1}/{epochs}  step {step_in_epoch}/{steps_per_epoch}  "
                 f"{self.examples / elapsed:,.0f} examples/s  loss {loss:.4f}  "
-                f"time left {minutes // 60}:{minutes % 60:02d}:{seconds:02d}")
+                f"time left {clock(elapsed / self.step * (self.total_steps - self.step))}")
 
 
 def epoch_line(record: Any, epochs: int, training: Any) -> str:
@@ -229,10 +224,6 @@ class RunFacts:
     runtime: distributed.Runtime
     precision: torch.dtype  # what autocast computed in
     started: float
-    training_seed: int | None = None  # with --seeds: this run's (the split's seed stays cfg.seed)
-
-
-COMPARISON_SETTINGS = ("seeds", "reference")  # compare.json's; one run's metrics.json records its own seed
 
 
 def run_folder(strategy: str, seed: int, comparing: bool, several_seeds: bool) -> Path:
@@ -261,9 +252,9 @@ def metrics_document(result: RunResult, facts: RunFacts) -> dict:
         "device": facts.runtime.device.type,
         "precision": str(facts.precision).removeprefix("torch."),
         "seed": facts.cfg.seed,
-        **({} if facts.training_seed is None else {"training_seed": facts.training_seed}),
+        **({"training_seed": result.seed} if facts.cfg.seeds else {}),  # --seeds: this run's; the split's is "seed"
         "arguments": {"argv": facts.argv, "config": {key: value for key, value in asdict(facts.cfg).items()
-                                                     if key not in COMPARISON_SETTINGS}},
+                                                     if key not in ("seeds", "reference")}},  # compare.json's
         "timing": {
             "total_seconds": time.perf_counter() - facts.started,  # from the start of the run to these metrics
             "training_seconds": result.training_seconds,  # prefix cache + epochs
@@ -280,12 +271,6 @@ def metrics_document(result: RunResult, facts: RunFacts) -> dict:
 def write_json(path: Path, document: dict) -> None:
     with hub.atomic_open(path) as file:  # whole or not at all
         file.write((json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8"))
-
-
-def write_metrics(run_dir: Path, result: RunResult, facts: RunFacts) -> None:
-    """metrics.json in `run_dir`."""
-    seeded = replace(facts, training_seed=result.seed if facts.cfg.seeds else None)
-    write_json(run_dir / "metrics.json", metrics_document(result, seeded))
 
 
 def plot_title(cfg) -> str:
@@ -358,10 +343,6 @@ def save_figure(figure, path: Path, plt) -> None:
     plt.close(figure)
 
 
-def default_out_dir() -> Path:
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-
-
 def point_latest(out: Path) -> Path | None:
     """runs/latest -> the run just finished (a symbolic link, replaced whole); None where the system
     allows no link (Windows without the right): the run is there all the same."""
@@ -425,18 +406,13 @@ def read_texts(source: str) -> list[str]:
             raise ValueError(f"more than {MAX_INPUT_BYTES // 2**20} MiB of text; classify it in parts")
         content = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ValueError(f"cannot read {source}: {' '.join(str(error).split())}") from None
+        raise ValueError(f"cannot read {source}: {error}") from None  # one line: classify_command's one_line
     if content.count("\n") > MAX_TEXTS:
         raise ValueError(f"cannot read {source}: more than {MAX_TEXTS:,} lines; classify it in parts")
     lines = content.split("\n")
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line
     return [line.removesuffix("\r") for line in lines]
-
-
-def shorten(text: str, width: int = 70) -> str:
-    text = hub.printable(" ".join(text.split()))
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 MAX_BATCH, CHUNK, SHOWN = 4096, 1024, 10  # texts per batch at most; texts classified then printed; classes shown
@@ -519,8 +495,9 @@ def _classify(classify: ModuleType, args: argparse.Namespace) -> int:
                 print(("," if first + i else "") + "\n  " + hub.UNPRINTABLE.sub(
                     lambda m: m.group() if m.group() < " " else f"\\u{ord(m.group()):04x}", item), end="")
             else:
-                probabilities = " ".join(f"{shorten(name, 30)}={value:.3f}" for name, value in p.probabilities.items())
-                print(f"{shorten(p.label, 30)}\t{probabilities}\t{shorten(p.text)}")
+                probabilities = " ".join(f"{evaluation.shorten(name, 30)}={value:.3f}"
+                                         for name, value in p.probabilities.items())
+                print(f"{evaluation.shorten(p.label, 30)}\t{probabilities}\t{evaluation.shorten(p.text)}")
     print("\n]" if args.json else "", end="\n" if args.json else "", flush=True)
     seconds = time.perf_counter() - start
     print(f"{len(texts)} texts in {seconds:.2f} s: {len(texts) / max(seconds, 1e-9):.1f} messages/s on {device}",

@@ -37,26 +37,22 @@ import hub
 import report
 import runfiles
 
-Log = Callable[[str], None]
-
 
 @dataclass
 class Job:
-    """What the pipeline needs besides its settings, handed in by `run`: where to compute
-    (distributed.Runtime), where to tell (rank 0 prints; the other processes under torchrun are
-    quiet), where a finished run is saved (rank 0's run folder), and the frozen work several
-    runs share (set by the pipeline, read for compare.json)."""
+    """What the pipeline needs besides its settings, handed in by `run`. Under torchrun only rank 0
+    prints and saves: the other processes keep the quiet defaults."""
 
     cfg: object  # train.TrainConfig
     runtime: distributed.Runtime
     gpt_config: gpt.GPTConfig | None = None  # the model's shape, read once when the arguments were checked
     text_tokens: int = 0  # the most tokens of a text the classifier reads (classify.longest_text)
     precision: torch.dtype = torch.float32  # what autocast computes in (distributed.pick_precision)
-    log: Log = report.quiet  # lines that stay
-    progress: Log = report.quiet  # lines the next replaces, on a terminal
-    detail: Log = report.quiet  # a run's own lines: `log` for one run, `progress` in a comparison
-    save: Callable[..., None] = lambda *run: None  # (model, result, tokens): a finished run
-    frozen_work: fastpath.SharedPrefix | None = None
+    log: report.Log = report.quiet  # lines that stay
+    progress: report.Log = report.quiet  # lines the next replaces, on a terminal
+    detail: report.Log = report.quiet  # a run's own lines: `log` for one run, `progress` in a comparison
+    save: Callable[..., None] = lambda *run: None  # (model, result, tokens, splits): a finished run
+    frozen_work: fastpath.SharedPrefix | None = None  # set by the pipeline, read for compare.json
 
     @property
     def eval_batch_size(self) -> int:
@@ -86,7 +82,7 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
         if runtime.is_main_process:  # the other processes under torchrun stay quiet
             job.log, job.progress = console.line, console.progress
             job.detail = console.progress if comparing else console.line
-        out = Path(cfg.out) if cfg.out else report.default_out_dir()
+        out = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         folders, example, base = [], [], {}
         with report.staged_output(out, runtime, finished=lambda: bool(folders)) as staging:  # rank 0's; else None
             distributed.load_in_turn(runtime, lambda: fetch_files(cfg))
@@ -101,7 +97,7 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
                                              base or None)
                 evaluation.write_mistakes(staging / folder / "mistakes.tsv", result, tokens)
                 facts = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, precision, started)
-                report.write_metrics(staging / folder, result, facts)
+                report.write_json(staging / folder / "metrics.json", report.metrics_document(result, facts))
                 folders.append(out / folder)  # finished: kept even if what follows is interrupted
                 if cfg.plot:
                     job.log(report.write_plots(result, staging / folder, out / folder, cfg))
@@ -246,7 +242,7 @@ def config_from_args(args: argparse.Namespace, config_class: type):
     values = vars(args).copy()
     values["compare"] = [name.strip() for name in args.compare.split(",") if name.strip()]
     if args.compare.strip() and not values["compare"]:
-        raise ValueError(f"--compare {comparison.shortened(args.compare)}: no strategy named (e.g. head,last-block)")
+        raise ValueError(f"--compare {evaluation.shorten(args.compare, 60)}: no strategy named (e.g. head,last-block)")
     values["seeds"] = comparison.parse_seeds(args.seeds, args.seed)
     return config_class(**values)
 
