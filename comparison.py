@@ -26,14 +26,13 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import evaluation
 import fastpath
 import metrics
 import report
 
-RunResult = Any  # train.RunResult, read by its fields
+RunResult = report.RunResult
 LEVEL = 0.05  # a difference is significant when p < 5%
 METRICS = ("training_seconds", "train_accuracy", "validation_accuracy", "test_accuracy", "test_precision",
            "test_recall", "test_f1")
@@ -41,15 +40,14 @@ METRICS = ("training_seconds", "train_accuracy", "validation_accuracy", "test_ac
 
 @dataclass
 class Experiment:
-    """What a comparison ran: the strategies in order, the training seeds, the reference, the
-    test labels (the same for every run), the frozen work done once, and the wall time so far."""
+    """What a comparison ran, besides each run's result."""
 
     strategies: list[str]
     seeds: list[int]
     reference: str
-    test_labels: Sequence[int]
-    shared: fastpath.SharedPrefix | None
-    total_seconds: float
+    test_labels: Sequence[int]  # the same for every run
+    shared: fastpath.SharedPrefix | None  # the frozen work done once
+    total_seconds: float  # the wall time so far
 
 
 def run_row(result: RunResult) -> dict:
@@ -180,12 +178,8 @@ def write_comparison(folder: Path, final_folder: Path, results: list[RunResult],
 def write_plot(document: dict, folder: Path, final_folder: Path, title: str) -> str:
     """compare.png: per strategy, test accuracy and the positive class's F1 (bars: the mean;
     whiskers: min to max over the seeds; * beside a significant difference from the reference),
-    and beside them the training time. matplotlib is optional."""
-    import matplotlib  # train.py checks that it is there before any work
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    and beside them the training time."""
+    plt = report.pyplot()
     rows, positive, seeds = document["rows"], document["rows"][0]["positive_class"], len(document["seeds"])
     names = [row["strategy"] + (" *" if row.get("vs_reference", {}).get("significant") else "") for row in rows]
     positions = list(range(len(rows)))

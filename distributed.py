@@ -246,10 +246,8 @@ def shard(batches: Iterable[list[int]], runtime: Runtime, weights: Sequence[floa
 
 
 def _weighted_sum(runtime, bucket):  # no annotations: DDP checks them, and this file's are strings
-    """DDP communication hook: each process's gradient (of the mean loss over its share of the
-    batch), weighted by that share, then summed over the processes, where DDP's default averages
-    them. A process with an empty share (a last batch smaller than the number of processes)
-    weighs 0 and still takes part in the exchange."""
+    """DDP communication hook: each process's gradient weighted by its share (`shard`), then summed
+    over the processes, where DDP's default averages them."""
     weighted = bucket.buffer().mul_(runtime.share)
     return dist.all_reduce(weighted, async_op=True).get_future().then(lambda future: future.value()[0])
 
@@ -257,9 +255,8 @@ def _weighted_sum(runtime, bucket):  # no annotations: DDP checks them, and this
 def wrap(network: nn.Module, runtime: Runtime) -> nn.Module:
     """One process: `network` itself. Under torchrun: DistributedDataParallel around it, which
     copies rank 0's weights to every process when built and, during backward, adds up the
-    gradients of the trainable parameters over the processes, each weighted by its share of the
-    batch (frozen ones are left out). Wrap again whenever the trainable set changes (gradual):
-    every process does so at the same epoch."""
+    trainable parameters' gradients, each process's weighted by its share of the batch. Wrap
+    again whenever the trainable set changes (gradual): every process does so at the same epoch."""
     if not runtime.distributed:
         return network
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
@@ -46,20 +46,19 @@ class Console:
     replaces on a terminal; where the output is no terminal (a file, a pipe, a notebook), progress
     lines are lines too. Text from users (paths, class names) is printed escaped."""
 
-    stream: TextIO = field(default_factory=lambda: sys.stdout)
     open: bool = False  # a progress line is on screen, not yet ended
 
     def line(self, message: str) -> None:
         if self.open:
-            self.stream.write("\n")
+            sys.stdout.write("\n")
             self.open = False
-        print(hub.printable(message, keep="\n"), file=self.stream, flush=True)
+        print(hub.printable(message, keep="\n"), flush=True)
 
     def progress(self, message: str) -> None:
-        if not self.stream.isatty():
+        if not sys.stdout.isatty():
             return self.line(message)
-        self.stream.write("\r" + hub.printable(message) + "\x1b[K")  # back to the start, clear to the end
-        self.stream.flush()
+        sys.stdout.write("\r" + hub.printable(message) + "\x1b[K")  # back to the start, clear to the end
+        sys.stdout.flush()
         self.open = True
 
 
@@ -286,15 +285,10 @@ MAX_CLASSES_PLOTTED = 100  # beyond, the matrix is metrics.json's alone: a plot 
 def write_plots(result: RunResult, folder: Path, final_folder: Path, cfg) -> str:
     """Loss and accuracy curves and the confusion matrices as PNG in `folder` (the run folder
     being built, which becomes `final_folder`). A plot that fails is a note, never the end of a
-    finished run. train.py checks that matplotlib is there before any work."""
+    finished run."""
     title = f"{plot_title(cfg)}, {result.strategy}" + (f" (seed {result.seed})" if cfg.seeds else "")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        written = _plot(result, folder, plt, title)
+        written = _plot(result, folder, pyplot(), title)
     except Exception as error:  # noqa: BLE001 - matplotlib's failures are many; the run is what matters
         return f"--plot: no plots written ({type(error).__name__}: {one_line(error)})"
     return f"plots written in {final_folder}: {', '.join(written)}"
@@ -333,6 +327,16 @@ def _plot(result: RunResult, folder: Path, plt, title: str) -> list[str]:
     if len(written) == 2:
         written.append(f"no confusion matrix plots (more than {MAX_CLASSES_PLOTTED} classes: see metrics.json)")
     return written
+
+
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot, drawing into files, never a window (runner.check_config made sure it is there)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(figure, path: Path, plt) -> None:

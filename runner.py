@@ -69,10 +69,8 @@ def fetch_files(cfg) -> None:
 
 
 def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., list]) -> int:
-    """`pipeline(cfg, job)` inside the machinery. The arguments are checked before any work; under
-    torchrun the processes join (distributed.session) and rank 0 downloads first while the others
-    wait; the run folder is built aside and appears only when complete (report.staged_output);
-    several runs add compare.json and the comparison table. The end says how to use the result."""
+    """`pipeline(cfg, job)` inside the machinery this module's docstring lists, in that order; the
+    end says how to use the result."""
     started = time.perf_counter()
     gpt_config = check_config(cfg)
     comparing = bool(cfg.compare) or len(cfg.seeds) > 1  # one folder per run, compare.json beside them
