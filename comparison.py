@@ -233,12 +233,13 @@ def parse_seeds(text: str, seed: int) -> list[int]:
     except ValueError:
         numbers = []
     count = numbers[0] if len(parts) == 1 and numbers else len(numbers)
+    flag = f"--seeds {evaluation.shorten(text, 60)}"
     if not numbers or not 1 <= count <= MAX_SEEDS:
-        raise ValueError(f"--seeds {evaluation.shorten(text, 60)}: give a number of seeds from 1 to {MAX_SEEDS} (e.g. 3) or a list "
-                         "of different seeds (e.g. 1,2,3)")
+        raise ValueError(f"{flag}: give a number of seeds from 1 to {MAX_SEEDS} (e.g. 3) or a list of different "
+                         "seeds (e.g. 1,2,3)")
     seeds = [seed + i for i in range(count)] if len(parts) == 1 else numbers
     if not all(0 <= s < 2**63 for s in seeds) or len(set(seeds)) < len(seeds):
-        raise ValueError(f"--seeds {evaluation.shorten(text, 60)}: seeds must be different and in 0..2**63-1")
+        raise ValueError(f"{flag}: seeds must be different and in 0..2**63-1")
     return [] if seeds == [seed] and len(parts) == 1 else seeds
 
 

@@ -321,7 +321,8 @@ def _plot(result: RunResult, folder: Path, plt, title: str) -> list[str]:
         darkest = max(max(row) for row in report.confusion_matrix)
         for i, row in enumerate(report.confusion_matrix if len(names) <= MAX_CELLS_WRITTEN else []):
             for j, count in enumerate(row):  # white on the dark cells, black on the light ones
-                axes.text(j, i, f"{count:,}", ha="center", va="center", color="white" if count > darkest / 2 else "black")
+                axes.text(j, i, f"{count:,}", ha="center", va="center",
+                          color="white" if count > darkest / 2 else "black")
         save_figure(figure, folder / f"confusion_matrix_{split}.png", plt)
         written.append(f"confusion_matrix_{split}.png")
     if len(written) == 2:
@@ -473,8 +474,9 @@ def _classify(classify: ModuleType, args: argparse.Namespace) -> int:
             raise ValueError("--export-hf OUT_DIR writes a folder and classifies nothing: give it a folder name, "
                              "and no texts, --file or --json")
         model, config = classify.load_classifier(args.model)
-        print(hub.printable(hfformat.export_classifier(classify.classifier_tensors(model), config.gpt, config.label_names,
-                                                       config.pooling, config.max_length, args.export_hf).describe()))
+        exported = hfformat.export_classifier(classify.classifier_tensors(model), config.gpt, config.label_names,
+                                              config.pooling, config.max_length, args.export_hf)
+        print(hub.printable(exported.describe()))
         return 0
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise ValueError(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")

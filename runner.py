@@ -106,7 +106,8 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
             try:
                 results = pipeline(cfg, job)
             except BaseException as error:  # what finished before is kept (report.staged_output): say where
-                error.kept = f"{len(folders)} finished run{'s' if len(folders) > 1 else ''} kept in {out}" if folders else ""
+                runs = f"{len(folders)} finished run{'s' if len(folders) > 1 else ''}"
+                error.kept = f"{runs} kept in {out}" if folders else ""
                 raise
             if comparing and staging is not None:
                 strategies = cfg.compare or [cfg.strategy]
@@ -265,7 +266,8 @@ def check_config(cfg) -> gpt.GPTConfig:
         strategy = classify.parse_strategy(name) if name not in evaluation.BASELINES else None
         meaning = (strategy.kind, strategy.num_blocks) if strategy else (name, 0)
         if meaning in seen:
-            twice = "is listed twice" if seen[meaning] == name else f"trains what {gpt.quoted(seen[meaning], 40)} trains"
+            first = seen[meaning]
+            twice = "is listed twice" if first == name else f"trains what {gpt.quoted(first, 40)} trains"
             raise ValueError(f"--compare: {gpt.quoted(name, 40)} {twice} (use --seeds to repeat a strategy)")
         seen[meaning] = name
     if cfg.reference is not None and cfg.reference not in (cfg.compare or [cfg.strategy]):
@@ -315,7 +317,7 @@ def check_config(cfg) -> gpt.GPTConfig:
     if cfg.init == "pretrained" and Path(cfg.model).is_dir() and not any(
             (Path(cfg.model) / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         raise ValueError(f"--model {cfg.model}: no model.safetensors there (for its architecture alone: --init random)")
-    distributed.pick_precision(cfg.precision, distributed.pick_device(cfg.device))  # ValueError: unknown, absent, unable
+    distributed.pick_precision(cfg.precision, distributed.pick_device(cfg.device))  # unknown, absent or unable
     return gpt_config
 
 
