@@ -36,7 +36,6 @@ from torch import distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-
 # How long a process waits in a collective for the others before it gives up: long enough for rank 0
 # to download gpt2-xl (6 GB) while the others wait. torchrun stops every process as soon as one fails.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)

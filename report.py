@@ -13,8 +13,8 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator

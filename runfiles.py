@@ -65,7 +65,7 @@ def check_fields(fields: object) -> dict:
                          f"this classify.py reads version {FORMAT_VERSION}")
     missing = {"gpt", "label_names", "pooling", "max_length", "tokenizer"} - fields.keys()
     if missing:
-        raise ValueError(f"field {sorted(missing)[0]!r} is missing")
+        raise ValueError(f"field {min(missing)!r} is missing")
     names, shape, base, lora = fields["label_names"], fields["gpt"], fields.get("base"), fields.get("lora")
     if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)
             and len(set(names)) == len(names) == fields.get("num_classes")):
