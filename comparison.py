@@ -26,13 +26,13 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
+import evaluation
 import fastpath
 import metrics
 import report
 
-RunResult = Any  # train.RunResult, read by its fields
+RunResult = report.RunResult
 LEVEL = 0.05  # a difference is significant when p < 5%
 METRICS = ("training_seconds", "train_accuracy", "validation_accuracy", "test_accuracy", "test_precision",
            "test_recall", "test_f1")
@@ -40,15 +40,14 @@ METRICS = ("training_seconds", "train_accuracy", "validation_accuracy", "test_ac
 
 @dataclass
 class Experiment:
-    """What a comparison ran: the strategies in order, the training seeds, the reference, the
-    test labels (the same for every run), the frozen work done once, and the wall time so far."""
+    """What a comparison ran, besides each run's result."""
 
     strategies: list[str]
     seeds: list[int]
     reference: str
-    test_labels: Sequence[int]
-    shared: fastpath.SharedPrefix | None
-    total_seconds: float
+    test_labels: Sequence[int]  # the same for every run
+    shared: fastpath.SharedPrefix | None  # the frozen work done once
+    total_seconds: float  # the wall time so far
 
 
 def run_row(result: RunResult) -> dict:
@@ -110,11 +109,11 @@ def comparison_document(results: list[RunResult], experiment: Experiment, cfg, a
     }
 
 
-def _mean_cell(row: dict, key: str, scale: float = 100, unit: str = "%", digits: int = 1) -> str:
+def _mean_cell(row: dict, key: str, scale: float = 100, unit: str = "%") -> str:
     """The mean over the seeds, and ± the standard deviation when there are several."""
     numbers = row["spread"][key]
-    spread = "" if numbers["std"] is None else f" ± {numbers['std'] * scale:.{digits}f}"
-    return f"{numbers['mean'] * scale:.{digits}f}{spread}{unit}"
+    spread = "" if numbers["std"] is None else f" ± {numbers['std'] * scale:.1f}"
+    return f"{numbers['mean'] * scale:.1f}{spread}{unit}"
 
 
 def _count(parameters: int) -> str:
@@ -179,31 +178,27 @@ def write_comparison(folder: Path, final_folder: Path, results: list[RunResult],
 def write_plot(document: dict, folder: Path, final_folder: Path, title: str) -> str:
     """compare.png: per strategy, test accuracy and the positive class's F1 (bars: the mean;
     whiskers: min to max over the seeds; * beside a significant difference from the reference),
-    and beside them the training time. matplotlib is optional."""
-    import matplotlib  # train.py checks that it is there before any work
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    and beside them the training time."""
+    plt = report.pyplot()
     rows, positive, seeds = document["rows"], document["rows"][0]["positive_class"], len(document["seeds"])
     names = [row["strategy"] + (" *" if row.get("vs_reference", {}).get("significant") else "") for row in rows]
     positions = list(range(len(rows)))
     figure, (scores, times) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(rows), 4.2),
                                            gridspec_kw={"width_ratios": [2, 1]})
 
-    def bars(axes, key: str, offset: float, width: float, label: str, color: str, scale: float, digits: int):
+    def bars(axes, key: str, offset: float, width: float, label: str, color: str, scale: float):
         numbers = [row["spread"][key] for row in rows]
         means = [n["mean"] * scale for n in numbers]
         whiskers = [[m - n["min"] * scale for m, n in zip(means, numbers)],
                     [n["max"] * scale - m for m, n in zip(means, numbers)]] if seeds > 1 else None
         axes.bar([p + offset for p in positions], means, width, yerr=whiskers, capsize=4, label=label, color=color)
         for p, m, n in zip(positions, means, numbers):  # the mean, above the top whisker
-            axes.annotate(f"{m:.{digits}f}", (p + offset, n["max"] * scale), xytext=(0, 3), textcoords="offset points",
+            axes.annotate(f"{m:.1f}", (p + offset, n["max"] * scale), xytext=(0, 3), textcoords="offset points",
                           ha="center", va="bottom", fontsize=8)
         return numbers
 
-    accuracy = bars(scores, "test_accuracy", -0.2, 0.4, "test accuracy (%)", "tab:blue", 100, 1)
-    f1 = bars(scores, "test_f1", 0.2, 0.4, f"test F1 of {positive} (%)", "tab:orange", 100, 1)
+    accuracy = bars(scores, "test_accuracy", -0.2, 0.4, "test accuracy (%)", "tab:blue", 100)
+    f1 = bars(scores, "test_f1", 0.2, 0.4, f"test F1 of {positive} (%)", "tab:orange", 100)
     lowest = min(n["min"] for n in accuracy + f1) * 100
     scores.set_ylim(max(0.0, 10 * int(lowest // 10) - 10), 108)  # the axis starts below the lowest whisker
     scores.set_xticks(positions, names)
@@ -212,7 +207,7 @@ def write_plot(document: dict, folder: Path, final_folder: Path, title: str) -> 
     scores.set_title((f"{title}\nmean of {seeds} seeds, whiskers min-max" if seeds > 1 else
                       f"{title}\none seed") + (f"; * differs from {document['reference']} (McNemar, 5%)"
                                                           if len(rows) > 1 else ""), fontsize=9)
-    durations = bars(times, "training_seconds", 0.0, 0.6, "training time", "tab:gray", 1, 1)
+    durations = bars(times, "training_seconds", 0.0, 0.6, "training time", "tab:gray", 1)
     logarithmic = max(n["max"] for n in durations) > 20 * max(min(n["min"] for n in durations), 1e-9)
     if logarithmic:
         times.set_yscale("log")  # head and all differ 100-fold: a linear axis hides the short ones
@@ -238,17 +233,14 @@ def parse_seeds(text: str, seed: int) -> list[int]:
     except ValueError:
         numbers = []
     count = numbers[0] if len(parts) == 1 and numbers else len(numbers)
+    flag = f"--seeds {evaluation.shorten(text, 60)}"
     if not numbers or not 1 <= count <= MAX_SEEDS:
-        raise ValueError(f"--seeds {shortened(text)}: give a number of seeds from 1 to {MAX_SEEDS} (e.g. 3) or a list "
-                         "of different seeds (e.g. 1,2,3)")
+        raise ValueError(f"{flag}: give a number of seeds from 1 to {MAX_SEEDS} (e.g. 3) or a list of different "
+                         "seeds (e.g. 1,2,3)")
     seeds = [seed + i for i in range(count)] if len(parts) == 1 else numbers
     if not all(0 <= s < 2**63 for s in seeds) or len(set(seeds)) < len(seeds):
-        raise ValueError(f"--seeds {shortened(text)}: seeds must be different and in 0..2**63-1")
+        raise ValueError(f"{flag}: seeds must be different and in 0..2**63-1")
     return [] if seeds == [seed] and len(parts) == 1 else seeds
-
-
-def shortened(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def reference_strategy(reference: str | None, strategies: list[str]) -> str:

@@ -36,7 +36,6 @@ from torch import distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-
 # How long a process waits in a collective for the others before it gives up: long enough for rank 0
 # to download gpt2-xl (6 GB) while the others wait. torchrun stops every process as soon as one fails.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
@@ -142,7 +141,7 @@ def memory_bytes() -> float:
     """This machine's memory (inf where the system does not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # a system that does not say
+    except (ValueError, OSError, AttributeError):
         return math.inf
 
 
@@ -188,16 +187,6 @@ def start(device_name: str) -> Runtime:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                             timeout=PROCESS_GROUP_TIMEOUT)
     return Runtime(device, rank, world_size, local_rank)
-
-
-def stop(runtime: Runtime, *, wait_for_others: bool = False) -> None:
-    """Leave the process group. After a successful run, first wait until every process got here,
-    so none tears the group down while another still exchanges with it (gloo then aborts the
-    process); after a failure, don't wait: another process may never arrive."""
-    if runtime.distributed and dist.is_initialized():
-        if wait_for_others:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 def together(runtime: Runtime, work: Callable[[], Result] | None) -> Result | None:
@@ -256,10 +245,8 @@ def shard(batches: Iterable[list[int]], runtime: Runtime, weights: Sequence[floa
 
 
 def _weighted_sum(runtime, bucket):  # no annotations: DDP checks them, and this file's are strings
-    """DDP communication hook: each process's gradient (of the mean loss over its share of the
-    batch), weighted by that share, then summed over the processes, where DDP's default averages
-    them. A process with an empty share (a last batch smaller than the number of processes)
-    weighs 0 and still takes part in the exchange."""
+    """DDP communication hook: each process's gradient weighted by its share (`shard`), then summed
+    over the processes, where DDP's default averages them."""
     weighted = bucket.buffer().mul_(runtime.share)
     return dist.all_reduce(weighted, async_op=True).get_future().then(lambda future: future.value()[0])
 
@@ -267,9 +254,8 @@ def _weighted_sum(runtime, bucket):  # no annotations: DDP checks them, and this
 def wrap(network: nn.Module, runtime: Runtime) -> nn.Module:
     """One process: `network` itself. Under torchrun: DistributedDataParallel around it, which
     copies rank 0's weights to every process when built and, during backward, adds up the
-    gradients of the trainable parameters over the processes, each weighted by its share of the
-    batch (frozen ones are left out). Wrap again whenever the trainable set changes (gradual):
-    every process does so at the same epoch."""
+    trainable parameters' gradients, each process's weighted by its share of the batch. Wrap
+    again whenever the trainable set changes (gradual): every process does so at the same epoch."""
     if not runtime.distributed:
         return network
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -286,11 +272,14 @@ def held(network: nn.Module, hold: bool) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def session(device_name: str) -> Iterator[Runtime]:
-    """`start`, then `stop` however the run ends: waiting for the others after a success only."""
+    """`start`, then leave the process group however the run ends. After a success, first wait until
+    every process got here, so none tears the group down while another still exchanges with it
+    (gloo then aborts the process); after a failure, don't wait: another process may never arrive."""
     runtime = start(device_name)
     try:
         yield runtime
-    except BaseException:
-        stop(runtime)
-        raise
-    stop(runtime, wait_for_others=True)
+        if runtime.distributed:
+            dist.barrier()
+    finally:
+        if runtime.distributed and dist.is_initialized():
+            dist.destroy_process_group()

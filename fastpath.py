@@ -25,7 +25,7 @@ import data
 import report
 
 CACHE_MEMORY_BUDGET = 2**30  # bytes, for all splits together
-Progress = Callable[[int], None]  # told how many more texts are done
+Progress = Callable[[int], None]  # told how many more tokens are done
 
 
 # --------------------------------------------------------------------------- the frozen-prefix cache
@@ -93,15 +93,9 @@ class PrefixCache:
     def build(cls, model: classify.GPTClassifier, token_ids: list[list[int]], start_block: int,
               device: torch.device | str, memory_budget_bytes: int = CACHE_MEMORY_BUDGET,
               batch_size: int = 64, progress: Progress | None = None) -> PrefixCache | None:
-        n_layers = len(model.gpt.h)
-        if not 0 <= start_block <= n_layers:
-            raise ValueError(f"start_block {start_block}: must be in 0..{n_layers} (the model's blocks)")
-        if (frozen_prefix_length(model) or 0) < start_block:
+        if not 0 <= start_block <= (frozen_prefix_length(model) or 0):
             raise ValueError(f"start_block {start_block}: the embeddings and blocks[:{start_block}] must be frozen "
                              f"and dropout 0 for their outputs to be cached (use frozen_prefix_length(model))")
-        if not all(token_ids):
-            raise ValueError(f"example {[bool(ids) for ids in token_ids].index(False)} has no tokens; "
-                             "every text needs at least one")
         one_position = _stores_one_position(model, start_block)
         extra = model.pooling == "special"  # the appended <|endoftext|> is stored too
         lengths = torch.tensor([1 if one_position else len(ids) + extra for ids in token_ids], dtype=torch.long)
@@ -192,15 +186,13 @@ class PrefixCache:
 
 @dataclass
 class Batch:
-    """What a training step feeds the classifier, on the device: `inputs` are token ids (B, T),
-    or the frozen blocks[:start_block]'s stored output (B, T, C); the real lengths; the labels.
-    `size` is the number of texts in the whole batch (under torchrun a process holds a share)."""
+    """What a step feeds the classifier, on the device: `inputs` are token ids (B, T), or the
+    frozen blocks[:start_block]'s stored output (B, T, C); the real lengths; the labels."""
 
     inputs: torch.Tensor
     lengths: torch.Tensor
     labels: torch.Tensor
     start_block: int
-    size: int
 
 
 @dataclass
@@ -213,17 +205,16 @@ class SplitInputs:
     cache: PrefixCache | None = None
     shelf: dict[int, PrefixCache] = field(default_factory=dict)
 
-    def batch(self, indices: list[int], device: torch.device, size: int | None = None) -> Batch:
+    def batch(self, indices: list[int], device: torch.device) -> Batch:
         labels = torch.tensor([self.dataset.labels[i] for i in indices], dtype=torch.long, device=device)  # (B,)
-        size = len(indices) if size is None else size
         if self.cache is not None:
             hidden, lengths = self.cache.batch(indices)  # (B, T, C), (B,)
-            return Batch(hidden.to(device), lengths.to(device), labels, self.cache.start_block, size)
+            return Batch(hidden.to(device), lengths.to(device), labels, self.cache.start_block)
         if not indices:  # a process's empty share of a batch (distributed.py): no text, but a valid shape
             empty = torch.zeros(0, 1, dtype=torch.long, device=device)
-            return Batch(empty, torch.zeros(0, dtype=torch.long, device=device), labels, 0, size)
+            return Batch(empty, torch.zeros(0, dtype=torch.long, device=device), labels, 0)
         batch = data.collate([self.dataset[i] for i in indices]).to(device)
-        return Batch(batch.token_ids, batch.lengths, labels, 0, size)
+        return Batch(batch.token_ids, batch.lengths, labels, 0)
 
 
 @dataclass
@@ -240,21 +231,21 @@ class CacheStatus:
 
 
 def refresh_caches(model: classify.GPTClassifier, splits: dict[str, SplitInputs], device: torch.device,
-                   enabled: bool = True, tell: Callable[[str], None] | None = None) -> CacheStatus:
+                   enabled: bool = True, tell: report.Log = report.quiet) -> CacheStatus:
     """Store what the frozen blocks compute, for every split, so that batches carry it instead of
     token ids; rebuilt only when the boundary between frozen and trainable blocks moved (the
     "gradual" strategy moves it every epoch), and taken from a split's shelf when the frozen work
     was done beforehand. `enabled` False (--no-cache): token ids, every block at every step.
     `tell` hears how the build goes, with the time left, when it takes more than a moment."""
-    for split in splits.values():
-        split.cache = None if not enabled else split.cache
     if not enabled:
+        for split in splits.values():
+            split.cache = None
         return CacheStatus(used=False, reason="--no-cache")
     start_block = frozen_prefix_length(model)
     started, caches, shelved = time.perf_counter(), {}, set()
     if start_block:
         total_tokens = sum(sum(split.dataset.lengths) for split in splits.values())
-        ticker = report.Ticker("frozen-prefix cache", total_tokens, tell or report.quiet)
+        ticker = report.Ticker("frozen-prefix cache", total_tokens, tell)
         for name, split in splits.items():
             if split.cache is not None and split.cache.start_block == start_block:
                 caches[name] = split.cache
@@ -321,7 +312,7 @@ class SharedPrefix:
 
 def share_frozen_work(model: classify.GPTClassifier, datasets: dict[str, data.ClassificationDataset],
                       prefix_lengths: Sequence[int], device: torch.device,
-                      tell: Callable[[str], None] | None = None) -> SharedPrefix:
+                      tell: report.Log = report.quiet) -> SharedPrefix:
     """What the frozen blocks compute, once for several runs that start from the same frozen
     weights (several strategies, several training seeds): strategies whose frozen prefixes nest
     (head over all blocks, last-block over all but one, ...) share one pass. The shallowest
@@ -330,7 +321,7 @@ def share_frozen_work(model: classify.GPTClassifier, datasets: dict[str, data.Cl
     started, total_tokens = time.perf_counter(), sum(sum(d.lengths) for d in datasets.values())
     caches: dict[str, dict[int, PrefixCache]] = {name: {} for name in datasets}
     steps, below = [], 0
-    ticker = report.Ticker("frozen work for every run", total_tokens * len(set(prefix_lengths)), tell or report.quiet)
+    ticker = report.Ticker("frozen work for every run", total_tokens * len(set(prefix_lengths)), tell)
     for start_block in sorted(set(prefix_lengths)):
         step_started, deepened = time.perf_counter(), True
         for name, dataset in datasets.items():

@@ -13,15 +13,15 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
@@ -36,10 +36,6 @@ Log = Callable[[str], None]
 RunResult = Any  # train.RunResult, read by its fields: train.py imports this module, never the reverse
 
 
-def print_line(message: str) -> None:
-    print(hub.printable(message, keep="\n"), flush=True)  # class names and paths come from the user
-
-
 def quiet(message: str) -> None:
     """The log of every process but rank 0."""
 
@@ -50,20 +46,19 @@ class Console:
     replaces on a terminal; where the output is no terminal (a file, a pipe, a notebook), progress
     lines are lines too. Text from users (paths, class names) is printed escaped."""
 
-    stream: TextIO = field(default_factory=lambda: sys.stdout)
     open: bool = False  # a progress line is on screen, not yet ended
 
     def line(self, message: str) -> None:
         if self.open:
-            self.stream.write("\n")
+            sys.stdout.write("\n")
             self.open = False
-        print(hub.printable(message, keep="\n"), file=self.stream, flush=True)
+        print(hub.printable(message, keep="\n"), flush=True)
 
     def progress(self, message: str) -> None:
-        if not self.stream.isatty():
+        if not sys.stdout.isatty():
             return self.line(message)
-        self.stream.write("\r" + hub.printable(message) + "\x1b[K")  # back to the start, clear to the end
-        self.stream.flush()
+        sys.stdout.write("\r" + hub.printable(message) + "\x1b[K")  # back to the start, clear to the end
+        sys.stdout.flush()
         self.open = True
 
 
@@ -134,10 +129,9 @@ class Progress:
 
     def line(self, epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, loss: float) -> str:
         elapsed = time.perf_counter() - self.started
-        minutes, seconds = divmod(round(elapsed / self.step * (self.total_steps - self.step)), 60)
         return (f"epoch {epoch + 1}/{epochs}  step {step_in_epoch}/{steps_per_epoch}  "
                 f"{self.examples / elapsed:,.0f} examples/s  loss {loss:.4f}  "
-                f"time left {minutes // 60}:{minutes % 60:02d}:{seconds:02d}")
+                f"time left {clock(elapsed / self.step * (self.total_steps - self.step))}")
 
 
 def epoch_line(record: Any, epochs: int, training: Any) -> str:
@@ -229,10 +223,6 @@ class RunFacts:
     runtime: distributed.Runtime
     precision: torch.dtype  # what autocast computed in
     started: float
-    training_seed: int | None = None  # with --seeds: this run's (the split's seed stays cfg.seed)
-
-
-COMPARISON_SETTINGS = ("seeds", "reference")  # compare.json's; one run's metrics.json records its own seed
 
 
 def run_folder(strategy: str, seed: int, comparing: bool, several_seeds: bool) -> Path:
@@ -261,9 +251,9 @@ def metrics_document(result: RunResult, facts: RunFacts) -> dict:
         "device": facts.runtime.device.type,
         "precision": str(facts.precision).removeprefix("torch."),
         "seed": facts.cfg.seed,
-        **({} if facts.training_seed is None else {"training_seed": facts.training_seed}),
+        **({"training_seed": result.seed} if facts.cfg.seeds else {}),  # --seeds: this run's; the split's is "seed"
         "arguments": {"argv": facts.argv, "config": {key: value for key, value in asdict(facts.cfg).items()
-                                                     if key not in COMPARISON_SETTINGS}},
+                                                     if key not in ("seeds", "reference")}},  # compare.json's
         "timing": {
             "total_seconds": time.perf_counter() - facts.started,  # from the start of the run to these metrics
             "training_seconds": result.training_seconds,  # prefix cache + epochs
@@ -282,12 +272,6 @@ def write_json(path: Path, document: dict) -> None:
         file.write((json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8"))
 
 
-def write_metrics(run_dir: Path, result: RunResult, facts: RunFacts) -> None:
-    """metrics.json in `run_dir`."""
-    seeded = replace(facts, training_seed=result.seed if facts.cfg.seeds else None)
-    write_json(run_dir / "metrics.json", metrics_document(result, seeded))
-
-
 def plot_title(cfg) -> str:
     """What a plot shows, for its title: the data and the model."""
     model = Path(cfg.model).name + (", random weights" if cfg.init == "random" else "")
@@ -301,15 +285,10 @@ MAX_CLASSES_PLOTTED = 100  # beyond, the matrix is metrics.json's alone: a plot 
 def write_plots(result: RunResult, folder: Path, final_folder: Path, cfg) -> str:
     """Loss and accuracy curves and the confusion matrices as PNG in `folder` (the run folder
     being built, which becomes `final_folder`). A plot that fails is a note, never the end of a
-    finished run. train.py checks that matplotlib is there before any work."""
+    finished run."""
     title = f"{plot_title(cfg)}, {result.strategy}" + (f" (seed {result.seed})" if cfg.seeds else "")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        written = _plot(result, folder, plt, title)
+        written = _plot(result, folder, pyplot(), title)
     except Exception as error:  # noqa: BLE001 - matplotlib's failures are many; the run is what matters
         return f"--plot: no plots written ({type(error).__name__}: {one_line(error)})"
     return f"plots written in {final_folder}: {', '.join(written)}"
@@ -342,12 +321,23 @@ def _plot(result: RunResult, folder: Path, plt, title: str) -> list[str]:
         darkest = max(max(row) for row in report.confusion_matrix)
         for i, row in enumerate(report.confusion_matrix if len(names) <= MAX_CELLS_WRITTEN else []):
             for j, count in enumerate(row):  # white on the dark cells, black on the light ones
-                axes.text(j, i, f"{count:,}", ha="center", va="center", color="white" if count > darkest / 2 else "black")
+                axes.text(j, i, f"{count:,}", ha="center", va="center",
+                          color="white" if count > darkest / 2 else "black")
         save_figure(figure, folder / f"confusion_matrix_{split}.png", plt)
         written.append(f"confusion_matrix_{split}.png")
     if len(written) == 2:
         written.append(f"no confusion matrix plots (more than {MAX_CLASSES_PLOTTED} classes: see metrics.json)")
     return written
+
+
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot, drawing into files, never a window (runner.check_config made sure it is there)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(figure, path: Path, plt) -> None:
@@ -356,10 +346,6 @@ def save_figure(figure, path: Path, plt) -> None:
     with hub.atomic_open(path) as file:
         figure.savefig(file, format="png", dpi=120)
     plt.close(figure)
-
-
-def default_out_dir() -> Path:
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
 def point_latest(out: Path) -> Path | None:
@@ -430,18 +416,13 @@ def read_texts(source: str) -> list[str]:
             raise ValueError(f"more than {MAX_INPUT_BYTES // 2**20} MiB of text; classify it in parts")
         content = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ValueError(f"cannot read {source}: {' '.join(str(error).split())}") from None
+        raise ValueError(f"cannot read {source}: {error}") from None  # one line: classify_command's one_line
     if content.count("\n") > MAX_TEXTS:
         raise ValueError(f"cannot read {source}: more than {MAX_TEXTS:,} lines; classify it in parts")
     lines = content.split("\n")
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line
     return [line.removesuffix("\r") for line in lines]
-
-
-def shorten(text: str, width: int = 70) -> str:
-    text = hub.printable(" ".join(text.split()))
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 MAX_BATCH, CHUNK, SHOWN = 4096, 1024, 10  # texts per batch at most; texts classified then printed; classes shown
@@ -498,8 +479,9 @@ def _classify(classify: ModuleType, args: argparse.Namespace) -> int:
             raise ValueError("--export-hf OUT_DIR writes a folder and classifies nothing: give it a folder name, "
                              "and no texts, --file or --json")
         model, config = classify.load_classifier(args.model)
-        print(hub.printable(hfformat.export_classifier(classify.classifier_tensors(model), config.gpt, config.label_names,
-                                                       config.pooling, config.max_length, args.export_hf).describe()))
+        exported = hfformat.export_classifier(classify.classifier_tensors(model), config.gpt, config.label_names,
+                                              config.pooling, config.max_length, args.export_hf)
+        print(hub.printable(exported.describe()))
         return 0
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise ValueError(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")
@@ -524,8 +506,9 @@ def _classify(classify: ModuleType, args: argparse.Namespace) -> int:
                 print(("," if first + i else "") + "\n  " + hub.UNPRINTABLE.sub(
                     lambda m: m.group() if m.group() < " " else f"\\u{ord(m.group()):04x}", item), end="")
             else:
-                probabilities = " ".join(f"{shorten(name, 30)}={value:.3f}" for name, value in p.probabilities.items())
-                print(f"{shorten(p.label, 30)}\t{probabilities}\t{shorten(p.text)}")
+                probabilities = " ".join(f"{evaluation.shorten(name, 30)}={value:.3f}"
+                                         for name, value in p.probabilities.items())
+                print(f"{evaluation.shorten(p.label, 30)}\t{probabilities}\t{evaluation.shorten(p.text)}")
     print("\n]" if args.json else "", end="\n" if args.json else "", flush=True)
     seconds = time.perf_counter() - start
     print(f"{len(texts)} texts in {seconds:.2f} s: {len(texts) / max(seconds, 1e-9):.1f} messages/s on {device}",

@@ -32,12 +32,12 @@ def weights_identity(source: str, cache_dir: str | Path | None = None) -> dict[s
     return {"source": str(source), "sha256": files_sha256(path)}
 
 
-def find_weights(identity: dict[str, str], cache_dir: str | Path | None = None) -> str | Path:
+def find_weights(identity: dict[str, str]) -> str | Path:
     """The starting weights a folder of trained weights completes: found again where they were (a
     preset is downloaded again if the cache lost it) and checked to be the same, byte for byte."""
     source = identity["source"]
     try:
-        path = hub.fetch(source, cache_dir, hub.print_progress)
+        path = hub.fetch(source, progress=hub.print_progress)
         found = files_sha256(path)
     except ValueError as error:
         raise ValueError(f"the starting weights this run was trained from, {source}, cannot be read ({error}); "
@@ -66,7 +66,7 @@ def check_fields(fields: object) -> dict:
                          f"this classify.py reads version {FORMAT_VERSION}")
     missing = {"gpt", "label_names", "pooling", "max_length", "tokenizer"} - fields.keys()
     if missing:
-        raise ValueError(f"field {sorted(missing)[0]!r} is missing")
+        raise ValueError(f"field {min(missing)!r} is missing")
     names, shape, base, lora = fields["label_names"], fields["gpt"], fields.get("base"), fields.get("lora")
     if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)
             and len(set(names)) == len(names) == fields.get("num_classes")):

@@ -37,26 +37,22 @@ import hub
 import report
 import runfiles
 
-Log = Callable[[str], None]
-
 
 @dataclass
 class Job:
-    """What the pipeline needs besides its settings, handed in by `run`: where to compute
-    (distributed.Runtime), where to tell (rank 0 prints; the other processes under torchrun are
-    quiet), where a finished run is saved (rank 0's run folder), and the frozen work several
-    runs share (set by the pipeline, read for compare.json)."""
+    """What the pipeline needs besides its settings, handed in by `run`. Under torchrun only rank 0
+    prints and saves: the other processes keep the quiet defaults."""
 
     cfg: object  # train.TrainConfig
     runtime: distributed.Runtime
     gpt_config: gpt.GPTConfig | None = None  # the model's shape, read once when the arguments were checked
     text_tokens: int = 0  # the most tokens of a text the classifier reads (classify.longest_text)
     precision: torch.dtype = torch.float32  # what autocast computes in (distributed.pick_precision)
-    log: Log = report.quiet  # lines that stay
-    progress: Log = report.quiet  # lines the next replaces, on a terminal
-    detail: Log = report.quiet  # a run's own lines: `log` for one run, `progress` in a comparison
-    save: Callable[..., None] = lambda *run: None  # (model, result, tokens): a finished run
-    frozen_work: fastpath.SharedPrefix | None = None
+    log: report.Log = report.quiet  # lines that stay
+    progress: report.Log = report.quiet  # lines the next replaces, on a terminal
+    detail: report.Log = report.quiet  # a run's own lines: `log` for one run, `progress` in a comparison
+    save: Callable[..., None] = lambda *run: None  # (model, result, tokens, splits): a finished run
+    frozen_work: fastpath.SharedPrefix | None = None  # set by the pipeline, read for compare.json
 
     @property
     def eval_batch_size(self) -> int:
@@ -73,10 +69,8 @@ def fetch_files(cfg) -> None:
 
 
 def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., list]) -> int:
-    """`pipeline(cfg, job)` inside the machinery. The arguments are checked before any work; under
-    torchrun the processes join (distributed.session) and rank 0 downloads first while the others
-    wait; the run folder is built aside and appears only when complete (report.staged_output);
-    several runs add compare.json and the comparison table. The end says how to use the result."""
+    """`pipeline(cfg, job)` inside the machinery this module's docstring lists, in that order; the
+    end says how to use the result."""
     started = time.perf_counter()
     gpt_config = check_config(cfg)
     comparing = bool(cfg.compare) or len(cfg.seeds) > 1  # one folder per run, compare.json beside them
@@ -86,7 +80,7 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
         if runtime.is_main_process:  # the other processes under torchrun stay quiet
             job.log, job.progress = console.line, console.progress
             job.detail = console.progress if comparing else console.line
-        out = Path(cfg.out) if cfg.out else report.default_out_dir()
+        out = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         folders, example, base = [], [], {}
         classifiers: list[tuple[float, Path]] = []  # (validation accuracy, folder): what classify.py loads
         with report.staged_output(out, runtime, finished=lambda: bool(folders)) as staging:  # rank 0's; else None
@@ -103,7 +97,7 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
                     classifiers.append((result.reports["validation"].accuracy, out / folder))
                 evaluation.write_mistakes(staging / folder / "mistakes.tsv", result, tokens)
                 facts = report.RunFacts(cfg, argv, tokens, gpt_config, runtime, precision, started)
-                report.write_metrics(staging / folder, result, facts)
+                report.write_json(staging / folder / "metrics.json", report.metrics_document(result, facts))
                 folders.append(out / folder)  # finished: kept even if what follows is interrupted
                 if cfg.plot:
                     job.log(report.write_plots(result, staging / folder, out / folder, cfg))
@@ -114,7 +108,8 @@ def run(cfg, argv: list[str], console: report.Console, pipeline: Callable[..., l
             try:
                 results = pipeline(cfg, job)
             except BaseException as error:  # what finished before is kept (report.staged_output): say where
-                error.kept = f"{len(folders)} finished run{'s' if len(folders) > 1 else ''} kept in {out}" if folders else ""
+                runs = f"{len(folders)} finished run{'s' if len(folders) > 1 else ''}"
+                error.kept = f"{runs} kept in {out}" if folders else ""
                 raise
             if comparing and staging is not None:
                 strategies = cfg.compare or [cfg.strategy]
@@ -249,7 +244,7 @@ def config_from_args(args: argparse.Namespace, config_class: type):
     values = vars(args).copy()
     values["compare"] = [name.strip() for name in args.compare.split(",") if name.strip()]
     if args.compare.strip() and not values["compare"]:
-        raise ValueError(f"--compare {comparison.shortened(args.compare)}: no strategy named (e.g. head,last-block)")
+        raise ValueError(f"--compare {evaluation.shorten(args.compare, 60)}: no strategy named (e.g. head,last-block)")
     values["seeds"] = comparison.parse_seeds(args.seeds, args.seed)
     return config_class(**values)
 
@@ -274,7 +269,8 @@ def check_config(cfg) -> gpt.GPTConfig:
         strategy = classify.parse_strategy(name) if name not in evaluation.BASELINES else None
         meaning = (strategy.kind, strategy.num_blocks) if strategy else (name, 0)
         if meaning in seen:
-            twice = "is listed twice" if seen[meaning] == name else f"trains what {gpt.quoted(seen[meaning], 40)} trains"
+            first = seen[meaning]
+            twice = "is listed twice" if first == name else f"trains what {gpt.quoted(first, 40)} trains"
             raise ValueError(f"--compare: {gpt.quoted(name, 40)} {twice} (use --seeds to repeat a strategy)")
         seen[meaning] = name
     if cfg.reference is not None and cfg.reference not in (cfg.compare or [cfg.strategy]):
@@ -324,7 +320,7 @@ def check_config(cfg) -> gpt.GPTConfig:
     if cfg.init == "pretrained" and Path(cfg.model).is_dir() and not any(
             (Path(cfg.model) / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         raise ValueError(f"--model {cfg.model}: no model.safetensors there (for its architecture alone: --init random)")
-    distributed.pick_precision(cfg.precision, distributed.pick_device(cfg.device))  # ValueError: unknown, absent, unable
+    distributed.pick_precision(cfg.precision, distributed.pick_device(cfg.device))  # unknown, absent or unable
     return gpt_config
 
 
