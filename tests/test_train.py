@@ -213,6 +213,34 @@ def test_every_pooling_gives_what_it_gave_before_the_one_path_change(pooling, ex
     assert_same_results(as_golden(load_metrics(workspace / f"pooling-{pooling}" / "run")), golden)
 
 
+@pytest.mark.parametrize("extra", [["--strategy", "last-block"], ["--strategy", "all", "--pooling", "mean"],
+                                   ["--strategy", "gradual", "--pooling", "special"],
+                                   ["--strategy", "lora", "--no-cache"], ["--strategy", "head", "--no-cache"]],
+                         ids=lambda extra: " ".join(extra[1:]))
+def test_what_trains_is_the_chapter_s_classifier_its_forward_at_every_step(extra, workspace, monkeypatch, capsys):
+    """The one path: every training step runs classify.GPTClassifier.forward (a breakpoint there
+    stops at each step), whatever the strategy, pooling or cache; no other module is trained."""
+    forward, step = classify.GPTClassifier.forward, torch.optim.AdamW.step
+    trained, steps = [], []
+
+    def counted_forward(self, *args, **kwargs):
+        if torch.is_grad_enabled() and self.training:
+            trained.append(type(self))
+        return forward(self, *args, **kwargs)
+
+    def counted_step(self, *args, **kwargs):
+        steps.append(1)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(classify.GPTClassifier, "forward", counted_forward)
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted_step)
+    code, _, stderr = run_in(workspace / ("one-path-" + "-".join(extra)), tiny_args(workspace, "--out", "run", *extra),
+                             monkeypatch, capsys)
+    assert code == 0, stderr
+    assert steps and len(trained) == len(steps), "one forward of the classifier for each weight update"
+    assert set(trained) == {classify.GPTClassifier}
+
+
 def test_the_prefix_cache_changes_no_result(workspace, base_run, monkeypatch, capsys):
     code, stdout, _ = run_in(workspace / "uncached", tiny_args(workspace, "--out", "run", "--eval-every", "3",
                                                                "--no-cache", "--compile"), monkeypatch, capsys)
