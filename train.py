@@ -13,9 +13,9 @@
 then evaluates the classifier with the chapter's metrics (metrics.py) and saves it for
 classify.py. `fine_tune` is the loop: forward, loss, zero_grad, backward, step.
 
-Machinery the chapter never mentions wraps the pipeline from outside (`run`): torchrun
-(distributed.py), the run folder that appears only when complete (report.py), several strategies
-and seeds side by side (comparison.py), downloads (hub.py).
+Machinery the chapter never mentions wraps the pipeline from outside (`runner.run`): the flags and
+their checks, torchrun (distributed.py), the run folder that appears only when complete, several
+strategies and seeds side by side (comparison.py), downloads (hub.py).
 
     python train.py                                   # the book's experiment
     python train.py --data SMSSpamCollection --init random --epochs 1   # offline
