@@ -355,7 +355,8 @@ def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu") -> 
     config = ClassifierConfig.from_dict(fields)
     blocks_in_file = {m.group(1) for name in infos if (m := re.match(r"gpt\.h\.(\d+)\.", name))}
     if config.base is None and len(blocks_in_file) != config.gpt.n_layers:
-        raise ValueError(f"{weights_path} holds {len(blocks_in_file)} blocks, its config.json says {config.gpt.n_layers}")
+        raise ValueError(f"{weights_path} holds {len(blocks_in_file)} blocks, "
+                         f"its config.json says {config.gpt.n_layers}")
     with torch.device("meta"):  # no memory and no random init: every weight comes from a file
         model = GPTClassifier(gpt.GPTModel(config.gpt), config.num_classes, config.pooling)
     if config.base is not None:  # the starting weights first, then what training changed over them

@@ -197,7 +197,9 @@ def describe_unseen(result: RunResult, tokens: data.TokenizedSplits) -> str:
     unseen, size = unseen_report(result, tokens), len(result.test_labels)
     if unseen is None:
         return " (every test text is also in training)"
-    return f" ({unseen.accuracy:.2%} on the {unseen.num_samples:,} not seen in training)" if unseen.num_samples < size else ""
+    if unseen.num_samples == size:
+        return ""
+    return f" ({unseen.accuracy:.2%} on the {unseen.num_samples:,} not seen in training)"
 
 
 def describe_mistakes(result: RunResult, tokens: data.TokenizedSplits, shown: int = 3) -> str:

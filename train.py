@@ -280,10 +280,12 @@ def share_of(part: list[int], indices: list[int], text_weights: list[float] | No
 
 
 def micro_batches(indices: list[int], parts: int) -> list[list[int]]:
-    """A batch cut into at most `parts` consecutive micro-batches of (nearly) equal size, for
-    --accumulation-steps; always one at least, possibly empty (a torchrun process's empty share)."""
-    size = max(1, -(-len(indices) // parts))
-    return [indices[start : start + size] for start in range(0, len(indices), size)] or [indices]
+    """A batch cut into at most `parts` consecutive micro-batches whose sizes differ by one at most,
+    for --accumulation-steps; always one at least, possibly empty (a torchrun process's empty share)."""
+    parts = max(1, min(parts, len(indices)))
+    size, longer = divmod(len(indices), parts)  # the first `longer` micro-batches take one text more
+    starts = [0, *itertools.accumulate([size + 1] * longer + [size] * (parts - longer))]
+    return [indices[start:end] for start, end in zip(starts, starts[1:])]
 
 
 def update_weights(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: TrainConfig, step: int,
@@ -513,7 +515,8 @@ def describe_memory(parameters: dict[str, float], trained_blocks: int, gpt_confi
             f"{free_bytes / 2**30:.1f} GiB free on {job.runtime.device}")
     if need(cfg.accumulation_steps) <= free_bytes:
         return line
-    fits = next((parts for parts in range(cfg.accumulation_steps, cfg.batch_size + 1) if need(parts) <= free_bytes), None)
+    parts_to_try = range(cfg.accumulation_steps, cfg.batch_size + 1)
+    fits = next((parts for parts in parts_to_try if need(parts) <= free_bytes), None)
     advice = (f"--accumulation-steps {fits} (about {need(fits) / 2**30:.1f} GiB)" if fits else
               "a smaller --max-length or --model")
     return line + f"; it will probably NOT fit: try {advice}, or a strategy that trains fewer blocks (last-block, lora)"
