@@ -12,7 +12,6 @@ what step 7 (weight update) may touch.
 
 from __future__ import annotations
 
-import math
 import re
 import sys
 import warnings
@@ -161,11 +160,9 @@ def last_position_block(block: gpt.Block, hidden: torch.Tensor, lengths: torch.T
     keys, values = linear_outputs(attn.c_attn, normed, emb_dim, 3 * emb_dim).chunk(2, dim=-1)  # 2 x (B, T, C)
     query = query.view(batch, attn.n_heads, 1, attn.head_dim)  # (B, H, 1, hs)
     keys, values = attn.split_heads(keys), attn.split_heads(values)  # (B, H, T, hs)
-    attn_scores = query @ keys.transpose(-2, -1) / math.sqrt(attn.head_dim)  # (B, H, 1, T)
-    visible = torch.arange(num_tokens, device=hidden.device) <= last[:, None]  # (B, T)
-    attn_scores = attn_scores.masked_fill(~visible[:, None, None, :], float("-inf"))  # (B, H, 1, T)
-    attn_weights = attn.attn_dropout(torch.softmax(attn_scores, dim=-1))  # (B, H, 1, T)
-    context = (attn_weights @ values).reshape(batch, emb_dim)  # (B, C), heads side by side
+    visible = torch.arange(num_tokens, device=hidden.device) <= last[:, None]  # (B, T): up to its last token
+    context = gpt.causal_attention(query, keys, values, attn.attn_dropout, visible[:, None, None, :])  # (B, H, 1, hs)
+    context = context.reshape(batch, emb_dim)  # (B, C), heads side by side
     x = hidden[rows, last] + attn.resid_dropout(attn.c_proj(context))  # (B, C)
     return x + block.mlp(block.ln_2(x))  # (B, C)
 

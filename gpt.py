@@ -47,17 +47,18 @@ class GPTConfig:
         check_config(self)  # a config.json may hold anything: the checks are at the end of the file
 
 
-def causal_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     dropout: nn.Module) -> torch.Tensor:
+def causal_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, dropout: nn.Module,
+                     visible: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention under a causal mask, step by step: queries, keys, values (B, H,
     T, hs). The version a reader follows; `CausalSelfAttention` calls PyTorch's fused kernel by
-    default, and a test proves them equal."""
+    default, and a test proves them equal. `visible`: the keys each query may see, when the
+    queries are not positions 0..T-1 (a classifier's one query per text)."""
     num_tokens, head_dim = queries.shape[-2], queries.shape[-1]
     attn_scores = queries @ keys.transpose(-2, -1)  # (B, H, T, T)
     attn_scores = attn_scores / math.sqrt(head_dim)  # keeps softmax out of its flat tails
-    # Causal mask: position t may only look at positions <= t, never at the future.
-    future = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=queries.device).triu(1)
-    attn_scores = attn_scores.masked_fill(future, float("-inf"))  # (B, H, T, T)
+    if visible is None:  # causal mask: position t may only look at positions <= t, never at the future
+        visible = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=queries.device).tril()
+    attn_scores = attn_scores.masked_fill(~visible, float("-inf"))  # (B, H, T, T)
     attn_weights = dropout(torch.softmax(attn_scores, dim=-1))  # (B, H, T, T), rows sum to 1
     return attn_weights @ values  # (B, H, T, hs)
 

@@ -234,12 +234,11 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
         for step, (indices, size) in enumerate(distributed.shard(batches, job.runtime, text_weights), start=1):
             optimizer.zero_grad(set_to_none=True)
             parts = micro_batches(indices, cfg.accumulation_steps)  # one part, unless --accumulation-steps
-            for part in parts:
+            for part, share in zip(parts, shares_of(parts, text_weights)):
                 batch = inputs["train"].batch(part, device)  # token ids, or the frozen blocks' output
                 with mixed_precision(job), distributed.held(network, part is not parts[-1]):
                     logits = network(batch.inputs, batch.lengths, batch.start_block).float()  # steps 3-5: (B, K)
                 loss = supervised_loss(logits, batch.labels, weights)  # step 6
-                share = share_of(part, indices, text_weights)  # of this process's part of the batch's loss
                 scaler.scale(loss * share if len(parts) > 1 else loss).backward()  # reaches trainable weights only
                 if len(part):  # a torchrun process's share may be empty (the mean of nothing is NaN)
                     loss_sum += loss.detach() * share * job.runtime.share * size  # as a part of the batch's mean
@@ -270,13 +269,12 @@ def fine_tune(model: classify.GPTClassifier, inputs: dict[str, fastpath.SplitInp
     return training
 
 
-def share_of(part: list[int], indices: list[int], text_weights: list[float] | None) -> float:
-    """A micro-batch's share of its batch's (weighted) mean loss: its share of the texts, or with
-    --class-weights of their weight, so that the parts add up to the whole batch's loss."""
-    if text_weights is None:
-        return len(part) / max(len(indices), 1)
-    total = sum(text_weights[i] for i in indices)
-    return sum(text_weights[i] for i in part) / total if total else 0.0
+def shares_of(parts: list[list[int]], text_weights: list[float] | None) -> list[float]:
+    """Each micro-batch's share of this process's part of the batch's (weighted) mean loss: its share
+    of the texts, or with --class-weights of their weight, so that the parts add up to the whole."""
+    sizes = [len(part) if text_weights is None else sum(text_weights[i] for i in part) for part in parts]
+    total = sum(sizes)
+    return [size / total if total else 0.0 for size in sizes]
 
 
 def micro_batches(indices: list[int], parts: int) -> list[list[int]]:
@@ -511,9 +509,10 @@ def describe_memory(parameters: dict[str, float], trained_blocks: int, gpt_confi
                                           gpt_config.emb_dim, gpt_config.n_heads, -(-cfg.batch_size // parts),
                                           max_length, job.precision)
 
-    line = (f"memory: about {need(cfg.accumulation_steps) / 2**30:.1f} GiB at the peak of a step (an estimate), "
+    needed = need(cfg.accumulation_steps)
+    line = (f"memory: about {needed / 2**30:.1f} GiB at the peak of a step (an estimate), "
             f"{free_bytes / 2**30:.1f} GiB free on {job.runtime.device}")
-    if need(cfg.accumulation_steps) <= free_bytes:
+    if needed <= free_bytes:
         return line
     parts_to_try = range(cfg.accumulation_steps, cfg.batch_size + 1)
     fits = next((parts for parts in parts_to_try if need(parts) <= free_bytes), None)
