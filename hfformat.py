@@ -106,13 +106,13 @@ def hf_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
         if inner == name or inner == "lm_head.weight":  # the head (below), or the tied vocabulary head
             continue
         conv1d = gpt.HF_CONV1D_WEIGHTS.fullmatch(inner)  # stored (in, out) by transformers
-        converted[f"transformer.{inner}"] = tensor.t().contiguous() if conv1d else tensor
+        converted[f"transformer.{inner}"] = tensor.t() if conv1d else tensor
     for name in [n for n in converted if n.endswith("attn.c_attn.weight")]:  # transformers' c_attn always has a
         converted.setdefault(name.replace("weight", "bias"), torch.zeros(converted[name].shape[1]))  # bias: 0
     converted["score.weight"] = tensors["head.weight"]  # (K, C), as nn.Linear keeps it
     converted["transformer.ln_f.bias"], error = fold_head_bias(tensors["head.weight"], tensors["head.bias"],
                                                                tensors["gpt.ln_f.bias"])
-    return {name: tensor.float().contiguous() for name, tensor in sorted(converted.items())}, error
+    return {name: tensor.float() for name, tensor in sorted(converted.items())}, error
 
 
 def hf_config(cfg: gpt.GPTConfig, label_names: list[str]) -> dict:
@@ -211,8 +211,7 @@ def label_names_from(config: dict, num_labels: int, where: object) -> list[str]:
     if id2label is None:
         return [f"LABEL_{i}" for i in range(num_labels)]
     names = [id2label.get(str(i)) for i in range(num_labels)] if isinstance(id2label, dict) else []
-    if len(names) != num_labels or len(id2label) != num_labels or not all(isinstance(n, str) for n in names) \
-            or len(set(names)) != num_labels:
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != num_labels or len(id2label) != num_labels:
         raise ValueError(f"{where}: id2label {gpt.quoted(id2label)} must name each of the {num_labels} classes of "
                          f"score.weight once, under the keys '0' to '{num_labels - 1}'")
     return names
@@ -245,14 +244,12 @@ def read_classifier(folder: str | Path) -> tuple[gpt.GPTModel, torch.Tensor, lis
                          "where transformers would skip it and classify.py would not; classify.py reads folders whose "
                          f"pad_token_id is {PAD_TOKEN_ID} (<|endoftext|>), a new token, or null")
     label_names = label_names_from(config, num_labels, folder / CONFIG_FILE)
-    tokenizer_config = {}
-    if os.path.lexists(folder / "tokenizer_config.json"):  # optional; when there, readable
-        tokenizer_config = gpt.read_json(folder / "tokenizer_config.json")
-        tokenizer_config = tokenizer_config if isinstance(tokenizer_config, dict) else {}
+    tokenizer_path = folder / "tokenizer_config.json"  # optional; when there, readable
+    tokenizer_config = gpt.read_json(tokenizer_path) if os.path.lexists(tokenizer_path) else {}
+    tokenizer_config = tokenizer_config if isinstance(tokenizer_config, dict) else {}
     max_length, side = tokenizer_config.get("model_max_length"), tokenizer_config.get("truncation_side", "right")
     if side not in ("right", "left"):
-        raise ValueError(f"{folder / 'tokenizer_config.json'}: truncation_side {gpt.quoted(side)} is neither right "
-                         "nor left")
+        raise ValueError(f"{tokenizer_path}: truncation_side {gpt.quoted(side)} is neither right nor left")
     if not (type(max_length) is int and 1 <= max_length <= shape.context_length):  # transformers' "no limit": 1e30
         max_length = shape.context_length
     score = gpt.read_safetensors(weights, names={"score.weight"})["score.weight"].float()

@@ -11,16 +11,16 @@ Machinery beside the chapter's "Inferência e uso prático do modelo": `python c
 It uses the standard library's HTTP server and knows nothing of the model: the caller hands it
 `classify_texts(texts) -> [{"label": str, "probabilities": {name: float}}, ...]` (classify.predict,
 in report.py) and the `ModelFacts` to show. Bounded by default: it listens on this machine only; a
-request is refused with a 4xx and a one-line JSON error when its body is over 1 MiB, it holds more
-than 1,000 texts, or it is not {"texts": [strings]}; a client that is slow or silent is dropped; at
-most MAX_CONNECTIONS are served at once; the model runs one batch at a time (a lock), so every
-answer is exactly what `classify.predict` gives for that request's texts. docs/serving.md has the
+bad or oversized request gets a 4xx and a one-line JSON error; a slow or silent client is dropped;
+at most MAX_CONNECTIONS are served at once; the model runs one batch at a time (a lock), so every
+answer is exactly `classify.predict`'s for that request's texts. docs/serving.md has the
 endpoints, the limits and the measured speed.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import http.server
@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hub
@@ -75,45 +75,35 @@ def model_facts(run_dir: str | Path, classes: list[str], max_length: int) -> Mod
     """The facts of a run folder: classes and max_length from its config (the caller has them),
     strategy and base model from the metrics.json train.py writes beside it, when it is there,
     readable and at most MAX_METRICS_BYTES; otherwise "unknown"."""
-    facts = ModelFacts(list(classes), max_length=max_length)
     try:
         with open(Path(run_dir) / "metrics.json", "rb") as file:
             raw = file.read(MAX_METRICS_BYTES + 1)
-        document = json.loads(raw) if len(raw) <= MAX_METRICS_BYTES else None
+        document = json.loads(raw) if len(raw) <= MAX_METRICS_BYTES else {}
     except (OSError, ValueError, RecursionError):  # absent, unreadable, not JSON, nested too deep
-        return facts
-    if not isinstance(document, dict):
-        return facts
+        document = {}
+    document = document if isinstance(document, dict) else {}
     model = document.get("model") if isinstance(document.get("model"), dict) else {}
-    source, strategy = model.get("source"), document.get("strategy")
+    source, strategy, known = model.get("source"), document.get("strategy"), {}
     if isinstance(source, str) and source:
-        random_init = " (random init)" if model.get("init") == "random" else ""
-        facts = replace(facts, model=source[:MAX_FACT_CHARS] + random_init)
+        known["model"] = source[:MAX_FACT_CHARS] + (" (random init)" if model.get("init") == "random" else "")
     if isinstance(strategy, str) and strategy:
-        facts = replace(facts, strategy=strategy[:MAX_FACT_CHARS])
-    return facts
-
-
-def info_document(facts: ModelFacts) -> dict:
-    """GET /info: the facts, and the limits a client must respect."""
-    return {"classes": facts.classes, "model": facts.model, "strategy": facts.strategy,
-            "max_length": facts.max_length, "examples": facts.examples,
-            "limits": {"max_body_bytes": MAX_BODY_BYTES, "max_texts": MAX_TEXTS}}
+        known["strategy"] = strategy[:MAX_FACT_CHARS]
+    return ModelFacts(list(classes), max_length=max_length, **known)
 
 
 # --------------------------------------------------------------------------- reading a request
 
 
 class RequestError(Exception):
-    """A request refused with a 4xx: its status and the one line that says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+    """A request refused with a 4xx: its args are the status and the one line that says why."""
 
 
 JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "an array",
               dict: "an object"}
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def parse_texts(body: bytes) -> list[str]:
@@ -121,7 +111,7 @@ def parse_texts(body: bytes) -> list[str]:
     try:
         document = json.loads(body)  # UTF-8 (or UTF-16/32, which JSON allows)
     except (ValueError, RecursionError) as error:
-        raise RequestError(400, f"the body is not JSON: {' '.join(str(error).split())[:200]}") from None
+        raise RequestError(400, f"the body is not JSON: {one_line(error)[:200]}") from None
     if not (isinstance(document, dict) and isinstance(document.get("texts"), list)):
         raise RequestError(400, 'expected a JSON object {"texts": ["...", ...]}')
     unknown = sorted(document.keys() - {"texts"})
@@ -139,10 +129,8 @@ def parse_texts(body: bytes) -> list[str]:
 def is_loopback(host: str) -> bool:
     """True for this machine's own addresses: localhost, 127.0.0.0/8, ::1."""
     host = host.strip("[]")
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
@@ -159,8 +147,7 @@ class DeadlineReader(io.RawIOBase):
 
     def __init__(self, connection: socket.socket, idle_seconds: float) -> None:
         super().__init__()
-        self.connection, self.idle_seconds = connection, idle_seconds
-        self.deadline = math.inf
+        self.connection, self.idle_seconds, self.deadline = connection, idle_seconds, math.inf
 
     def readable(self) -> bool:
         return True
@@ -175,13 +162,19 @@ class DeadlineReader(io.RawIOBase):
 
 # --------------------------------------------------------------------------- the server
 
+JSON = "application/json; charset=utf-8"
+ROUTES = {"/": "GET", "/health": "GET", "/info": "GET", "/classify": "POST"}
+
+
+def json_line(document: dict) -> bytes:
+    return (json.dumps(document, allow_nan=False) + "\n").encode("ascii")
+
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """One connection: its requests, one after another (HTTP/1.1 keep-alive)."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body leave at once, not 40 ms apart (Nagle and delayed ACKs)
-    server_version, sys_version = "gpt2-classifier", ""
     server: Server
 
     def setup(self) -> None:
@@ -194,57 +187,44 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().handle_one_request()
 
     def version_string(self) -> str:
-        return self.server_version
+        return "gpt2-classifier"
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's name
         """No access log: requests are not printed."""
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        path = self.path.partition("?")[0]
         if "Content-Length" in self.headers or "Transfer-Encoding" in self.headers:
             self.close_connection = True  # a body it will not read: the connection's next bytes are not a request
-        if self.foreign_host():
-            return
-        if path == "/":
-            self.send(200, PAGE, "text/html; charset=utf-8", PAGE_HEADERS)
-        elif path == "/health":
-            self.send_json(200, {"status": "ok"})
-        elif path == "/info":
-            self.send_json(200, self.server.info)
-        else:
-            self.refuse_path(path)
+        if self.routed():
+            self.send(200, *self.server.pages[self.path.partition("?")[0]])
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        path = self.path.partition("?")[0]
-        if self.foreign_host():
+        if not self.routed():
             return
-        if path != "/classify":
-            return self.refuse_path(path)
         try:
             texts = parse_texts(self.read_body())
         except RequestError as error:
-            return self.send_json(error.status, {"error": str(error)}, close=True)
+            return self.refuse(*error.args)
         except TimeoutError:
-            return self.send_json(408, {"error": "the request body took too long to arrive"}, close=True)
+            return self.refuse(408, "the request body took too long to arrive")
         try:
             with self.server.model_lock:  # one batch at a time; the other requests wait here in turn
                 if self.server.stopping.is_set():
-                    return self.send_json(503, {"error": "the server is stopping"}, close=True)
+                    return self.refuse(503, "the server is stopping")
                 predictions = self.server.classify_texts(texts)
-            answer = json.dumps({"predictions": [{"label": p["label"], "probabilities": p["probabilities"]}
-                                                 for p in predictions]}, allow_nan=False)
+            answer = json_line({"predictions": [{"label": p["label"], "probabilities": p["probabilities"]}
+                                                for p in predictions]})
         except Exception as error:  # noqa: BLE001 - the model failed on this request; keep serving the others
-            return self.send_json(500, {"error": f"the model failed: {' '.join(str(error).split())[:200]}"})
-        self.send(200, (answer + "\n").encode("ascii"), "application/json; charset=utf-8")
+            return self.send(500, json_line({"error": f"the model failed: {one_line(error)[:200]}"}), JSON)
+        self.send(200, answer, JSON)
 
     def read_body(self) -> bytes:
-        """The request's body, after checking what its headers promise: nothing is read that is
-        not bounded, and a chunked body is refused before reading."""
+        """The body, read only once its headers promise one of a bounded length (never chunked)."""
         if self.headers.get_content_type() != "application/json":
             raise RequestError(415, "send the body as Content-Type: application/json")
         if "Transfer-Encoding" in self.headers:
             raise RequestError(411, "send the body with a Content-Length, not chunked")
-        lengths = self.headers.get_all("Content-Length") or []
+        lengths = self.headers.get_all("Content-Length", [])
         if not lengths:
             raise RequestError(411, "a Content-Length header is required")
         if len(lengths) > 1 or not (lengths[0].isascii() and lengths[0].isdigit()):
@@ -258,24 +238,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.reader.deadline = math.inf  # read in time; waiting for the model does not count
         return body
 
-    def foreign_host(self) -> bool:
-        """Refuse (403) a request named for another host while listening on localhost: a web page
-        whose name an attacker points at 127.0.0.1 ("DNS rebinding") must not reach the model."""
-        host = self.headers.get("Host")
-        if host is None or not self.server.loopback_only or is_loopback(host_name(host)):
-            return False
-        self.send_json(403, {"error": f"Host {host[:60]!r} is not this machine; this server answers localhost only"},
-                       close=True)
-        return True
+    def routed(self) -> bool:
+        """True for a request this method answers at its path; otherwise it is refused: 404 or 405,
+        and 403 when it is named for another host while listening on localhost (a web page whose
+        name an attacker points at 127.0.0.1, "DNS rebinding", must not reach the model)."""
+        host, path = self.headers.get("Host"), self.path.partition("?")[0]
+        if host is not None and self.server.loopback_only and not is_loopback(host_name(host)):
+            self.refuse(403, f"Host {host[:60]!r} is not this machine; this server answers localhost only")
+        elif ROUTES.get(path) != self.command:
+            self.refuse_path(path)
+        else:
+            return True
+        return False
 
     def refuse_path(self, path: str) -> None:
-        methods = {"/": "GET", "/health": "GET", "/info": "GET", "/classify": "POST"}
-        if path in methods:
-            self.send_json(405, {"error": f"{self.command[:20]} {path}: use {methods[path]} {path}"},
-                           close=True, headers=[("Allow", methods[path])])
+        if path in ROUTES:
+            self.refuse(405, f"{self.command[:20]} {path}: use {ROUTES[path]} {path}", [("Allow", ROUTES[path])])
         else:
-            self.send_json(404, {"error": f"no page {path[:60]!r}; try /, /info, /health or POST /classify"},
-                           close=True)
+            self.refuse(404, f"no page {path[:60]!r}; try /, /info, /health or POST /classify")
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (an unknown method, a malformed request line, too many
@@ -285,12 +265,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         code = 400 if code == 505 else code  # an HTTP version it does not speak: the request's fault
         if self.request_version == "HTTP/0.9":  # a request line it could not read: still answer with a status line
             self.request_version = "HTTP/1.0"
-        self.send_json(code, {"error": message or http.HTTPStatus(code).phrase}, close=True)
+        self.refuse(code, message or http.HTTPStatus(code).phrase)
 
-    def send_json(self, status: int, document: dict, close: bool = False, headers=()) -> None:
-        if close:  # the body may be unread: this connection's next bytes cannot be trusted to be a request
-            self.close_connection = True
-        self.send(status, (json.dumps(document) + "\n").encode("ascii"), "application/json; charset=utf-8", headers)
+    def refuse(self, status: int, message: str, headers=()) -> None:
+        """An error's one line of JSON, then the connection ends: its next bytes (maybe an unread
+        body) cannot be trusted to be a request."""
+        self.close_connection = True
+        self.send(status, json_line({"error": message}), JSON, headers)
 
     def send(self, status: int, body: bytes, content_type: str, headers=()) -> None:
         self.connection.settimeout(self.server.idle_seconds)  # a client that stops reading is dropped too
@@ -306,50 +287,42 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """One thread per connection, at most MAX_CONNECTIONS at once, one model lock; `stop` ends
+    """One thread per connection, at most max_connections at once, one model lock; `stop` ends
     them all before the process exits."""
 
-    daemon_threads = True
     request_queue_size = 2 * MAX_CONNECTIONS  # connections waiting to be accepted (socketserver's 5 drops bursts)
+    server_bind = socketserver.TCPServer.server_bind  # not HTTPServer's, whose name lookup may wait on DNS
 
     def __init__(self, address: tuple[str, int], classify_texts: ClassifyTexts, facts: ModelFacts,
                  idle_seconds: float, read_seconds: float, max_connections: int, log: Log) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.classify_texts, self.info, self.log = classify_texts, info_document(facts), log
+        self.classify_texts, self.log, self.max_connections = classify_texts, log, max_connections
         self.idle_seconds, self.read_seconds = idle_seconds, read_seconds
         self.loopback_only = is_loopback(address[0])
-        self.model_lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.max_connections = max_connections
+        info = {**asdict(facts), "limits": {"max_body_bytes": MAX_BODY_BYTES, "max_texts": MAX_TEXTS}}
+        self.pages = {"/": (PAGE, "text/html; charset=utf-8", PAGE_HEADERS),  # GET path: body, type, headers
+                      "/health": (json_line({"status": "ok"}), JSON), "/info": (json_line(info), JSON)}
+        self.model_lock, self.stopping = threading.Lock(), threading.Event()
         self.live: dict[socket.socket, threading.Thread] = {}  # each open connection and its thread
         self.live_lock = threading.Lock()
         super().__init__(address, Handler)
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # not HTTPServer's, whose name lookup may wait on DNS
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     @property
     def port(self) -> int:
         return self.server_address[1]
 
     def process_request(self, request: socket.socket, client_address) -> None:
-        """Serve a new connection in a thread of its own; when full, refuse it at once (503) rather
-        than queue it without bound."""
+        """A thread per connection; beyond max_connections, a 503 at once rather than a queue without bound."""
         thread = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True)
         with self.live_lock:
-            full = len(self.live) >= self.max_connections
-            if not full:
+            if len(self.live) < self.max_connections:
                 self.live[request] = thread
-        if full:
-            try:
-                request.settimeout(1)
-                request.sendall(BUSY)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        thread.start()
+                thread.start()
+                return
+        with contextlib.suppress(OSError):
+            request.settimeout(1)
+            request.sendall(BUSY)
+        self.shutdown_request(request)
 
     def process_request_thread(self, request: socket.socket, client_address) -> None:
         try:
@@ -368,10 +341,8 @@ class Server(http.server.ThreadingHTTPServer):
         with self.live_lock:
             live = dict(self.live)
         for connection in live:
-            try:
+            with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RD)  # a thread waiting for a next request reads the end at once
-            except OSError:
-                pass
         deadline = time.monotonic() + wait_seconds
         for thread in live.values():
             if thread.is_alive():
@@ -382,8 +353,7 @@ class Server(http.server.ThreadingHTTPServer):
         """A client that went away mid-answer is not an error of the server's; anything else is one line."""
         error = sys.exc_info()[1]
         if not isinstance(error, OSError):
-            self.log(f"error while answering {client_address[0]}: {type(error).__name__}: "
-                     f"{' '.join(str(error).split())}")
+            self.log(f"error while answering {client_address[0]}: {type(error).__name__}: {one_line(error)}")
 
 
 BUSY_BODY = b'{"error": "too many connections at once; retry in a moment"}\n'
@@ -407,9 +377,8 @@ def make_server(classify_texts: ClassifyTexts, facts: ModelFacts, host: str = "1
 
 
 class Stopped(BaseException):
-    """SIGTERM arrived: raised in the main thread, which is serving. A BaseException, as
-    KeyboardInterrupt is: socketserver turns any Exception raised while it starts a request's
-    thread into a logged error and serves on."""
+    """SIGTERM arrived. A BaseException, as KeyboardInterrupt is: socketserver turns any Exception
+    raised while it starts a request's thread into a logged error and serves on."""
 
 
 def print_line(message: str) -> None:
@@ -431,13 +400,13 @@ def run(classify_texts: ClassifyTexts, facts: ModelFacts, host: str = "127.0.0.1
         raise Stopped
 
     previous = signal.signal(signal.SIGTERM, stop)
+    code = 0
     try:
         server.serve_forever(poll_interval=0.5)
-        code = 0
     except KeyboardInterrupt:
         code = 130
     except Stopped:
-        code = 0
+        pass
     finally:
         signal.signal(signal.SIGTERM, previous)
         finished = server.stop(STOP_WAIT_SECONDS)
@@ -449,14 +418,10 @@ def run(classify_texts: ClassifyTexts, facts: ModelFacts, host: str = "127.0.0.1
 
 SCRIPT = """
 const $ = (id) => document.getElementById(id);
+const element = (tag, className, text = "") =>
+  Object.assign(document.createElement(tag), {className, textContent: text});  // always text, never HTML
+const fail = (error) => { $("error").textContent = "Erro: " + error.message; };
 let classes = [];
-
-function element(tag, className, text) {
-  const node = document.createElement(tag);
-  node.className = className;
-  if (text !== undefined) node.textContent = text;  // always text, never HTML
-  return node;
-}
 
 async function getJSON(path, options) {
   const response = await fetch(path, options);
@@ -467,18 +432,16 @@ async function getJSON(path, options) {
 
 function show(text, prediction) {
   $("label").textContent = prediction.label;
-  const rows = classes.map((name) => {
-    const probability = prediction.probabilities[name];
-    const row = element("div", "row");
+  $("bars").replaceChildren(...classes.map((name) => {
+    const probability = prediction.probabilities[name], percent = (100 * probability).toFixed(1);
+    const row = element("div", "row"), track = element("span", "track");
+    const fill = element("span", name === prediction.label ? "fill top" : "fill");
     row.dataset.probability = String(probability);  // every digit, for programs reading the page
-    const track = element("span", "track"), fill = element("span", "fill");
-    fill.style.width = (100 * probability).toFixed(1) + "%";
-    if (name === prediction.label) fill.classList.add("top");
+    fill.style.width = percent + "%";
     track.append(fill);
-    row.append(element("span", "name", name), track, element("span", "value", (100 * probability).toFixed(1) + " %"));
+    row.append(element("span", "name", name), track, element("span", "value", percent + " %"));
     return row;
-  });
-  $("bars").replaceChildren(...rows);
+  }));
   $("result").dataset.text = text;
   $("result").hidden = false;
 }
@@ -488,14 +451,12 @@ async function classify() {
   $("error").textContent = "";
   $("classify").disabled = true;
   try {
-    const answer = await getJSON("/classify", {method: "POST", headers: {"Content-Type": "application/json"},
-                                               body: JSON.stringify({texts: [text]})});
-    show(text, answer.predictions[0]);
+    show(text, (await getJSON("/classify", {method: "POST", headers: {"Content-Type": "application/json"},
+                                            body: JSON.stringify({texts: [text]})})).predictions[0]);
   } catch (error) {
-    $("error").textContent = "Erro: " + error.message;
-  } finally {
-    $("classify").disabled = false;
+    fail(error);
   }
+  $("classify").disabled = false;
 }
 
 async function start() {
@@ -505,18 +466,14 @@ async function start() {
                                ["estratégia", info.strategy], ["max_length", info.max_length + " tokens"]]) {
     $("facts").append(element("dt", "", name), element("dd", "", value));
   }
-  for (const text of info.examples) {
-    const button = element("button", "example", text);
-    button.type = "button";
-    button.addEventListener("click", () => { $("text").value = text; classify(); });
-    $("examples").append(button);
-  }
+  $("examples").append(...info.examples.map((text) => Object.assign(element("button", "example", text),
+    {type: "button", onclick: () => { $("text").value = text; classify(); }})));
   $("classify").disabled = false;
 }
 
-$("classify").addEventListener("click", classify);
-$("text").addEventListener("keydown", (event) => { if (event.key === "Enter" && event.ctrlKey) classify(); });
-start().catch((error) => { $("error").textContent = "Erro: " + error.message; });
+$("classify").onclick = classify;
+$("text").onkeydown = (event) => { if (event.key === "Enter" && event.ctrlKey) classify(); };
+start().catch(fail);
 """
 
 STYLE = """
@@ -525,26 +482,23 @@ textarea { width: 100%; box-sizing: border-box; font: inherit; padding: .5rem; }
 button { font: inherit; margin: .5rem .5rem 0 0; cursor: pointer; }
 .example { display: block; text-align: left; width: 100%; background: #f4f4f4; border: 1px solid #ddd; padding: .4rem; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; font-size: .9rem; color: #555; }
-dd { margin: 0; overflow-wrap: anywhere; }
+dd { margin: 0; }
+dd, .name, #label { overflow-wrap: anywhere; }
 .row { display: grid; grid-template-columns: 8rem 1fr 4rem; gap: .5rem; align-items: center; margin: .3rem 0; }
-.name { overflow-wrap: anywhere; }
 .track { background: #eee; height: 1rem; border-radius: 3px; overflow: hidden; }
 .fill { display: block; height: 100%; background: #9ab; }
 .fill.top { background: #2a7; }
 .value { text-align: right; font-variant-numeric: tabular-nums; }
-#label { font-size: 1.4rem; overflow-wrap: anywhere; }
+#label { font-size: 1.4rem; }
 #error { color: #b00; }
 """
 
 PAGE = f"""<!doctype html>
 <html lang="pt-BR">
-<head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Classificador GPT-2</title>
 <style>{STYLE}</style>
-</head>
-<body>
 <h1>Classificador GPT-2</h1>
 <dl id="facts"></dl>
 <label for="text">Mensagem</label>
@@ -558,8 +512,6 @@ PAGE = f"""<!doctype html>
 <h2>Exemplos</h2>
 <div id="examples"></div>
 <script>{SCRIPT}</script>
-</body>
-</html>
 """.encode("utf-8")
 
 
