@@ -41,8 +41,8 @@ from typing import BinaryIO
 
 import tiktoken
 import torch
-from torch import nn
 from tiktoken_ext import openai_public
+from torch import nn
 
 try:
     import fcntl  # file locks, on every system but Windows
@@ -60,9 +60,17 @@ SMS_SPAM_SIZE = 477_907
 SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 USER_AGENT = "gpt2-classification/0.1 (urllib)"
 CHUNK_BYTES = 1 << 20
+TIMEOUT_SECONDS = 60.0  # for each request, and each read of a download
 UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 SLOW_WINDOW_SECONDS, MIN_BYTES_PER_WINDOW = 60, 64 * 1024  # slower than about 1 KB/s for a minute: give up
 NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
+def quiet_closed_stdout() -> int:
+    """The output went to a pipe that closed (`| head -1`): stop quietly, exit code 1. stdout now
+    leads nowhere, else Python's flush at exit complains."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
 
 
 def printable(text: str, keep: str = "") -> str:
@@ -81,11 +89,8 @@ def default_cache_dir() -> Path:
 
 def print_progress(done: int, total: int | None) -> None:
     """A progress callback for the commands: one line on stderr, rewritten in place."""
-    if total:
-        line = f"\rdownloading: {done / 1e6:9.1f} of {total / 1e6:.1f} MB ({100 * done / total:3.0f}%)"
-    else:
-        line = f"\rdownloading: {done / 1e6:9.1f} MB"
-    sys.stderr.write(line + ("\n" if total and done >= total else ""))
+    of_total = f" of {total / 1e6:.1f} MB ({100 * done / total:3.0f}%)" if total else " MB"
+    sys.stderr.write(f"\rdownloading: {done / 1e6:9.1f}{of_total}" + ("\n" if total and done >= total else ""))
     sys.stderr.flush()
 
 
@@ -138,22 +143,26 @@ def staged_folder(out: str | Path, what: str, finished: Callable[[], bool] = lam
         staging.mkdir()
     except OSError as error:
         raise ValueError(f"{what} {out}: cannot write there ({error.strerror or error})") from None
+
+    def move_into_out() -> None:
+        if out.exists():
+            out.rmdir()  # empty when the run started: it fails if something was put there since
+        staging.rename(out)
+
     try:
         yield staging
     except BaseException:
-        if not finished():
+        if finished():
+            with contextlib.suppress(OSError):  # finished work: kept where it was asked for (else where it is)
+                move_into_out()
+        else:
             shutil.rmtree(staging, ignore_errors=True)
             for parent in missing:  # nearest first: remove the folders made for this run
                 with contextlib.suppress(OSError):
                     parent.rmdir()
-            raise
-        with contextlib.suppress(OSError):  # finished work: kept where it was asked for (else where it is)
-            staging.rename(out) if not out.exists() else (out.rmdir(), staging.rename(out))
         raise
     try:  # the run is complete: from here on it is never deleted
-        if out.exists():
-            out.rmdir()  # empty when the run started: it fails if something was put there since
-        staging.rename(out)
+        move_into_out()
     except OSError as error:  # keep the finished run under a visible name, or where it is
         kept = out.parent / f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         with contextlib.suppress(OSError):
@@ -259,26 +268,18 @@ def cache_lock(folder: Path) -> Iterator[None]:
         os.close(descriptor)  # releases the lock
 
 
-def _open_partial(partial: Path, append: bool) -> BinaryIO:
-    """The partial download, never through a symbolic link (which would write wherever it points)."""
-    if partial.is_symlink():
-        raise ValueError(f"{partial} is a symbolic link; refusing to write through it (delete it and run again)")
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC) | getattr(os, "O_NOFOLLOW", 0)
-    return os.fdopen(os.open(partial, flags, 0o644), "ab" if append else "wb")
-
-
-def _fetch(url: str, partial: Path, progress: Progress | None, timeout: float) -> bool:
+def _fetch(url: str, partial: Path, progress: Progress) -> bool:
     """Append the rest of `url` to `partial` (all of it when the server ignores Range); False when the
     server says (HTTP 416) that `partial` already holds every byte, or more.
 
-    Each read waits at most `timeout` seconds, and the download as a whole must keep up
+    Each read waits at most TIMEOUT_SECONDS, and the download as a whole must keep up
     MIN_BYTES_PER_WINDOW bytes in every SLOW_WINDOW_SECONDS: a server that trickles a byte at a
     time cannot hold it forever.
     """
     done = partial.lstat().st_size if partial.exists() else 0
     headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={done}-"} if done else {})}
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_SECONDS)
     except urllib.error.HTTPError as error:
         if error.code == 416 and done:  # "range not satisfiable": nothing left after byte `done`
             return False
@@ -291,14 +292,15 @@ def _fetch(url: str, partial: Path, progress: Progress | None, timeout: float) -
         length = response.headers.get("Content-Length")
         total = done + int(length) if length and length.isdigit() else None
         window_start, window_bytes = time.monotonic(), 0
-        with _open_partial(partial, append=done > 0) as file:
-            if progress:
-                progress(done, total)
+        if partial.is_symlink():  # it would write wherever the link points
+            raise ValueError(f"{partial} is a symbolic link; refusing to write through it (delete it and run again)")
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if done else os.O_TRUNC) | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(partial, flags, 0o644), "wb") as file:
+            progress(done, total)
             while chunk := response.read1(CHUNK_BYTES):  # read1: whatever has arrived, not a full chunk
                 file.write(chunk)
                 done, window_bytes = done + len(chunk), window_bytes + len(chunk)
-                if progress:
-                    progress(done, total)
+                progress(done, total)
                 if time.monotonic() - window_start >= SLOW_WINDOW_SECONDS:
                     if window_bytes < MIN_BYTES_PER_WINDOW:
                         raise ConnectionError(f"too slow: {window_bytes} bytes in {SLOW_WINDOW_SECONDS} s")
@@ -308,8 +310,7 @@ def _fetch(url: str, partial: Path, progress: Progress | None, timeout: float) -
     return True
 
 
-def download(url: str, dest: str | Path, sha256: str | None = None, progress: Progress | None = None,
-             *, timeout: float = 60.0) -> Path:
+def download(url: str, dest: str | Path, sha256: str | None = None, progress: Progress | None = None) -> Path:
     """Download `url` to `dest`, resumably and atomically; returns `dest`.
 
     Returns at once, with no request, when `dest` exists. Bytes go to `<dest>.part` first (never
@@ -320,25 +321,24 @@ def download(url: str, dest: str | Path, sha256: str | None = None, progress: Pr
     """
     dest = Path(dest)
     with cache_lock(dest.parent):
-        return _download_locked(url, dest, sha256, progress, timeout)
+        return _download_locked(url, dest, sha256, progress)
 
 
-def _download_locked(url: str, dest: Path, sha256: str | None, progress: Progress | None, timeout: float) -> Path:
+def _download_locked(url: str, dest: Path, sha256: str | None, progress: Progress | None) -> Path:
     if dest.is_file():
         return dest
-    partial = dest.with_name(dest.name + ".part")
+    partial, progress = dest.with_name(dest.name + ".part"), progress or (lambda done, total: None)
     try:
-        if not _fetch(url, partial, progress, timeout) and sha256 is None:
+        if not _fetch(url, partial, progress) and sha256 is None:
             partial.unlink()  # complete or too long, and nothing to check it against: fetch it afresh
-            _fetch(url, partial, progress, timeout)
+            _fetch(url, partial, progress)
     except urllib.error.HTTPError as error:
         raise ConnectionError(f"could not download {url}: HTTP {error.code} {error.reason}") from None
     except NETWORK_ERRORS as error:
         kept = (f"; the {partial.stat().st_size} bytes so far stay in {partial} for the next try"
                 if partial.exists() else "")
         raise ConnectionError(f"could not download {url}: {getattr(error, 'reason', None) or error!r}{kept}") from None
-    digest = file_sha256(partial)  # the bytes on disk, not the bytes we believe we wrote
-    if sha256 is not None and digest != sha256.lower():
+    if sha256 is not None and (digest := file_sha256(partial)) != sha256.lower():  # the bytes on disk
         partial.unlink()
         raise ValueError(f"{url}: the download's sha256 is {digest}, expected {sha256.lower()}; "
                          "the corrupt file was deleted, run again to download it afresh")
@@ -351,7 +351,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # hand back the 3xx answer itself: its headers are what we came for
 
 
-def hub_sha256(url: str, timeout: float = 60.0) -> str:
+def hub_sha256(url: str) -> str:
     """The sha256 the Hugging Face hub publishes for a file stored with Git LFS.
 
     The hub answers a HEAD request for a resolve URL with a redirect to its CDN that carries
@@ -362,7 +362,7 @@ def hub_sha256(url: str, timeout: float = 60.0) -> str:
     for _ in range(5):
         request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": USER_AGENT})
         try:
-            with opener.open(request, timeout=timeout) as response:
+            with opener.open(request, timeout=TIMEOUT_SECONDS) as response:
                 status, headers = response.status, response.headers
         except urllib.error.HTTPError as error:  # a 3xx lands here with _NoRedirect
             if not 300 <= error.code < 400:
@@ -401,16 +401,16 @@ def find_in_hf_cache(name: str, hf_cache: str | Path | None = None) -> Path | No
     """
     cache, repo = Path(hf_cache or hf_hub_cache()), PRESET_REPOS[name]
     for folder in (cache / f"models--{repo.replace('/', '--')}", cache / f"models--{repo.split('/')[1]}"):
-        try:
+        main = ""
+        with contextlib.suppress(OSError, ValueError):
             main = read_small_file(folder / "refs" / "main", 100).decode("utf-8").strip()
-        except (OSError, ValueError):
-            main = ""
-        main = main if re.fullmatch(r"[0-9a-f]{40}", main) else ""  # a commit hash, never a path
+        named = folder / "snapshots" / main / "model.safetensors"
+        if re.fullmatch(r"[0-9a-f]{40}", main) and named.is_file():  # refs/main: a commit hash, never a path
+            return named
         newest_first = sorted((path for path in (folder / "snapshots").glob("*/model.safetensors") if path.is_file()),
                               key=lambda path: path.stat().st_mtime, reverse=True)  # is_file: no dangling link
-        for path in [folder / "snapshots" / main / "model.safetensors"] * bool(main) + newest_first:
-            if path.is_file():
-                return path
+        if newest_first:
+            return newest_first[0]
     return None
 
 
@@ -447,8 +447,8 @@ def download_sms_spam(cache_dir: str | Path | None = None, progress: Progress | 
             return target
         archive = target.parent / "sms+spam+collection.zip"
         try:
-            _download_locked(url, archive, None, progress, 60.0)
-            content = _zip_member(archive, SMS_SPAM_MEMBER, SMS_SPAM_SIZE, url)
+            _download_locked(url, archive, None, progress)
+            content = _sms_spam_member(archive, url)
         finally:
             archive.unlink(missing_ok=True)  # only the extracted, verified file is kept
         if not _is_sms_spam(content):
@@ -464,16 +464,16 @@ def _is_sms_spam(content: bytes) -> bool:
     return len(content) == SMS_SPAM_SIZE and hashlib.sha256(content).hexdigest() == SMS_SPAM_SHA256
 
 
-def _zip_member(archive: Path, member: str, size: int, url: str) -> bytes:
-    """The bytes of the archive member named `member`, at most size + 1 of them: an archive that
-    inflates to gigabytes costs no more memory than the right file."""
+def _sms_spam_member(archive: Path, url: str) -> bytes:
+    """The bytes of the archive's SMSSpamCollection, at most SMS_SPAM_SIZE + 1 of them: an archive
+    that inflates to gigabytes costs no more memory than the right file."""
     try:
         with zipfile.ZipFile(archive) as zipped:
-            names = [name for name in zipped.namelist() if Path(name).name == member]
+            names = [name for name in zipped.namelist() if Path(name).name == SMS_SPAM_MEMBER]
             if not names:
-                raise ValueError(f"{url}: the archive has no {member} (it holds {zipped.namelist()[:5]})")
+                raise ValueError(f"{url}: the archive has no {SMS_SPAM_MEMBER} (it holds {zipped.namelist()[:5]})")
             with zipped.open(names[0]) as file:
-                return file.read(size + 1)
+                return file.read(SMS_SPAM_SIZE + 1)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as error:
         raise ValueError(f"{url}: not a valid zip archive ({error})") from error
 
@@ -551,9 +551,8 @@ def generate_command(gpt: ModuleType, argv: list[str] | None = None) -> int:
                               top_k=args.top_k, temperature=args.temperature,
                               generator=torch.Generator().manual_seed(args.seed), vocab_limit=tokenizer.n_vocab)
         print(printable(tokenizer.decode(output[0].tolist()), keep="\n"), flush=True)
-    except BrokenPipeError:  # `python gpt.py ... | head -1` closed the pipe: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's flush at exit complains
-        return 1
+    except BrokenPipeError:  # `python gpt.py ... | head -1` closed the pipe
+        return quiet_closed_stdout()
     except (ValueError, OSError) as error:  # OSError covers ConnectionError and unwritable caches
         print(f"error: {printable(' '.join(str(error).split()))}", file=sys.stderr)
         return 2

@@ -453,23 +453,20 @@ def classify_command(classify: ModuleType, argv: list[str] | None = None) -> int
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error argparse already reported
         return int(exit_.code or 0)
-    previous_handler = signal.signal(signal.SIGTERM, stop_like_ctrl_c)  # kill: as Ctrl-C, nothing half-written
     try:
-        return _classify(classify, args)
+        with sigterm_as_ctrl_c():
+            return _classify(classify, args)
     except ValueError as error:
         print(f"classify.py: error: {one_line(error)}", file=sys.stderr)
     except KeyboardInterrupt:
         print("classify.py: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `| head -1` closed the pipe: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's flush at exit complains
-        return 1
+        return hub.quiet_closed_stdout()
     except (MemoryError, RuntimeError) as error:
-        if not isinstance(error, MemoryError) and "out of memory" not in str(error):
+        if not out_of_memory(error):
             raise
         print("classify.py: error: out of memory (try a smaller --batch-size)", file=sys.stderr)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
     return 2
 
 
@@ -518,3 +515,18 @@ def _classify(classify: ModuleType, args: argparse.Namespace) -> int:
 
 def stop_like_ctrl_c(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (kill, docker stop, a scheduler) stops a command as Ctrl-C does: nothing half-written."""
+    previous_handler = signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is running out of memory: MemoryError, or torch's allocator's RuntimeError."""
+    return isinstance(error, MemoryError) or "out of memory" in str(error) or "can't allocate memory" in str(error)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -336,12 +334,11 @@ def main(argv: list[str] | None, config_class: type, pipeline: Callable[..., lis
     label = distributed.process_label()  # '[rank 1] ' under torchrun: every process reports its own failure
     if hasattr(sys.stdout, "reconfigure"):  # class names a terminal cannot show: escaped, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
-    previous_handler = signal.signal(signal.SIGTERM, report.stop_like_ctrl_c)  # kill, docker stop, a scheduler
     try:
-        return run(config_from_args(args, config_class), argv, report.Console(), pipeline)
+        with report.sigterm_as_ctrl_c():
+            return run(config_from_args(args, config_class), argv, report.Console(), pipeline)
     except BrokenPipeError:  # the output went to a pipe that closed (`| head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's flush at exit complains
-        return 1
+        return hub.quiet_closed_stdout()
     except ConnectionError as error:
         print(f"{label}error: {report.one_line(error)}; {OFFLINE_HINT}", file=sys.stderr)
     except (ValueError, OSError) as error:
@@ -354,14 +351,12 @@ def main(argv: list[str] | None, config_class: type, pipeline: Callable[..., lis
         if label == "[rank 0] ":  # another process failed and said why; rank 0 says that this one stopped
             print(f"{label}{report.one_line(error)}", file=sys.stderr)
     except Exception as error:
-        if isinstance(error, MemoryError) or "out of memory" in str(error) or "can't allocate memory" in str(error):
+        if report.out_of_memory(error):
             print(f"{label}error: out of memory (try a smaller --batch-size, --max-length or --model); "
                   "no run folder was written", file=sys.stderr)  # torch's allocator raises a RuntimeError
             return 2
         if label:  # a bug on one process: name it, then the traceback
             print(f"{label}error: {type(error).__name__}: {report.one_line(error)}", file=sys.stderr, flush=True)
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
     return 2
 
